@@ -1,0 +1,176 @@
+"""Checkpoints: tensors and plain containers only, written atomically, loaded safely.
+
+A checkpoint is a ``.pt`` file holding one dict (see ``docs/checkpoint-format.md``)::
+
+    {"format_version": 1, "pat_version": "...", "kind": "model",
+     "arch": {"name": "lenet-s", "kwargs": {...}} | None,
+     "state_dict": {...}, "config": {...}, "metrics": {...}, ...}
+
+It is always read with ``torch.load(..., weights_only=True)``: a file that holds a
+pickled object (a module, a function) is refused rather than executed.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pat.errors import PatError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "atomic_write",
+    "save_checkpoint",
+    "load_checkpoint",
+    "save_model",
+    "load_model",
+    "model_from_checkpoint",
+    "ensure_writable",
+]
+
+FORMAT_VERSION = 1
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _check_plain(obj: Any, where: str) -> None:
+    """Refuse anything that ``weights_only`` loading could not read back."""
+    if isinstance(obj, torch.Tensor) or isinstance(obj, _PLAIN):
+        return
+    if isinstance(obj, Mapping):
+        for key, value in obj.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f"checkpoint key {key!r} at {where} is not a str or int")
+            _check_plain(value, f"{where}.{key}")
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            _check_plain(value, f"{where}[{i}]")
+        return
+    raise TypeError(
+        f"checkpoint value at {where} is a {type(obj).__name__}; only tensors and plain "
+        "containers may be saved"
+    )
+
+
+def atomic_write(path: str | os.PathLike, write: Any) -> None:
+    """Call ``write(file_object)`` on a temporary file beside ``path``, then rename.
+
+    A crash leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def ensure_writable(path: str | os.PathLike, *, force: bool, argument: str = "--out") -> Path:
+    """Refuse to overwrite an existing file unless ``force`` (checked before any work)."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise PatError(f"{argument} {str(path)!r} already exists; pass --force to overwrite it.")
+    if path.is_dir():
+        raise PatError(f"{argument} {str(path)!r} is a directory; give a file path.")
+    return path
+
+
+def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> None:
+    """Validate ``payload`` (tensors and plain containers only) and write it atomically."""
+    from pat import __version__
+
+    data = {"format_version": FORMAT_VERSION, "pat_version": __version__, **payload}
+    _check_plain(data, "checkpoint")
+    atomic_write(path, lambda f: torch.save(data, f))
+
+
+def load_checkpoint(path: str | os.PathLike, *, argument: str = "checkpoint") -> dict[str, Any]:
+    """Load a pat checkpoint with ``weights_only=True``; one-line :class:`PatError` if unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise PatError(f"{argument} {str(path)!r} does not exist.")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only refuses globals it does not know: a pickled module or function.
+        reason = str(e).splitlines()[0] if "Weights only load failed" not in str(e) else (
+            "it holds pickled Python objects, which pat refuses to load"
+        )
+        raise PatError(f"{argument} {str(path)!r} cannot be loaded safely: {reason}.") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PatError(f"{argument} {str(path)!r} is not a readable checkpoint ({first}).") from None
+    if not isinstance(data, dict) or "format_version" not in data:
+        raise PatError(f"{argument} {str(path)!r} is not a pat checkpoint (no format_version).")
+    if data["format_version"] > FORMAT_VERSION:
+        raise PatError(
+            f"{argument} {str(path)!r} has format_version {data['format_version']}; this pat "
+            f"reads up to {FORMAT_VERSION}. Upgrade pat."
+        )
+    return data
+
+
+def save_model(
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    kind: str = "model",
+    arch: Mapping[str, Any] | None = None,
+    **extra: Any,
+) -> None:
+    """Save ``model``'s state with its architecture spec so :func:`load_model` can rebuild it.
+
+    ``arch`` defaults to the spec that :func:`pat.models.create_model` attached to the model;
+    ``extra`` (config, metrics, masks, kept indices, ...) is stored alongside.
+    """
+    from pat.models import spec_of
+
+    arch = dict(arch) if arch is not None else spec_of(model)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_checkpoint(path, {"kind": kind, "arch": arch, "state_dict": state, **extra})
+
+
+def model_from_checkpoint(ckpt: Mapping[str, Any], *, argument: str = "checkpoint") -> nn.Module:
+    """Rebuild the architecture named in ``ckpt['arch']`` and load its state dict."""
+    from pat.models import create_model
+
+    arch = ckpt.get("arch")
+    if not arch:
+        raise PatError(
+            f"{argument} has no architecture spec; build the model yourself and call "
+            "load_state_dict(ckpt['state_dict'])."
+        )
+    model = create_model(arch["name"], **arch.get("kwargs", {}))
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise PatError(
+            f"{argument}: weights do not fit architecture {arch['name']!r} "
+            f"({str(e).splitlines()[0]})."
+        ) from None
+    return model
+
+
+def load_model(
+    path: str | os.PathLike, *, device: str | torch.device = "cpu", argument: str = "checkpoint"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a model checkpoint; returns ``(model, checkpoint_dict)`` with the model on ``device``."""
+    ckpt = load_checkpoint(path, argument=argument)
+    if "state_dict" not in ckpt:
+        raise PatError(f"{argument} {str(path)!r} holds no model weights (kind={ckpt.get('kind')!r}).")
+    model = model_from_checkpoint(ckpt, argument=f"{argument} {str(path)!r}")
+    return model.to(device), ckpt

@@ -1,0 +1,20 @@
+"""The one exception type a user of pat is meant to see."""
+
+from __future__ import annotations
+
+__all__ = ["PatError", "check"]
+
+
+class PatError(ValueError):
+    """Bad input or state that the user can fix.
+
+    The message is one line that names the argument and the value, e.g.
+    ``sparsity must be in [0, 1). Got 1.5.`` The CLI prints it and exits with code 2;
+    any other exception is a bug in pat.
+    """
+
+
+def check(condition: object, message: str) -> None:
+    """Raise :class:`PatError` with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise PatError(message)
