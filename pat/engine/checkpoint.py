@@ -103,14 +103,18 @@ def load_checkpoint(path: str | os.PathLike, *, argument: str = "checkpoint") ->
     path = Path(path)
     if not path.is_file():
         raise PatError(f"{argument} {str(path)!r} does not exist.")
+    if not zipfile.is_zipfile(path):
+        raise PatError(f"{argument} {str(path)!r} is not a readable checkpoint (not a torch.save archive).")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # weights_only refuses globals it does not know: a pickled module or function.
-        reason = str(e).splitlines()[0] if "Weights only load failed" not in str(e) else (
-            "it holds pickled Python objects, which pat refuses to load"
-        )
-        raise PatError(f"{argument} {str(path)!r} cannot be loaded safely: {reason}.") from None
+        if "Unsupported global" in str(e) or "GLOBAL" in str(e):
+            # weights_only refuses globals it does not know: a pickled class or function
+            raise PatError(
+                f"{argument} {str(path)!r} cannot be loaded safely: it holds pickled Python "
+                "objects, which pat refuses to load."
+            ) from None
+        raise PatError(f"{argument} {str(path)!r} is not a readable checkpoint (corrupt pickle data).") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise PatError(f"{argument} {str(path)!r} is not a readable checkpoint ({first}).") from None

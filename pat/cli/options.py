@@ -1,0 +1,34 @@
+"""Options shared by several commands, so each is spelled and validated once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+F = Callable[..., Any]
+
+
+def data_options(func: F) -> F:
+    """--dataset, --data-dir, --batch-size, --val-fraction, --data-seed."""
+    for deco in reversed([
+        click.option("--dataset", default="digits", help="Dataset name (see docs/data.md); digits needs no download."),
+        click.option("--data-dir", default="./data", type=click.Path(file_okay=False), help="Where downloadable datasets live."),
+        click.option("--batch-size", default=128, type=int, help="Samples per optimizer step."),
+        click.option("--val-fraction", default=0.1, type=float, help="Share of training data held out for validation."),
+        click.option("--data-seed", default=0, type=int, help="Seed of the validation split and shuffling."),
+    ]):
+        func = deco(func)
+    return func
+
+
+def device_options(func: F) -> F:
+    """--device, --amp/--no-amp."""
+    func = click.option("--amp/--no-amp", default=None, help="bf16 autocast (default: on for CUDA only).")(func)
+    func = click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")(func)
+    return func
+
+
+def force_option(func: F) -> F:
+    return click.option("--force", is_flag=True, help="Overwrite an existing output.")(func)

@@ -1,0 +1,94 @@
+"""``pat train`` and ``pat info``."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from pat.cli.options import data_options, device_options, force_option
+from pat.cli.render import EpochProgress, console, fmt, metrics_table
+
+
+@click.command()
+@click.option("--model", default="lenet-s", help="Model name: pat's zoo (pat info --models) or tv:<torchvision name>.")
+@data_options
+@click.option("--epochs", default=10, type=int, help="Passes over the training split.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", help="SGD is Nesterov, momentum 0.9.")
+@click.option("--lr", default=None, type=float, help="Base LR [default: 0.1 for sgd, 0.001 for adam].")
+@click.option("--weight-decay", default=5e-4, type=float)
+@click.option("--schedule", default="parent", help="LR policy: parent (0.1 for 50%, linear to 0.001 at 90%), one-cycle, cosine, constant.")
+@click.option("--seed", default=0, type=int, help="Initialisation seed.")
+@device_options
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write (e.g. parent.pt).")
+@force_option
+def train(model, dataset, data_dir, batch_size, val_fraction, data_seed, epochs, optimizer, lr,
+          weight_decay, schedule, seed, device, amp, out, force) -> None:
+    """Train a parent network and save it as a checkpoint.
+
+    An interrupted run resumes from OUT.partial when started again with the same --out.
+    """
+    from pat.config import DataConfig, TrainConfig
+    from pat.data import load_dataset
+    from pat.engine.checkpoint import ensure_writable
+    from pat.models import create_model
+    from pat.parent import train_parent
+
+    # validate everything before any work starts
+    ensure_writable(out, force=force)
+    lr = lr if lr is not None else (1e-3 if optimizer == "adam" else 0.1)
+    config = TrainConfig(
+        model=model, epochs=epochs, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+        schedule=schedule, seed=seed, device=device, amp=amp,
+        data=DataConfig(dataset=dataset, data_dir=data_dir, val_fraction=val_fraction,
+                        batch_size=batch_size, seed=data_seed),
+    )
+    data = load_dataset(dataset, data_dir=data_dir, val_fraction=val_fraction, seed=data_seed)
+    create_model(model, num_classes=data.num_classes, in_channels=data.in_channels)  # fail fast on a bad name
+
+    start = time.perf_counter()
+    result = train_parent(config, data=data, callbacks=[EpochProgress(f"train {model}")], out=out)
+    rows = [{"split": k.split("_")[0], "accuracy": result.metrics[k], "loss": result.metrics[k.replace("acc", "loss")]}
+            for k in result.metrics if k.endswith("_acc")]
+    console.print(metrics_table(f"{model}, {dataset}, {epochs} epochs ({time.perf_counter() - start:.0f}s)",
+                                rows, ["split", "accuracy", "loss"]))
+    console.print(f"saved [bold]{out}[/]")
+
+
+@click.command()
+@click.argument("checkpoint", required=False, type=click.Path(dir_okay=False))
+@click.option("--models", "list_all", is_flag=True, help="List the model and dataset names instead.")
+def info(checkpoint, list_all) -> None:
+    """Show a checkpoint's architecture, size, metrics and config."""
+    from pat.errors import PatError
+
+    if list_all:
+        from pat.data import list_datasets
+        from pat.models import list_models
+
+        console.print("models:   " + ", ".join(list_models()) + ", tv:<torchvision name>")
+        console.print("datasets: " + ", ".join(list_datasets()))
+        return
+    if checkpoint is None:
+        raise PatError("CHECKPOINT is required (or pass --models).")
+    from pat.engine.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint, argument="CHECKPOINT")
+    state = ckpt.get("state_dict", {})
+    total = sum(v.numel() for v in state.values() if v.is_floating_point())
+    nonzero = sum(int(v.count_nonzero()) for v in state.values() if v.is_floating_point())
+    arch = ckpt.get("arch") or {}
+    rows = [
+        {"key": "kind", "value": ckpt.get("kind")},
+        {"key": "architecture", "value": f"{arch.get('name')} {arch.get('kwargs', {})}" if arch else None},
+        {"key": "parameters (incl. buffers)", "value": f"{total:,}"},
+        {"key": "non-zero", "value": f"{nonzero:,} ({nonzero / max(total, 1):.1%})"},
+        {"key": "dataset", "value": ckpt.get("dataset")},
+        {"key": "format / pat version", "value": f"{ckpt.get('format_version')} / {ckpt.get('pat_version')}"},
+    ]
+    rows += [{"key": k, "value": fmt(v)} for k, v in (ckpt.get("metrics") or {}).items()]
+    console.print(metrics_table(str(checkpoint), rows, ["key", "value"]))
+    if ckpt.get("config"):
+        import yaml
+
+        console.print("[bold]config[/]\n" + yaml.safe_dump(ckpt["config"], sort_keys=False).rstrip(), highlight=False)

@@ -1,0 +1,78 @@
+"""Callbacks: how :func:`pat.engine.loop.fit` reports progress and lets methods hook in.
+
+The library never prints; the CLI turns these events into rich progress bars. Methods use
+the same hooks for their own needs (mask enforcement after each optimizer step, say).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+__all__ = ["FitState", "Callback", "CallbackList"]
+
+
+@dataclass
+class FitState:
+    """What a callback can see. Mutated in place by the loop."""
+
+    model: nn.Module
+    optimizer: Any
+    scheduler: Any
+    epochs: int
+    steps_per_epoch: int
+    epoch: int = 0  # 0-based index of the current epoch
+    step: int = 0  # optimizer steps taken so far, over all epochs
+    metrics: dict[str, float] = field(default_factory=dict)  # last finished epoch's metrics
+    history: list[dict[str, float]] = field(default_factory=list)  # one dict per finished epoch
+    stop: bool = False  # a callback may set this to end training after the current epoch
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+
+class Callback:
+    """Override the hooks you need; all default to doing nothing."""
+
+    def on_fit_start(self, state: FitState) -> None: ...
+
+    def on_epoch_start(self, state: FitState) -> None: ...
+
+    def on_step_end(self, state: FitState) -> None:
+        """After ``optimizer.step()`` (and a per-step scheduler step)."""
+
+    def on_epoch_end(self, state: FitState) -> None:
+        """After the epoch's evaluation; ``state.metrics`` holds its results."""
+
+    def on_fit_end(self, state: FitState) -> None: ...
+
+
+class CallbackList(Callback):
+    """Fan one event out to several callbacks, in order."""
+
+    def __init__(self, callbacks: Iterable[Callback] = ()) -> None:
+        self.callbacks = [c for c in callbacks if c is not None]
+
+    def on_fit_start(self, state: FitState) -> None:
+        for c in self.callbacks:
+            c.on_fit_start(state)
+
+    def on_epoch_start(self, state: FitState) -> None:
+        for c in self.callbacks:
+            c.on_epoch_start(state)
+
+    def on_step_end(self, state: FitState) -> None:
+        for c in self.callbacks:
+            c.on_step_end(state)
+
+    def on_epoch_end(self, state: FitState) -> None:
+        for c in self.callbacks:
+            c.on_epoch_end(state)
+
+    def on_fit_end(self, state: FitState) -> None:
+        for c in self.callbacks:
+            c.on_fit_end(state)

@@ -1,0 +1,197 @@
+"""``fit``: the one training loop in pat.
+
+Parent training, child tuning and every member producer call this loop; they differ only by
+the step rule, the schedule, the data they pass and the callbacks they attach.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from pat.engine.callbacks import Callback, CallbackList, FitState
+from pat.engine.checkpoint import load_checkpoint, save_checkpoint
+from pat.engine.steps import LossFn, StepRule, sgd_step
+from pat.errors import PatError, check
+
+__all__ = ["fit", "evaluate", "resolve_device", "autocast_for"]
+
+Batches = Iterable[tuple[Tensor, Tensor]]
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"``/``None`` → CUDA when available, else CPU; otherwise validate the name."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise PatError(f"device {device!r} is not a valid torch device.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PatError(f"device {device!r} was asked for but CUDA is not available here.")
+    return dev
+
+
+def autocast_for(device: torch.device, amp: bool | None) -> Callable[[], contextlib.AbstractContextManager]:
+    """bf16 autocast on CUDA by default (``amp=None``); full precision on CPU unless asked."""
+    enabled = device.type == "cuda" if amp is None else amp
+    if not enabled:
+        return contextlib.nullcontext
+    return partial(torch.autocast, device.type, dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Batches,
+    *,
+    loss_fn: LossFn = F.cross_entropy,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> dict[str, float]:
+    """Mean loss and accuracy of ``model`` over ``batches`` (eval mode, restored afterwards)."""
+    was_training = model.training
+    model.eval()
+    loss_sum = correct = None
+    n = 0
+    for x, y in batches:
+        with autocast():
+            logits = model(x)
+        loss = loss_fn(logits.float(), y) * len(y)
+        hits = (logits.argmax(1) == y).sum()
+        loss_sum = loss if loss_sum is None else loss_sum + loss
+        correct = hits if correct is None else correct + hits
+        n += len(y)
+    model.train(was_training)
+    check(n > 0, "evaluation data is empty.")
+    return {"loss": float(loss_sum) / n, "acc": float(correct) / n}
+
+
+def _save_state(path: Path, state: FitState, extra: Mapping[str, Any]) -> None:
+    save_checkpoint(path, {
+        "kind": "train-state",
+        "epoch": state.epoch + 1,  # epochs finished
+        "step": state.step,
+        "history": state.history,
+        "state_dict": {k: v.detach().cpu() for k, v in state.model.state_dict().items()},
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
+        "rng": torch.get_rng_state(),
+        **extra,
+    })
+
+
+def _restore_state(path: Path, state: FitState) -> int:
+    ckpt = load_checkpoint(path, argument="resume state")
+    if ckpt.get("kind") != "train-state":
+        raise PatError(f"resume state {str(path)!r} is a {ckpt.get('kind')!r} file, not a train-state.")
+    state.model.load_state_dict(ckpt["state_dict"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    if state.scheduler is not None and ckpt.get("scheduler") is not None:
+        state.scheduler.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["rng"])
+    state.step, state.history = ckpt["step"], list(ckpt["history"])
+    state.metrics = dict(state.history[-1]) if state.history else {}
+    return int(ckpt["epoch"])
+
+
+def fit(
+    model: nn.Module,
+    train: Batches,
+    *,
+    epochs: int,
+    optimizer: Optimizer,
+    scheduler: Any = None,
+    interval: Literal["step", "epoch"] = "step",
+    step: StepRule = sgd_step,
+    loss_fn: LossFn = F.cross_entropy,
+    eval_data: Mapping[str, Batches] | None = None,
+    callbacks: Iterable[Callback] = (),
+    amp: bool | None = None,
+    device: str | torch.device | None = None,
+    resume_path: str | os.PathLike | None = None,
+    resume_extra: Mapping[str, Any] | None = None,
+) -> FitState:
+    """Train ``model`` for ``epochs`` passes over ``train``.
+
+    Args:
+        model: any module; moved to ``device`` (default: where its parameters are).
+        train: re-iterable batches ``(x (B, ...), y (B,))`` already on the device (e.g. a
+            :class:`pat.data.DeviceLoader`); if it has ``set_epoch``, it is called each epoch.
+        scheduler: stepped after every optimizer step (``interval="step"``) or every epoch.
+        step: the update rule (:mod:`pat.engine.steps`).
+        eval_data: ``{"val": batches, ...}``; each is evaluated after every epoch and reported
+            as ``val_loss`` / ``val_acc`` etc. in the epoch metrics.
+        callbacks: receive :class:`FitState` at fit/epoch/step boundaries.
+        amp: bf16 autocast; ``None`` means on for CUDA, off for CPU.
+        resume_path: if given, the full training state is saved there (atomically) after every
+            epoch, and an existing file there is resumed from; the caller deletes it when done.
+        resume_extra: plain data stored with the resume state (e.g. the config).
+
+    Returns:
+        The final :class:`FitState` (``history`` holds one metrics dict per epoch).
+    """
+    check(epochs > 0, f"epochs must be positive. Got {epochs}.")
+    check(interval in ("step", "epoch"), f"interval must be 'step' or 'epoch'. Got {interval!r}.")
+    dev = resolve_device(device) if device is not None else next(model.parameters()).device
+    model.to(dev)
+    autocast = autocast_for(dev, amp)
+    steps_per_epoch = len(train) if hasattr(train, "__len__") else 0
+    state = FitState(model=model, optimizer=optimizer, scheduler=scheduler, epochs=epochs,
+                     steps_per_epoch=steps_per_epoch)
+    cbs = CallbackList(callbacks)
+    resume = Path(resume_path) if resume_path is not None else None
+    first_epoch = _restore_state(resume, state) if resume is not None and resume.exists() else 0
+
+    cbs.on_fit_start(state)
+    for epoch in range(first_epoch, epochs):
+        state.epoch = epoch
+        if hasattr(train, "set_epoch"):
+            train.set_epoch(epoch)
+        cbs.on_epoch_start(state)
+        model.train()
+        start = time.perf_counter()
+        loss_sum = torch.zeros((), device=dev)
+        correct = torch.zeros((), device=dev, dtype=torch.long)
+        seen = 0
+        for x, y in train:
+            loss, logits = step(model, x, y, optimizer, loss_fn, autocast)
+            # accumulate on the device: a .item() per step would sync every batch
+            loss_sum += loss.float() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+            state.step += 1
+            if scheduler is not None and interval == "step":
+                scheduler.step()
+            cbs.on_step_end(state)
+        if scheduler is not None and interval == "epoch":
+            scheduler.step()
+        check(seen > 0, "training data is empty.")
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": float(loss_sum) / seen,
+            "train_acc": float(correct) / seen,
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        for name, batches in (eval_data or {}).items():
+            result = evaluate(model, batches, loss_fn=loss_fn, autocast=autocast)
+            metrics[f"{name}_loss"], metrics[f"{name}_acc"] = result["loss"], result["acc"]
+        metrics["time"] = time.perf_counter() - start
+        state.metrics = metrics
+        state.history.append(metrics)
+        if resume is not None:
+            _save_state(resume, state, resume_extra or {})
+        cbs.on_epoch_end(state)
+        if state.stop:
+            break
+    cbs.on_fit_end(state)
+    return state

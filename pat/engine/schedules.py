@@ -1,0 +1,134 @@
+"""LR policies by name, all stepped once per optimizer step (per batch).
+
+Each policy is built from ``torch.optim.lr_scheduler``; where a shape has no scheduler of its
+own, the LR factor is a pure function of training progress ``t = step / total_steps`` wrapped in
+``LambdaLR``, so it can be unit-tested over a grid. ``docs/schedules.md`` gives the formulas.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
+
+from pat.errors import PatError, check
+
+__all__ = [
+    "register_schedule",
+    "list_schedules",
+    "create_schedule",
+    "parent_factor",
+    "one_cycle_lr",
+]
+
+ScheduleFactory = Callable[..., LRScheduler]
+_SCHEDULES: dict[str, ScheduleFactory] = {}
+
+
+def register_schedule(name: str) -> Callable[[ScheduleFactory], ScheduleFactory]:
+    """Register ``factory(optimizer, total_steps, **kwargs) -> LRScheduler`` under ``name``."""
+
+    def deco(factory: ScheduleFactory) -> ScheduleFactory:
+        _SCHEDULES[name] = factory
+        return factory
+
+    return deco
+
+
+def list_schedules() -> list[str]:
+    return sorted(_SCHEDULES)
+
+
+def create_schedule(name: str, optimizer: Optimizer, total_steps: int, **kwargs: Any) -> LRScheduler:
+    """Build the per-step scheduler ``name`` for a run of ``total_steps`` optimizer steps.
+
+    The optimizer's ``lr`` is the base (peak) LR unless the policy says otherwise.
+    """
+    if name not in _SCHEDULES:
+        raise PatError(f"schedule {name!r} is unknown; choose one of: {', '.join(list_schedules())}.")
+    check(total_steps > 0, f"total_steps must be positive. Got {total_steps}.")
+    return _SCHEDULES[name](optimizer, total_steps, **kwargs)
+
+
+# -- pure LR factors ------------------------------------------------------------------------
+
+
+def parent_factor(t: float, *, hold: float = 0.5, end: float = 0.9, final: float = 0.01) -> float:
+    """Prune-and-Tune parent recipe as a multiple of the base LR (0.1 in the paper).
+
+    Constant 1 until ``hold`` of training, linear down to ``final`` at ``end``, then constant:
+    with base 0.1 that is 0.1 → 0.001 between 50% and 90% of training.
+    """
+    if t < hold:
+        return 1.0
+    if t < end:
+        return 1.0 + (final - 1.0) * (t - hold) / (end - hold)
+    return final
+
+
+def one_cycle_lr(step: int, total_steps: int, max_lr: float, *, pct_start: float = 0.1,
+                 div_factor: float = 100.0, final_lr: float = 1e-7) -> float:
+    """Closed form of the one-cycle policy that :class:`OneCycleLR` follows (cosine both ways).
+
+    Warm up from ``max_lr / div_factor`` to ``max_lr`` over the first ``pct_start`` of steps,
+    then cosine-anneal to ``final_lr``. Used by tests to check the scheduler's trace.
+    """
+    start = max_lr / div_factor
+    peak_step = float(pct_start * total_steps) - 1
+    end_step = float(total_steps) - 1
+
+    def cos(a: float, b: float, frac: float) -> float:
+        return b + (a - b) / 2.0 * (math.cos(math.pi * frac) + 1)
+
+    if step <= peak_step:
+        return cos(start, max_lr, step / peak_step)
+    return cos(max_lr, final_lr, (step - peak_step) / (end_step - peak_step))
+
+
+# -- registered policies ----------------------------------------------------------------------
+
+
+def _lambda(optimizer: Optimizer, total_steps: int, factor: Callable[[float], float]) -> LambdaLR:
+    return LambdaLR(optimizer, lambda step: factor(min(step, total_steps) / total_steps))
+
+
+@register_schedule("constant")
+def _constant(optimizer: Optimizer, total_steps: int) -> LRScheduler:
+    return LambdaLR(optimizer, lambda step: 1.0)
+
+
+@register_schedule("parent")
+def _parent(optimizer: Optimizer, total_steps: int, *, hold: float = 0.5, end: float = 0.9,
+            final: float = 0.01) -> LRScheduler:
+    return _lambda(optimizer, total_steps, partial(parent_factor, hold=hold, end=end, final=final))
+
+
+@register_schedule("one-cycle")
+def _one_cycle(optimizer: Optimizer, total_steps: int, *, max_lr: float | None = None,
+               pct_start: float = 0.1, div_factor: float = 100.0, final_lr: float = 1e-7,
+               cycle_momentum: bool = False) -> LRScheduler:
+    max_lr = max_lr if max_lr is not None else optimizer.param_groups[0]["lr"]
+    check(max_lr > 0, f"max_lr must be positive. Got {max_lr}.")
+    # OneCycleLR needs pct_start*total_steps >= 2 steps to have a warm-up phase at all.
+    pct_start = max(pct_start, 2.0 / total_steps) if total_steps >= 4 else 0.5
+    return OneCycleLR(
+        optimizer,
+        max_lr=max_lr,
+        total_steps=max(total_steps, 2),
+        pct_start=pct_start,
+        anneal_strategy="cos",
+        div_factor=div_factor,
+        final_div_factor=(max_lr / div_factor) / final_lr,
+        cycle_momentum=cycle_momentum,
+    )
+
+
+@register_schedule("cosine")
+def _cosine(optimizer: Optimizer, total_steps: int, *, final_lr: float = 0.0) -> LRScheduler:
+    from torch.optim.lr_scheduler import CosineAnnealingLR
+
+    return CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=final_lr)

@@ -1,0 +1,79 @@
+"""Per-batch update rules. A method differs from another by its step rule, not its loop.
+
+A step rule is called as ``rule(model, x, y, optimizer, loss_fn, autocast)`` and returns the
+batch's ``(loss, logits)``, both detached. It runs forward, backward and ``optimizer.step()``;
+the loop does everything else (scheduler, callbacks, metrics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Protocol
+
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from pat.errors import PatError
+
+__all__ = ["StepRule", "sgd_step", "register_step", "create_step", "list_steps"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class StepRule(Protocol):
+    def __call__(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        optimizer: Optimizer,
+        loss_fn: LossFn,
+        autocast: Callable[[], AbstractContextManager],
+    ) -> tuple[Tensor, Tensor]: ...
+
+
+_STEPS: dict[str, Callable[..., StepRule]] = {}
+
+
+def register_step(name: str) -> Callable[[Callable[..., StepRule]], Callable[..., StepRule]]:
+    """Register a factory ``factory(**options) -> StepRule`` under ``name``."""
+
+    def deco(factory: Callable[..., StepRule]) -> Callable[..., StepRule]:
+        _STEPS[name] = factory
+        return factory
+
+    return deco
+
+
+def list_steps() -> list[str]:
+    return sorted(_STEPS)
+
+
+def create_step(name: str, **options: object) -> StepRule:
+    if name not in _STEPS:
+        raise PatError(f"step rule {name!r} is unknown; choose one of: {', '.join(list_steps())}.")
+    return _STEPS[name](**options)
+
+
+def sgd_step(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    optimizer: Optimizer,
+    loss_fn: LossFn,
+    autocast: Callable[[], AbstractContextManager],
+) -> tuple[Tensor, Tensor]:
+    """One plain first-order step (works for any torch optimizer, not only SGD)."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast():
+        logits = model(x)
+        loss = loss_fn(logits, y)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), logits.detach()
+
+
+@register_step("sgd")
+def _plain() -> StepRule:
+    return sgd_step

@@ -1,0 +1,79 @@
+"""Train a parent network: the first stage of Prune and Tune, and the plain "train a model" API."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pat.config import TrainConfig, to_dict
+from pat.data import Dataset, load_dataset
+from pat.engine.callbacks import Callback
+from pat.engine.checkpoint import save_model
+from pat.engine.loop import autocast_for, evaluate, fit, resolve_device
+from pat.engine.optim import create_optimizer
+from pat.engine.schedules import create_schedule
+from pat.models import create_model
+
+__all__ = ["TrainResult", "train_parent", "resume_path_for"]
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: list[dict[str, float]]
+    metrics: dict[str, float] = field(default_factory=dict)  # final val/test loss and accuracy
+
+
+def resume_path_for(out: str | os.PathLike) -> Path:
+    """Where an interrupted run keeps its state: ``parent.pt`` → ``parent.pt.partial``."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def train_parent(
+    config: TrainConfig,
+    *,
+    data: Dataset | None = None,
+    callbacks: Iterable[Callback] = (),
+    out: str | os.PathLike | None = None,
+) -> TrainResult:
+    """Train ``config.model`` on ``config.data`` with the configured recipe.
+
+    With ``out``, training resumes from ``<out>.partial`` if an earlier run was interrupted,
+    the finished model is saved to ``out`` (with its config and metrics) and the partial state
+    is removed.
+    """
+    device = resolve_device(config.device)
+    data = data or load_dataset(config.data.dataset, data_dir=config.data.data_dir,
+                                val_fraction=config.data.val_fraction, seed=config.data.seed)
+    torch.manual_seed(config.seed)
+    model = create_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels,
+                         **config.model_kwargs).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    train = data.loader("train", batch_size=config.data.batch_size, device=device, seed=config.data.seed)
+    evals = {"val": data.loader("val", batch_size=512, device=device)} if len(data.val.y) else {}
+    optimizer = create_optimizer(model, config.optimizer, lr=config.lr, momentum=config.momentum,
+                                 weight_decay=config.weight_decay)
+    scheduler = create_schedule(config.schedule, optimizer, total_steps=config.epochs * len(train))
+    resume = resume_path_for(out) if out is not None else None
+    state = fit(model, train, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler,
+                eval_data=evals, callbacks=callbacks, amp=config.amp, device=device,
+                resume_path=resume, resume_extra={"config": to_dict(config)})
+    autocast = autocast_for(device, config.amp)
+    metrics: dict[str, Any] = {}
+    for split in ("val", "test"):
+        if len(data.split(split).y):
+            result = evaluate(model, data.loader(split, batch_size=512, device=device), autocast=autocast)
+            metrics[f"{split}_loss"], metrics[f"{split}_acc"] = result["loss"], result["acc"]
+    if out is not None:
+        save_model(out, model, kind="model", config=to_dict(config), metrics=metrics,
+                   history=state.history, dataset=data.name, num_classes=data.num_classes)
+        resume.unlink(missing_ok=True)
+    return TrainResult(model=model, history=state.history, metrics=metrics)

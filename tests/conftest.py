@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+# two cores shared by the whole suite: one intra-op thread keeps tests from fighting
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def blobs() -> tuple[torch.Tensor, torch.Tensor]:
+    """A small separable 3-class problem: 96 points in 8-d."""
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 8, generator=g) * 3
+    y = torch.arange(96) % 3
+    x = centers[y] + torch.randn(96, 8, generator=g)
+    return x, y
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, size: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(y), size)]

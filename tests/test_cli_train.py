@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pat.cli import cli
+from pat.engine.checkpoint import load_checkpoint
+
+
+def run(*args: str):
+    result = CliRunner().invoke(cli, list(args))
+    return result
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("parent") / "parent.pt")
+    result = run("train", "--model", "lenet-s", "--dataset", "digits", "--epochs", "1", "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_train_writes_checkpoint_with_metrics_and_config(parent):
+    ckpt = load_checkpoint(parent)
+    assert ckpt["arch"]["name"] == "lenet-s" and ckpt["arch"]["kwargs"]["in_channels"] == 1
+    assert 0 <= ckpt["metrics"]["test_acc"] <= 1
+    assert ckpt["config"]["epochs"] == 1 and len(ckpt["history"]) == 1
+
+
+def test_info_shows_architecture_and_metrics(parent):
+    result = run("info", parent)
+    assert result.exit_code == 0, result.output
+    assert "lenet-s" in result.output and "test_acc" in result.output
+
+
+def test_existing_output_is_refused_without_force(parent):
+    before = load_checkpoint(parent)["state_dict"]
+    result = run("train", "--dataset", "digits", "--epochs", "1", "--out", parent)
+    assert result.exit_code == 2
+    assert "already exists" in result.output and "--force" in result.output
+    after = load_checkpoint(parent)["state_dict"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--model", "lenet-xxl"], ["lenet-xxl", "lenet-s"]),
+        (["--dataset", "imagenet-9"], ["imagenet-9", "digits"]),
+        (["--epochs", "0"], ["epochs", "0"]),
+        (["--batch-size", "-5"], ["batch_size", "-5"]),
+        (["--dataset", "cifar10", "--data-dir", "{tmp}/empty"], ["cifar10", "--data-dir"]),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_no_file(tmp_path, monkeypatch, args, words):
+    # no network here: make any download attempt fail fast instead of hanging
+    import urllib.request
+
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    out = tmp_path / "p.pt"
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = run("train", "--epochs", "1", *args, "--out", str(out))
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    error_lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(error_lines) == 1
+    for word in words:
+        assert word in error_lines[0]
+    assert not out.exists() and not (tmp_path / "p.pt.partial").exists()
+
+
+def test_corrupt_and_pickled_checkpoints_are_refused(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00garbage")
+    result = run("info", str(bad))
+    assert result.exit_code == 2 and "not a readable checkpoint" in result.output
+    missing = run("info", str(tmp_path / "nope.pt"))
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_help_lists_every_command_with_one_line():
+    result = run("--help")
+    assert result.exit_code == 0
+    for command in ("train", "info"):
+        assert command in result.output

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import pytest
+
+from pat.config import DataConfig, TrainConfig, from_dict, load_yaml, save_yaml, to_dict
+from pat.errors import PatError
+
+
+def test_yaml_round_trip(tmp_path):
+    config = TrainConfig(model="resnet8", epochs=3, data=DataConfig(dataset="synthetic", batch_size=32))
+    save_yaml(config, tmp_path / "c.yaml")
+    assert from_dict(TrainConfig, load_yaml(tmp_path / "c.yaml")) == config
+    assert to_dict(config)["data"]["batch_size"] == 32
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"epochs": 0}, "epochs must be positive. Got 0."),
+        ({"lr": -1.0}, "lr must be positive. Got -1.0."),
+        ({"optimizer": "rmsprop"}, "optimizer 'rmsprop' is unknown"),
+        ({"schedule": "zigzag"}, "schedule 'zigzag' is unknown"),
+        ({"data": {"batch_size": 0}}, "batch_size must be positive. Got 0."),
+        ({"data": {"val_fraction": 1.0}}, r"val_fraction must be in \[0, 1\). Got 1.0."),
+        ({"epoch": 3}, r"config has unknown keys \['epoch'\]"),
+    ],
+)
+def test_bad_values_name_argument_and_value(data, message):
+    with pytest.raises(PatError, match=message):
+        from_dict(TrainConfig, data)
