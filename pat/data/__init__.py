@@ -1,0 +1,30 @@
+"""Data: registered datasets as resident uint8 splits, a device-resident loader, bagging.
+
+>>> from pat.data import load_dataset
+>>> ds = load_dataset("digits")                  # embedded, no download
+>>> for x, y in ds.loader("train", device="cuda"):  # x: (128, 1, 32, 32) float32, normalised
+...     ...
+"""
+
+from __future__ import annotations
+
+from pat.data import sources as _sources  # noqa: F401  (registers the datasets)
+from pat.data.core import (
+    Dataset,
+    Split,
+    bagging_indices,
+    list_datasets,
+    load_dataset,
+    register_dataset,
+)
+from pat.data.loader import DeviceLoader
+
+__all__ = [
+    "Dataset",
+    "DeviceLoader",
+    "Split",
+    "bagging_indices",
+    "list_datasets",
+    "load_dataset",
+    "register_dataset",
+]
