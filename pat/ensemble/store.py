@@ -163,6 +163,37 @@ class EnsembleDir:
                 return
         self.members.append(record)
 
+    def fingerprint(self) -> list[dict[str, Any]]:
+        """Identify the member files as they are now: name, file, size, mtime and inode.
+
+        Cheap (no file is read) and changed by every rewrite: :func:`atomic_write` always
+        makes a new inode. Caches of member predictions store it and compare.
+        """
+        out = []
+        for m in self.members:
+            st = self.member_path(m).stat()
+            out.append({"name": m["name"], "file": m["file"], "size": st.st_size,
+                        "mtime_ns": st.st_mtime_ns, "inode": st.st_ino})
+        return out
+
+    def record_selection(
+        self, method: str, selected: list[int], weights: list[float], **extra: Any
+    ) -> None:
+        """Store a selector's result (member indices → names) in the manifest (then :meth:`save`)."""
+        if len(selected) != len(weights):
+            raise PatError(f"selection has {len(selected)} members but {len(weights)} weights.")
+        names = [self.members[i]["name"] for i in selected]
+        self.manifest["selection"] = {"method": method, "selected": names,
+                                      "weights": [float(w) for w in weights], **extra}
+
+    def selection_indices(self) -> tuple[list[int], list[float] | None] | None:
+        """The recorded selection as ``(member indices, weights or None)``; None if there is none."""
+        sel = self.manifest.get("selection")
+        if not sel:
+            return None
+        index = {m["name"]: i for i, m in enumerate(self.members)}
+        return [index[n] for n in sel["selected"]], sel.get("weights")
+
     # -- writing ------------------------------------------------------------------------------
     def save(self) -> None:
         """Write the manifest atomically (creating the directory if needed)."""

@@ -1,0 +1,118 @@
+"""The :class:`Ensemble`: members plus a combiner, usable as one classifier."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pat.ensemble.predict import COMBINERS, MemberRunner, combine, eval_mode, normalize_weights
+from pat.errors import PatError, check
+
+__all__ = ["Ensemble"]
+
+
+class Ensemble(nn.Module):
+    """M member classifiers whose softmax outputs are combined.
+
+    ``forward(x)`` is :meth:`predict_proba`: it returns probabilities, not logits.
+
+    Args:
+        models: the members (any ``nn.Module`` returning logits).
+        names: one name per member (default ``member-<i>``).
+        weights: ``(M,)`` non-negative member weights (normalised); implies
+            ``combiner="weighted"`` unless another combiner is given.
+        combiner: ``"mean"``, ``"weighted"`` or ``"vote"`` (see :func:`pat.ensemble.combine`).
+        path: how members run together: ``"auto"``, ``"loop"`` or ``"vmap"``
+            (:mod:`pat.ensemble.predict`).
+    """
+
+    def __init__(
+        self,
+        models: Sequence[nn.Module],
+        names: Sequence[str] | None = None,
+        weights: Any = None,
+        *,
+        combiner: str | None = None,
+        path: str = "auto",
+    ) -> None:
+        super().__init__()
+        models = list(models)
+        check(models, "models must hold at least one member. Got 0.")
+        self.members = nn.ModuleList(models)
+        self.names = list(names) if names is not None else [f"member-{i}" for i in range(len(models))]
+        check(len(self.names) == len(models),
+              f"names must have one entry per member ({len(models)}). Got {len(self.names)}.")
+        self.weights = None if weights is None else normalize_weights(weights, len(models))
+        self.combiner = combiner or ("weighted" if weights is not None else "mean")
+        check(self.combiner in COMBINERS,
+              f"combiner must be one of {list(COMBINERS)}. Got {self.combiner!r}.")
+        check(self.combiner != "weighted" or self.weights is not None,
+              "combiner='weighted' needs weights. Got None.")
+        self.path = path
+        self._runner: MemberRunner | None = None
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Ensemble:
+        # .to() / .cuda() / .half() move the members; stacked copies of their weights are stale.
+        self._runner = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def member_probs(self, x: Tensor) -> Tensor:
+        """``x`` ``(B, ...)`` → every member's softmax, ``(M, B, C)`` float32.
+
+        Runs in eval mode without autograd. With the vmap path the members' weights are
+        stacked on first use; call :meth:`refresh` after changing them in place.
+        """
+        if self._runner is None:
+            device = next(self.parameters()).device
+            self._runner = MemberRunner(list(self.members), device=device, path=self.path)
+        with eval_mode(self.members), torch.inference_mode():
+            return self._runner(x)
+
+    def refresh(self) -> None:
+        """Forget cached stacked weights (after editing members in place)."""
+        self._runner = None
+
+    def predict_proba(self, x: Tensor) -> Tensor:
+        """``x`` ``(B, ...)`` → combined probabilities ``(B, C)``."""
+        weights = self.weights if self.combiner == "weighted" else None
+        return combine(self.member_probs(x), self.combiner, weights)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.predict_proba(x)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: str | torch.device = "cpu",
+        selected_only: bool = False,
+        argument: str = "ENSEMBLE_DIR",
+    ) -> Ensemble:
+        """Load every member of an ensemble directory (or only the recorded selection).
+
+        With ``selected_only`` the selection's weights (if any) become the member weights.
+        """
+        from pat.engine.checkpoint import load_model
+        from pat.ensemble.store import EnsembleDir
+
+        ens = EnsembleDir.load(path, argument=argument)
+        check(len(ens) > 0, f"{argument} {str(ens.path)!r} holds no members.")
+        indices, weights = list(range(len(ens))), None
+        if selected_only:
+            selection = ens.selection_indices()
+            if selection is None:
+                raise PatError(f"{argument} {str(ens.path)!r} has no recorded selection; "
+                               "select members first or load all of them.")
+            indices, weights = selection
+        records = [ens.members[i] for i in indices]
+        models = [load_model(ens.member_path(r), device=device, argument=f"member {r['name']!r}")[0]
+                  for r in records]
+        return cls(models, [r["name"] for r in records], weights).to(device)
