@@ -98,15 +98,21 @@ def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> None
     atomic_write(path, lambda f: torch.save(data, f))
 
 
-def load_checkpoint(path: str | os.PathLike, *, argument: str = "checkpoint") -> dict[str, Any]:
-    """Load a pat checkpoint with ``weights_only=True``; one-line :class:`PatError` if unusable."""
+def load_checkpoint(
+    path: str | os.PathLike, *, argument: str = "checkpoint", mmap: bool = False
+) -> dict[str, Any]:
+    """Load a pat checkpoint with ``weights_only=True``; one-line :class:`PatError` if unusable.
+
+    ``mmap=True`` maps tensors from the file instead of reading them: cheap when only the
+    plain entries (kind, status, metrics) are needed.
+    """
     path = Path(path)
     if not path.is_file():
         raise PatError(f"{argument} {str(path)!r} does not exist.")
     if not zipfile.is_zipfile(path):
         raise PatError(f"{argument} {str(path)!r} is not a readable checkpoint (not a torch.save archive).")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "Unsupported global" in str(e) or "GLOBAL" in str(e):
             # weights_only refuses globals it does not know: a pickled class or function
@@ -159,6 +165,11 @@ def model_from_checkpoint(ckpt: Mapping[str, Any], *, argument: str = "checkpoin
             "load_state_dict(ckpt['state_dict'])."
         )
     model = create_model(arch["name"], **arch.get("kwargs", {}))
+    if ckpt.get("kept"):
+        # A physical child: replay its channel removal onto the parent architecture first.
+        from pat.masks.physical import rebuild_physical
+
+        model = rebuild_physical(model, ckpt["kept"], input_shape=ckpt.get("input_shape"))
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:

@@ -1,0 +1,201 @@
+"""Split a parent into differently pruned children: the pruning API for any classifier.
+
+>>> children = split(parent, 6, method="anti-random")         # masked, connection level
+>>> children = split(parent, 4, method="cyclic", sparsity=0.5,
+...                  level="neuron", physical=True)            # thinner dense networks
+
+A child is a deep copy of the parent, so it trains, evaluates and saves like any module.
+It carries its mask set and recipe as attributes:
+
+* ``child.pat_masks``: ``{parameter name: bool tensor}`` (True = keep); empty for a
+  physical child, whose pruned channels are gone;
+* ``child.pat_recipe``: ``{"method", "sparsity", "level", "scope", "seed", "index",
+  "physical", "children"}`` (plus ``"input_shape"`` for a physical child);
+* ``child.pat_kept``: physical children only, ``{root layer: [kept output channels]}``.
+
+Train a masked child with :class:`pat.masks.MaskEnforcer` among the callbacks so that the
+masked weights stay zero; save and load it with :func:`save_child` / :func:`load_child`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from pat.engine.checkpoint import load_model, save_model
+from pat.errors import PatError
+from pat.masks.apply import (
+    apply_masks,
+    check_masks,
+    default_example_inputs,
+    prunable_parameters,
+    require_example_inputs,
+)
+from pat.masks.generate import check_recipe, generate_masks
+from pat.masks.physical import channel_groups, kept_channels, slim
+
+__all__ = ["split", "save_child", "load_child"]
+
+
+def _patterns(value: Sequence[str] | str, argument: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)  # one pattern, not its characters
+    if not all(isinstance(p, str) for p in value):
+        raise PatError(f"{argument} must be fnmatch patterns (strings). Got {value!r}.")
+    return tuple(value)
+
+
+def split(
+    model: nn.Module,
+    children: int = 6,
+    *,
+    method: Literal["random", "anti-random", "partition", "cyclic"] = "anti-random",
+    sparsity: float | None = None,
+    level: Literal["connection", "neuron"] = "connection",
+    scope: Literal["layer", "global"] = "layer",
+    physical: bool = False,
+    seed: int = 0,
+    example_inputs: Any = None,
+    include_first: bool = True,
+    include_classifier: bool = False,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> list[nn.Module]:
+    """Clone ``model`` into ``children`` pruned copies, each with its own mask.
+
+    Args:
+        model: the trained parent, any ``nn.Module`` classifier; it is not modified.
+        children: number of children N.
+        method: ``anti-random`` (complement pairs), ``random``, ``partition`` or
+            ``cyclic``; see :func:`pat.masks.generate_masks`.
+        sparsity: fraction pruned. None: the method's own, 0.5 (``partition``: 1 - 1/N).
+        level: ``connection`` (single weights) or ``neuron`` (whole output channels).
+        scope: ``layer`` (each tensor at the exact sparsity) or ``global`` (one ranking).
+        physical: remove pruned channels for real (neuron level only): each child is a
+            thinner dense network, cheaper to tune and to run.
+        seed: the masks are a pure function of it, the same on CPU and CUDA.
+        example_inputs: a batch for tracing, e.g. ``torch.randn(1, 3, 32, 32)``; needed
+            at neuron level for models without a pat spec, optional otherwise.
+        include_first, include_classifier, include, exclude: which layers are pruned
+            (:func:`pat.masks.prunable_parameters`).
+
+    Returns:
+        N children, deep copies of ``model`` with ``pat_masks`` / ``pat_recipe`` (and
+        ``pat_kept`` when physical) attributes.
+    """
+    d = check_recipe(children, method, sparsity, None, level, scope, seed)
+    if physical and level != "neuron":
+        raise PatError(
+            f"physical=True removes whole channels and needs level='neuron'. Got level={level!r}."
+        )
+    include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
+    if example_inputs is None:
+        example_inputs = default_example_inputs(model)
+    params = prunable_parameters(
+        model, include_first=include_first, include_classifier=include_classifier,
+        include=include, exclude=exclude, example_inputs=example_inputs,
+    )  # fmt: skip
+    if not params:
+        raise PatError(
+            f"nothing to prune in {type(model).__name__}: no Conv/Linear weight selected "
+            f"(include={list(include)}, exclude={list(exclude)})."
+        )
+    groups = None
+    if level == "neuron":
+        example_inputs = require_example_inputs(model, example_inputs, "level='neuron'")
+        if physical:
+            input_shape = _input_shape(model, example_inputs)
+        roots = [name.rpartition(".")[0] for name in params]
+        groups = channel_groups(model, example_inputs, roots=roots)
+    masks = generate_masks(
+        model if level == "neuron" else params, children=children, method=method,
+        sparsity=sparsity, level=level, scope=scope, seed=seed, groups=groups,
+    )  # fmt: skip
+    recipe = {"method": method, "sparsity": float(1 - d), "level": level, "scope": scope,
+              "seed": seed, "physical": bool(physical), "children": children}  # fmt: skip
+    out = []
+    for index, mask in enumerate(masks):
+        child = copy.deepcopy(model)
+        child.pat_recipe = {**recipe, "index": index}
+        if physical:
+            child.pat_kept = kept_channels(groups, mask)
+            slim(child, child.pat_kept, example_inputs)
+            child.pat_masks = {}
+            child.pat_recipe["input_shape"] = input_shape
+        else:
+            apply_masks(child, mask)
+            child.pat_masks = mask
+        out.append(child)
+    return out
+
+
+def _input_shape(model: nn.Module, example_inputs: Any) -> list[int]:
+    """The shape that rebuilds a physical child's trace (checked before any work)."""
+    if getattr(model, "pat_kept", None):
+        raise PatError(
+            "model is already a physical child; split its parent, whose architecture "
+            "checkpoints can rebuild."
+        )
+    x = example_inputs
+    if isinstance(x, (tuple, list)) and len(x) == 1:
+        x = x[0]
+    if not isinstance(x, torch.Tensor):
+        raise PatError(
+            "physical=True needs example_inputs to be one tensor, so that loading can rebuild "
+            f"the child. Got {type(example_inputs).__name__}."
+        )
+    return list(x.shape)
+
+
+def save_child(
+    path: str | os.PathLike, child: nn.Module, *, arch: dict[str, Any] | None = None, **extra: Any
+) -> None:
+    """Save a child (weights, masks, recipe, kept channels) as a ``kind="child"`` checkpoint.
+
+    Args:
+        path: the ``.pt`` file, written atomically.
+        child: from :func:`split` (or any model; then no masks are stored).
+        arch: architecture spec ``{"name", "kwargs"}`` of the *parent*; defaults to the
+            spec :func:`pat.models.create_model` attached.
+        **extra: more plain entries (config, metrics, ...).
+    """
+    payload: dict[str, Any] = {
+        "masks": {
+            k: v.detach().cpu() for k, v in (getattr(child, "pat_masks", None) or {}).items()
+        },
+        "recipe": dict(getattr(child, "pat_recipe", None) or {}),
+        **extra,
+    }
+    kept = getattr(child, "pat_kept", None)
+    if kept:
+        payload["kept"] = {k: [int(i) for i in v] for k, v in kept.items()}
+        payload["input_shape"] = payload["recipe"].get("input_shape")
+    save_model(path, child, kind="child", arch=arch, **payload)
+
+
+def load_child(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a child saved by :func:`save_child`, masks reattached and checked.
+
+    A physical child is rebuilt from the parent's architecture by replaying its kept
+    channels, then its weights are loaded.
+
+    Raises:
+        PatError: not a child checkpoint, or masks that do not match the weights.
+    """
+    model, ckpt = load_model(path, device=device, argument="child")
+    if ckpt.get("kind") != "child":
+        raise PatError(
+            f"child {str(path)!r} is not a child checkpoint (kind={ckpt.get('kind')!r})."
+        )
+    masks = {k: v.to(device=device, dtype=torch.bool) for k, v in (ckpt.get("masks") or {}).items()}
+    check_masks(model, masks)
+    model.pat_masks = masks
+    model.pat_recipe = dict(ckpt.get("recipe") or {})
+    if ckpt.get("kept"):
+        model.pat_kept = {k: list(v) for k, v in ckpt["kept"].items()}
+    return model
