@@ -1,11 +1,93 @@
 """pat: low-cost deep ensembles by pruning.
 
 Train one parent, split it into differently pruned children, tune each briefly, and
-average their softmax. The names below are the public API; everything else may change.
+average their softmax::
+
+    import pat
+    children = pat.split(model, 6, method="anti-random", sparsity=0.5)
+    pat.tune(children, pat.load_dataset("digits"), pat.TuneConfig(epochs=4, max_lr=0.05))
+    ensemble = pat.Ensemble(children)
+
+The names in ``__all__`` are the public API; everything else may change. They are loaded
+on first use, so ``import pat`` (and the CLI's ``--help``) stays fast.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 from pat.errors import PatError as PatError
 
-__all__ = ["__version__", "PatError"]
+__version__ = "0.1.0"
+
+_API = {
+    # data and models
+    "load_dataset": "pat.data", "list_datasets": "pat.data", "Dataset": "pat.data",
+    "DeviceLoader": "pat.data",
+    "create_model": "pat.models", "list_models": "pat.models", "get_classifier": "pat.models",
+    # configs
+    "DataConfig": "pat.config", "TrainConfig": "pat.config", "SplitConfig": "pat.config",
+    "TuneConfig": "pat.config", "RunConfig": "pat.config",
+    # training
+    "fit": "pat.engine.loop", "train_parent": "pat.parent",
+    "save_model": "pat.engine.checkpoint", "load_model": "pat.engine.checkpoint",
+    # prune and tune
+    "split": "pat.children", "save_child": "pat.children", "load_child": "pat.children",
+    "generate_masks": "pat.masks", "MaskEnforcer": "pat.masks", "tune": "pat.tuner",
+    "run": "pat.pipeline",
+    # ensembles
+    "Ensemble": "pat.ensemble", "EnsembleDir": "pat.ensemble", "collect_probs": "pat.ensemble",
+    "evaluate": "pat.ensemble", "combine": "pat.ensemble", "create_selector": "pat.ensemble",
+    "list_selectors": "pat.ensemble", "AllSelector": "pat.ensemble", "TopKSelector": "pat.ensemble",
+    "RandomSelector": "pat.ensemble", "BruteForceSelector": "pat.ensemble",
+    "GreedySelector": "pat.ensemble", "FocalSelector": "pat.ensemble",
+    "uniform_soup": "pat.ensemble", "greedy_soup": "pat.ensemble",
+    "average_state_dicts": "pat.ensemble", "recalibrate_bn": "pat.ensemble",
+}  # fmt: skip
+
+__all__ = ["__version__", "PatError", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        value = getattr(import_module(_API[name]), name)
+        globals()[name] = value  # later lookups skip this hook
+        return value
+    raise AttributeError(f"module 'pat' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # let type checkers and IDEs see the real objects
+    from pat.children import load_child, save_child, split
+    from pat.config import DataConfig, RunConfig, SplitConfig, TrainConfig, TuneConfig
+    from pat.data import Dataset, DeviceLoader, list_datasets, load_dataset
+    from pat.engine.checkpoint import load_model, save_model
+    from pat.engine.loop import fit
+    from pat.ensemble import (
+        AllSelector,
+        BruteForceSelector,
+        Ensemble,
+        EnsembleDir,
+        FocalSelector,
+        GreedySelector,
+        RandomSelector,
+        TopKSelector,
+        average_state_dicts,
+        collect_probs,
+        combine,
+        create_selector,
+        evaluate,
+        greedy_soup,
+        list_selectors,
+        recalibrate_bn,
+        uniform_soup,
+    )  # fmt: skip
+    from pat.masks import MaskEnforcer, generate_masks
+    from pat.models import create_model, get_classifier, list_models
+    from pat.parent import train_parent
+    from pat.pipeline import run
+    from pat.tuner import tune

@@ -16,7 +16,7 @@ from pat.engine.optim import OPTIMIZERS
 from pat.engine.schedules import list_schedules
 from pat.errors import PatError, check
 
-__all__ = ["DataConfig", "TrainConfig", "to_dict", "from_dict", "load_yaml", "save_yaml"]
+__all__ = ["DataConfig", "TrainConfig", "SplitConfig", "TuneConfig", "RunConfig", "to_dict", "from_dict", "load_yaml", "save_yaml"]
 
 C = TypeVar("C")
 
@@ -58,6 +58,70 @@ class TrainConfig:
               f"optimizer {self.optimizer!r} is unknown; choose one of: {', '.join(OPTIMIZERS)}.")
         check(self.schedule in list_schedules(),
               f"schedule {self.schedule!r} is unknown; choose one of: {', '.join(list_schedules())}.")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How a parent is cloned and pruned into children (see docs/masks.md)."""
+
+    children: int = 6
+    method: str = "anti-random"  # random | anti-random | partition | cyclic
+    sparsity: float | None = 0.5  # share of units pruned; None = implied by the method
+    level: str = "connection"  # connection | neuron
+    scope: str = "layer"  # layer | global
+    physical: bool = False  # neuron level only: remove pruned channels
+    seed: int = 0  # masks are a pure function of (seed, child, parameter name)
+    include_first: bool = True
+    include_classifier: bool = False
+
+    def __post_init__(self) -> None:
+        check(self.children >= 1, f"children must be at least 1. Got {self.children}.")
+        check(self.sparsity is None or 0 <= self.sparsity < 1,
+              f"sparsity must be in [0, 1). Got {self.sparsity}.")
+        check(self.level in ("connection", "neuron"),
+              f"level must be 'connection' or 'neuron'. Got {self.level!r}.")
+        check(self.scope in ("layer", "global"), f"scope must be 'layer' or 'global'. Got {self.scope!r}.")
+        check(not (self.physical and self.level != "neuron"),
+              "physical children need level='neuron' (connection-level pruning removes no channel).")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    epochs: int = 10  # passes over the (bagged) training split, per child
+    schedule: str = "one-cycle"  # one-cycle | constant
+    max_lr: float = 0.1  # one-cycle peak, per batch of data.batch_size
+    lr: float = 0.01  # the fixed LR of the constant ("fine-tune") schedule
+    optimizer: str = "sgd"  # sgd (Nesterov) | adam
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    cycle_momentum: bool = False  # one-cycle momentum cycling 0.95 → 0.85 → 0.95
+    bagging: float | None = None  # each child trains on its own seeded share of the split
+    step: str = "sgd"  # step rule (pat.engine.steps)
+    seed: int = 0  # bagging and shuffling; child i uses (seed, i)
+    device: str = "auto"
+    amp: bool | None = None
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        check(self.epochs > 0, f"epochs must be positive. Got {self.epochs}.")
+        check(self.schedule in ("one-cycle", "constant"),
+              f"schedule must be 'one-cycle' or 'constant'. Got {self.schedule!r}.")
+        check(self.max_lr > 0, f"max_lr must be positive. Got {self.max_lr}.")
+        check(self.lr > 0, f"lr must be positive. Got {self.lr}.")
+        check(self.optimizer in OPTIMIZERS,
+              f"optimizer {self.optimizer!r} is unknown; choose one of: {', '.join(OPTIMIZERS)}.")
+        check(self.bagging is None or 0 < self.bagging <= 1,
+              f"bagging must be in (0, 1]. Got {self.bagging}.")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole pipeline: parent → split → tune → evaluate (``pat run CONFIG.yaml``)."""
+
+    parent: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
+    tune: TuneConfig = dataclasses.field(default_factory=TuneConfig)
+    out: str = "runs/pat"  # directory: parent.pt, children/, config.yaml, metrics.json
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -19,3 +19,22 @@ def blobs() -> tuple[torch.Tensor, torch.Tensor]:
 
 def batches(x: torch.Tensor, y: torch.Tensor, size: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(x[i : i + size], y[i : i + size]) for i in range(0, len(y), size)]
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from pat.data import load_dataset
+
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def digits_parent(tmp_path_factory, digits) -> str:
+    """A LeNet-S parent briefly trained on digits (one epoch: enough to test the flow)."""
+    from pat.config import DataConfig, TrainConfig
+    from pat.parent import train_parent
+
+    out = tmp_path_factory.mktemp("parent") / "parent.pt"
+    train_parent(TrainConfig(model="lenet-s", epochs=1, lr=0.05, data=DataConfig(batch_size=64)),
+                 data=digits, out=out)
+    return str(out)

@@ -26,7 +26,7 @@ def test_model_round_trip_rebuilds_architecture(tmp_path):
     save_model(tmp_path / "m.pt", model, metrics={"test_acc": 0.5}, config={"epochs": 3})
     loaded, ckpt = load_model(tmp_path / "m.pt")
     assert type(loaded) is type(model)
-    for (ka, a), (kb, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+    for (ka, a), (kb, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(a, b)
     assert ckpt["metrics"] == {"test_acc": 0.5} and ckpt["format_version"] == 1
     x = torch.randn(2, 1, 32, 32)

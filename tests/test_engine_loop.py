@@ -90,7 +90,7 @@ def test_resume_continues_from_last_finished_epoch(tmp_path, blobs):
         scheduler=create_schedule("parent", opt, total_steps=4 * len(data)))
     assert run(4, stop_after=2) is None  # interrupted after epoch 2; state saved for epoch 2
     resumed = run(4)
-    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
 
 

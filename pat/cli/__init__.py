@@ -44,9 +44,10 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from pat.cli import train as _train
+    from pat.cli import children, ensemble, train
 
-    for command in (_train.train, _train.info):
+    for command in (train.train, children.split, children.tune, children.run, children.demo,
+                    ensemble.eval_, ensemble.select, ensemble.soup, train.info):
         cli.add_command(command)
 
 

@@ -59,7 +59,7 @@ def train(model, dataset, data_dir, batch_size, val_fraction, data_seed, epochs,
 @click.argument("checkpoint", required=False, type=click.Path(dir_okay=False))
 @click.option("--models", "list_all", is_flag=True, help="List the model and dataset names instead.")
 def info(checkpoint, list_all) -> None:
-    """Show a checkpoint's architecture, size, metrics and config."""
+    """Show a checkpoint's architecture, metrics and config."""
     from pat.errors import PatError
 
     if list_all:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:  # the CLI imports this module; keep `pat --help` free of torch
+    from torch import nn
 
 __all__ = ["FitState", "Callback", "CallbackList"]
 

@@ -1,0 +1,151 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from pat.cli import cli
+from pat.ensemble.store import EnsembleDir
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def one_error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, digits_parent) -> str:
+    out = tmp_path_factory.mktemp("cli") / "children"
+    assert run("split", "--parent", digits_parent, "--children", 4, "--anti-random", "--out", out).exit_code == 0
+    result = run("tune", out, "--epochs", 1, "--max-lr", 0.05, "--batch-size", 64, "--dataset", "digits")
+    assert result.exit_code == 0, result.output
+    return str(out)
+
+
+def test_split_writes_manifest_with_recipe_and_table(tmp_path, digits_parent):
+    out = tmp_path / "kids"
+    result = run("split", "--parent", digits_parent, "--children", 4, "--method", "cyclic",
+                 "--sparsity", 0.25, "--seed", 7, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "child-3" in result.output and "kept_params" in result.output
+    ens = EnsembleDir.load(out)
+    assert [m["name"] for m in ens.members] == ["child-0", "child-1", "child-2", "child-3"]
+    for i, m in enumerate(ens.members):
+        assert m["status"] == "split" and m["recipe"]["seed"] == 7 and m["recipe"]["index"] == i
+        assert m["recipe"]["method"] == "cyclic" and m["recipe"]["sparsity"] == pytest.approx(0.25)
+        assert m["stats"]["sparsity"] == pytest.approx(0.25, abs=0.05)  # classifier/biases stay dense
+    assert ens.manifest["dataset"] == "digits" and ens.manifest["num_classes"] == 10
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--sparsity", "1.5"], ["sparsity", "1.5"]),
+        (["--method", "anti-random", "--sparsity", "0.3"], ["0.3", "cyclic"]),
+        (["--children", "0"], ["children", "0"]),
+        (["--method", "partition", "--children", "1"], ["partition", "1"]),
+        (["--physical"], ["physical", "neuron"]),
+    ],
+)
+def test_split_bad_input_writes_nothing(tmp_path, digits_parent, args, words):
+    out = tmp_path / "kids"
+    line = one_error_line(run("split", "--parent", digits_parent, *args, "--out", out))
+    for word in words:
+        assert word in line
+    assert not out.exists()
+
+
+def test_split_refuses_missing_corrupt_parent_and_existing_children(tmp_path, digits_parent):
+    assert "does not exist" in one_error_line(run("split", "--parent", tmp_path / "no.pt", "--out", tmp_path / "a"))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"junk")
+    assert "not a readable checkpoint" in one_error_line(run("split", "--parent", bad, "--out", tmp_path / "b"))
+    out = tmp_path / "kids"
+    assert run("split", "--parent", digits_parent, "--children", 2, "--out", out).exit_code == 0
+    before = (out / "child-0.pt").read_bytes()
+    line = one_error_line(run("split", "--parent", digits_parent, "--children", 2, "--seed", 1, "--out", out))
+    assert "already holds an ensemble" in line and "--force" in line
+    assert (out / "child-0.pt").read_bytes() == before
+    assert run("split", "--parent", digits_parent, "--children", 2, "--seed", 1, "--out", out, "--force").exit_code == 0
+    assert (out / "child-0.pt").read_bytes() != before
+
+
+def test_tune_reports_children_and_rerun_skips_them(tuned):
+    ens = EnsembleDir.load(tuned)
+    assert all(m["status"] == "tuned" for m in ens.members)
+    again = run("tune", tuned, "--epochs", 1, "--batch-size", 64, "--dataset", "digits")
+    assert again.exit_code == 0 and "✓" not in again.output  # nothing tuned again
+    assert "ensemble (4)" in again.output
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [(["--epochs", "0"], ["epochs", "0"]), (["--max-lr", "-1"], ["max_lr", "-1"]),
+     (["--bagging", "1.5"], ["bagging", "1.5"])],
+)
+def test_tune_bad_input(tuned, args, words):
+    line = one_error_line(run("tune", tuned, *args, "--dataset", "digits"))
+    for word in words:
+        assert word in line
+
+
+def test_tune_missing_dir_and_invalid_manifest(tmp_path):
+    assert "is not a directory" in one_error_line(run("tune", tmp_path / "none"))
+    (tmp_path / "ensemble.json").write_text("{not json")
+    assert "not valid JSON" in one_error_line(run("tune", tmp_path))
+
+
+def test_eval_select_soup(tuned, tmp_path):
+    result = run("eval", tuned, "--plot", tmp_path / "plots")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((EnsembleDir.load(tuned).path / "metrics.json").read_text())
+    assert len(metrics["all"]["members"]) == 4 and 0 <= metrics["all"]["ensemble"]["ece"] <= 1
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "accuracy_vs_size.png", "disagreement.png", "reliability.png"]
+
+    result = run("select", tuned, "--method", "top-k", "--size", 2)
+    assert result.exit_code == 0, result.output
+    selection = EnsembleDir.load(tuned).manifest["selection"]
+    assert selection["method"] == "top-k" and len(selection["selected"]) == 2
+    shown = run("eval", tuned)
+    assert "top-k team (2)" in shown.output
+
+    soup = tmp_path / "soup.pt"
+    result = run("soup", tuned, "--out", soup)
+    assert result.exit_code == 0 and soup.exists(), result.output
+    assert "already exists" in one_error_line(run("soup", tuned, "--out", soup))
+
+
+def test_ensemble_bad_input(tuned, tmp_path):
+    assert "at most the pool size 4" in one_error_line(run("select", tuned, "--method", "top-k", "--size", 9))
+    assert "selector 'best' is unknown" in one_error_line(run("select", tuned, "--method", "best"))
+
+
+def test_eval_refuses_dataset_with_other_class_count(tuned, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tuned, copy)
+    manifest = json.loads((copy / "ensemble.json").read_text())
+    manifest["num_classes"] = 3
+    (copy / "ensemble.json").write_text(json.dumps(manifest))
+    line = one_error_line(run("eval", copy))
+    assert "10 classes" in line and "3" in line
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_soup_of_physical_children_is_refused(tmp_path, digits_parent, scope):
+    out = tmp_path / "phys"
+    result = run("split", "--parent", digits_parent, "--children", 2, "--method", "random", "--sparsity", 0.3,
+                 "--level", "neuron", "--scope", scope, "--physical", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "different channels kept" in one_error_line(run("soup", out, "--out", tmp_path / "s.pt"))
+    assert not (tmp_path / "s.pt").exists()

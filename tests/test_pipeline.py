@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from pat.config import RunConfig, from_dict, to_dict
+from pat.errors import PatError
+from pat.pipeline import demo_config, run
+
+
+@pytest.mark.slow
+def test_demo_ensemble_beats_its_parent_on_digits_test_split(tmp_path):
+    result = run(demo_config(str(tmp_path / "demo")))
+    parent, ensemble = result.rows[0], result.rows[-1]
+    assert parent["name"] == "parent" and ensemble["name"].startswith("ensemble (6)")
+    assert ensemble["nll"] < parent["nll"]
+    assert ensemble["accuracy"] >= parent["accuracy"]
+    saved = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert saved["test"][-1]["accuracy"] == ensemble["accuracy"]
+    # the resolved config is saved with the outputs and reads back to the same run
+    config = yaml.safe_load((tmp_path / "demo" / "config.yaml").read_text())
+    assert from_dict(RunConfig, config) == demo_config(str(tmp_path / "demo"))
+
+
+def test_output_holding_another_run_is_refused(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    other = to_dict(demo_config(str(out)))
+    other["parent"]["epochs"] = 99
+    (out / "config.yaml").write_text(yaml.safe_dump(other))
+    with pytest.raises(PatError, match="holds a run with a different config"):
+        run(demo_config(str(out)))
+    assert yaml.safe_load((out / "config.yaml").read_text())["parent"]["epochs"] == 99

@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from pat.children import load_child, split
+from pat.config import DataConfig, SplitConfig, TuneConfig
+from pat.engine.callbacks import Callback
+from pat.engine.checkpoint import load_checkpoint
+from pat.engine.schedules import one_cycle_lr
+from pat.ensemble.store import EnsembleDir
+from pat.errors import PatError
+from pat.models import create_model
+from pat.pipeline import split_to_directory
+from pat.tuner import tune, tune_directory
+
+FAST = TuneConfig(epochs=1, max_lr=0.05, data=DataConfig(batch_size=64))
+
+
+@pytest.fixture
+def children_dir(tmp_path, digits_parent):
+    return str(split_to_directory(digits_parent, tmp_path / "children", SplitConfig(children=3)).path)
+
+
+class LRTrace(Callback):
+    """The LR each optimizer step used: the initial one, then the one set after each step."""
+
+    def __init__(self):
+        self.lrs: list[float] = []
+
+    def on_fit_start(self, state):
+        self.lrs.append(state.optimizer.param_groups[0]["lr"])
+
+    def on_step_end(self, state):
+        self.lrs.append(state.optimizer.param_groups[0]["lr"])
+
+    def on_fit_end(self, state):
+        self.lrs.pop()  # set after the last step, never used
+
+
+def test_one_cycle_trace_equals_formula_during_tuning(digits):
+    torch.manual_seed(0)
+    child = split(create_model("lenet-s", in_channels=1), 2)[0]
+    trace = LRTrace()
+    config = TuneConfig(epochs=5, max_lr=0.1, data=DataConfig(batch_size=64))
+    tune([child], digits, config, callbacks=lambda i: [trace])
+    total = len(trace.lrs)
+    assert total == 5 * len(digits.loader("train", batch_size=64))
+    assert trace.lrs == pytest.approx([one_cycle_lr(i, total, 0.1) for i in range(total)], rel=1e-6)
+    assert trace.lrs[0] == pytest.approx(0.1 / 100)  # warm-up starts at max_lr / 100
+    assert max(trace.lrs) == pytest.approx(0.1, rel=1e-3)
+    assert abs(trace.lrs.index(max(trace.lrs)) - 0.1 * total) <= 1.5  # peak at 10% of the steps
+    assert trace.lrs[-1] == pytest.approx(1e-7, rel=1e-2)  # annealed to ~1e-7
+
+
+def test_pruned_weights_stay_exactly_zero_after_tuning(digits):
+    torch.manual_seed(0)
+    children = split(create_model("lenet-s", in_channels=1), 2, method="anti-random", sparsity=0.5)
+    tune(children, digits, TuneConfig(epochs=2, max_lr=0.1, weight_decay=5e-4, data=DataConfig(batch_size=64)))
+    for child in children:
+        params = dict(child.named_parameters())
+        assert child.pat_masks
+        for name, mask in child.pat_masks.items():
+            assert torch.count_nonzero(params[name][~mask]) == 0, name
+            assert torch.count_nonzero(params[name][mask]) > 0.9 * mask.sum()
+
+
+def test_bagging_gives_each_child_its_subset(digits):
+    torch.manual_seed(0)
+    children = split(create_model("lenet-s", in_channels=1), 2)
+    tune(children, digits, TuneConfig(epochs=1, bagging=0.9, data=DataConfig(batch_size=64)))
+    n = len(digits.train.y)
+    assert [c.pat_metrics["train_samples"] for c in children] == [round(0.9 * n)] * 2
+
+
+def test_directory_tuning_saves_each_child_and_resume_skips_finished(children_dir, digits):
+    finished = []
+    tune_directory(children_dir, digits, FAST, on_done=lambda r: finished.append(r["name"]))
+    assert finished == ["child-0", "child-1", "child-2"]
+    ens = EnsembleDir.load(children_dir)
+    assert [m["status"] for m in ens.members] == ["tuned"] * 3
+    assert all("test_acc" in m["metrics"] for m in ens.members)
+    stamps = [ens.member_path(m).stat().st_mtime_ns for m in ens.members]
+    again = []
+    tune_directory(children_dir, digits, FAST, on_done=lambda r: again.append(r["name"]))
+    assert again == []
+    assert stamps == [ens.member_path(m).stat().st_mtime_ns for m in ens.members]
+    child = load_child(ens.member_path("child-0"))  # masks still consistent with the weights
+    assert load_checkpoint(ens.member_path("child-0"))["status"] == "tuned" and child.pat_masks
+
+
+def test_interrupted_child_restarts_and_finished_children_are_kept(children_dir, digits):
+    class Interrupt(Callback):
+        def on_step_end(self, state):
+            raise KeyboardInterrupt
+
+    callbacks = lambda name: [Interrupt()] if name == "child-1" else []  # noqa: E731
+    split_weights = load_checkpoint(f"{children_dir}/child-1.pt")["state_dict"]
+    with pytest.raises(KeyboardInterrupt):
+        tune_directory(children_dir, digits, FAST, callbacks=callbacks)
+    ens = EnsembleDir.load(children_dir)
+    assert [m["status"] for m in ens.members] == ["tuned", "split", "split"]
+    after = load_checkpoint(f"{children_dir}/child-1.pt")["state_dict"]
+    assert all(torch.equal(split_weights[k], after[k]) for k in after)  # untouched by the interrupted run
+    done = []
+    tune_directory(children_dir, digits, FAST, on_done=lambda r: done.append(r["name"]))
+    assert done == ["child-1", "child-2"]
+
+
+def test_child_whose_weights_break_its_mask_is_refused(children_dir, digits):
+    path = f"{children_dir}/child-0.pt"
+    ckpt = load_checkpoint(path)
+    name = next(iter(ckpt["masks"]))
+    ckpt["state_dict"][name][~ckpt["masks"][name]] = 1.0
+    torch.save(ckpt, path)
+    with pytest.raises(PatError, match=name.replace(".", r"\.")):
+        tune_directory(children_dir, digits, FAST)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"epochs": 0}, "epochs must be positive. Got 0."),
+        ({"max_lr": -0.1}, "max_lr must be positive. Got -0.1."),
+        ({"lr": 0.0}, "lr must be positive. Got 0.0."),
+        ({"bagging": 1.5}, r"bagging must be in \(0, 1\]. Got 1.5."),
+        ({"bagging": 0.0}, r"bagging must be in \(0, 1\]. Got 0.0."),
+        ({"schedule": "step"}, "schedule must be 'one-cycle' or 'constant'. Got 'step'."),
+    ],
+)
+def test_bad_tune_config(kwargs, message):
+    with pytest.raises(PatError, match=message):
+        TuneConfig(**kwargs)
+
+
+def test_missing_directory_and_bad_manifest(tmp_path, digits, children_dir):
+    with pytest.raises(PatError, match="is not a directory"):
+        tune_directory(str(tmp_path / "nope"), digits, FAST)
+    broken = tmp_path / "broken"
+    shutil.copytree(children_dir, broken)
+    (broken / "ensemble.json").write_text('{"format_version": 1, "members": "x"}')
+    with pytest.raises(PatError, match="'members' must be a list"):
+        tune_directory(str(broken), digits, FAST)
