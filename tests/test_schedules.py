@@ -61,3 +61,9 @@ def test_unknown_schedule_names_the_choices():
     with pytest.raises(PatError, match="schedule 'nope' is unknown; choose one of: .*one-cycle"):
         create_schedule("nope", opt, total_steps=10)
     assert {"constant", "cosine", "one-cycle", "parent"} <= set(list_schedules())
+
+
+@pytest.mark.parametrize("total", [1, 2, 3, 4, 5])
+def test_one_cycle_survives_tiny_runs(total):
+    lrs = trace("one-cycle", total, max_lr=0.1)
+    assert len(lrs) == total and max(lrs) <= 0.1 + 1e-12 and all(lr > 0 for lr in lrs)

@@ -44,10 +44,11 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from pat.cli import children, ensemble, train
+    from pat.cli import children, ensemble, producers, train
 
     for command in (train.train, children.split, children.tune, children.run, children.demo,
-                    ensemble.eval_, ensemble.select, ensemble.soup, train.info):
+                    ensemble.eval_, ensemble.select, ensemble.soup, producers.pool,
+                    producers.starsse, producers.sharpbalance, producers.sharpness, train.info):
         cli.add_command(command)
 
 

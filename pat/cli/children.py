@@ -32,7 +32,7 @@ def _progress(stage: str):
 @force_option
 def split(parent, children, method, anti_random, sparsity, level, scope, physical, seed, exclude_first,
           include_classifier, out, force) -> None:
-    """Prune a parent into diverse children (an ensemble dir)."""
+    """Prune a parent into diverse children."""
     from pat.config import SplitConfig
     from pat.errors import PatError
     from pat.pipeline import split_to_directory
@@ -66,7 +66,7 @@ def split(parent, children, method, anti_random, sparsity, level, scope, physica
 @device_options
 def tune(children_dir, epochs, schedule, max_lr, lr, bagging, cycle_momentum, optimizer, step, seed,
          dataset, data_dir, batch_size, val_fraction, data_seed, device, amp) -> None:
-    """Tune the children in CHILDREN_DIR that are not tuned yet.
+    """Tune the children that are not tuned yet.
 
     Each child is saved the moment it finishes, so a rerun skips finished children. Under torchrun (torchrun --nproc-per-node N -m pat tune ...) the children are sharded
     across ranks.
@@ -107,7 +107,7 @@ def _with_device(config, device: str):
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Override the config's out directory.")
 @force_option
 def run(config_file, out, force) -> None:
-    """Parent → split → tune → evaluate from one YAML config.
+    """Parent → split → tune → eval from a YAML file.
 
     Every finished stage is kept, so rerunning continues an interrupted run.
     """
@@ -132,7 +132,7 @@ def run(config_file, out, force) -> None:
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--force", is_flag=True, help="Rerun every stage even if OUT holds a finished demo.")
 def demo(out, device, force) -> None:
-    """Prune and Tune end to end on the embedded digits dataset."""
+    """Prune and Tune end to end on embedded digits."""
     import dataclasses
 
     from pat.pipeline import demo_config

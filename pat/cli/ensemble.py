@@ -43,7 +43,7 @@ def ensemble_data_options(func):
 @click.option("--plot", "plot_dir", default=None, type=click.Path(file_okay=False),
               help="Write reliability, accuracy-vs-size and disagreement PNGs here.")
 def eval_(ensemble_dir, dataset, data_dir, val_fraction, data_seed, device, split, corruptions, plot_dir) -> None:
-    """Metrics of every member and the ensemble; writes metrics.json."""
+    """Evaluate members and ensemble (metrics.json)."""
     from pat.ensemble.report import evaluate_directory
 
     data = _data(ensemble_dir, dataset, data_dir, val_fraction, data_seed)
@@ -81,7 +81,7 @@ def eval_(ensemble_dir, dataset, data_dir, val_fraction, data_seed, device, spli
 @click.option("--seed", default=None, type=int, help="Seed of the random selector.")
 @ensemble_data_options
 def select(ensemble_dir, method, size, metric, measure, seed, dataset, data_dir, val_fraction, data_seed, device) -> None:
-    """Choose a team on the validation split; records it in the manifest."""
+    """Choose a team on the validation split."""
     from pat.ensemble.report import select_directory
 
     options = {k: v for k, v in {"metric": metric, "measure": measure, "seed": seed}.items() if v is not None}
@@ -100,7 +100,7 @@ def select(ensemble_dir, method, size, metric, measure, seed, dataset, data_dir,
 @force_option
 @ensemble_data_options
 def soup(ensemble_dir, greedy, out, force, dataset, data_dir, val_fraction, data_seed, device) -> None:
-    """Average members' weights into one model (BatchNorm recomputed)."""
+    """Average members' weights into one model."""
     from pat.ensemble.report import soup_directory
 
     data = _data(ensemble_dir, dataset, data_dir, val_fraction, data_seed)

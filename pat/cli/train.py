@@ -24,7 +24,7 @@ from pat.cli.render import EpochProgress, console, fmt, metrics_table
 @force_option
 def train(model, dataset, data_dir, batch_size, val_fraction, data_seed, epochs, optimizer, lr,
           weight_decay, schedule, seed, device, amp, out, force) -> None:
-    """Train a parent network and save it as a checkpoint.
+    """Train a parent network into a checkpoint.
 
     An interrupted run resumes from OUT.partial when started again with the same --out.
     """
@@ -59,7 +59,7 @@ def train(model, dataset, data_dir, batch_size, val_fraction, data_seed, epochs,
 @click.argument("checkpoint", required=False, type=click.Path(dir_okay=False))
 @click.option("--models", "list_all", is_flag=True, help="List the model and dataset names instead.")
 def info(checkpoint, list_all) -> None:
-    """Show a checkpoint's architecture, metrics and config."""
+    """Show what a checkpoint holds."""
     from pat.errors import PatError
 
     if list_all:

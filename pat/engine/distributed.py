@@ -9,6 +9,7 @@ path runs on CPU with the gloo backend, which is how it is tested.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -60,5 +61,7 @@ def init_ranks() -> Ranks:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local)
-        dist.init_process_group(backend=backend)
+        # ranks wait at barriers while others train whole members (StarSSE's member 1, a
+        # SharpBalance phase), far longer than the default 30-minute collective timeout
+        dist.init_process_group(backend=backend, timeout=timedelta(hours=24))
     return Ranks(rank=rank, world_size=world, local_rank=local)

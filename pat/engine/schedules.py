@@ -113,12 +113,19 @@ def _one_cycle(optimizer: Optimizer, total_steps: int, *, max_lr: float | None =
                cycle_momentum: bool = False) -> LRScheduler:
     max_lr = max_lr if max_lr is not None else optimizer.param_groups[0]["lr"]
     check(max_lr > 0, f"max_lr must be positive. Got {max_lr}.")
+    if total_steps < 4:
+        # too short for a warm-up and an annealing phase: anneal from the peak only
+        from torch.optim.lr_scheduler import CosineAnnealingLR
+
+        for group in optimizer.param_groups:
+            group["lr"] = max_lr
+        return CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=final_lr)
     # OneCycleLR needs pct_start*total_steps >= 2 steps to have a warm-up phase at all.
-    pct_start = max(pct_start, 2.0 / total_steps) if total_steps >= 4 else 0.5
+    pct_start = max(pct_start, 2.0 / total_steps)
     return OneCycleLR(
         optimizer,
         max_lr=max_lr,
-        total_steps=max(total_steps, 2),
+        total_steps=total_steps,
         pct_start=pct_start,
         anneal_strategy="cos",
         div_factor=div_factor,
@@ -132,3 +139,74 @@ def _cosine(optimizer: Optimizer, total_steps: int, *, final_lr: float = 0.0) ->
     from torch.optim.lr_scheduler import CosineAnnealingLR
 
     return CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=final_lr)
+
+
+# -- LR-policy pool (LREnsemble) ----------------------------------------------------------------
+# Jin & Wu, "Boosting Deep Ensembles with Learning Rate Tuning" (LREnsemble, 2024): the same
+# network trained under several policies and peak LRs makes a diverse pool of members.
+
+__all__ += ["multistep_milestones", "warmup_steps", "composite_factor"]
+
+
+def multistep_milestones(total_steps: int, fractions: tuple[float, ...] = (0.3, 0.6, 0.8)) -> list[int]:
+    """Steps at which ``multistep`` multiplies the LR by gamma: ``round(f · total_steps)``."""
+    return [max(1, round(f * total_steps)) for f in fractions]
+
+
+def warmup_steps(total_steps: int, warmup: float = 0.05) -> int:
+    """Length W of ``warmup-cosine``'s linear warm-up: ``max(1, round(warmup · total_steps))``."""
+    return max(1, round(warmup * total_steps))
+
+
+def composite_factor(t: float, *, splits: tuple[float, ...] = (0.45, 0.9),
+                     cycles: tuple[int, ...] = (3, 2, 1), floor: float = 0.2,
+                     decay: float = 0.1) -> float:
+    """The ``composite`` policy as a multiple of the base LR, at progress ``t`` in [0, 1].
+
+    Stage k (boundaries ``0, *splits, 1``) repeats ``cycles[k]`` cosine cycles that each fall
+    from the stage peak ``decay**k`` to the floor ``floor · decay**k``::
+
+        s = (t - b_k) / (b_{k+1} - b_k),   c = frac(s · cycles[k])
+        factor = decay**k · (floor + (1 - floor) · (1 + cos(pi · c)) / 2)
+    """
+    bounds = (0.0, *splits, 1.0)
+    k = sum(1 for b in splits if t >= b)
+    k = min(k, len(cycles) - 1)
+    s = (t - bounds[k]) / (bounds[k + 1] - bounds[k])
+    c = (s * cycles[k]) % 1.0
+    return decay**k * (floor + (1.0 - floor) * (1.0 + math.cos(math.pi * c)) / 2.0)
+
+
+@register_schedule("multistep")
+def _multistep(optimizer: Optimizer, total_steps: int, *, gamma: float = 0.2,
+               milestones: tuple[float, ...] = (0.3, 0.6, 0.8)) -> LRScheduler:
+    from torch.optim.lr_scheduler import MultiStepLR
+
+    check(0 < gamma <= 1, f"gamma must be in (0, 1]. Got {gamma}.")
+    return MultiStepLR(optimizer, milestones=multistep_milestones(total_steps, tuple(milestones)),
+                       gamma=gamma)
+
+
+@register_schedule("warmup-cosine")
+def _warmup_cosine(optimizer: Optimizer, total_steps: int, *, warmup: float = 0.05,
+                   start_factor: float = 1e-3, final_lr: float = 0.0) -> LRScheduler:
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    check(0 <= warmup < 1, f"warmup must be in [0, 1). Got {warmup}.")
+    check(0 < start_factor <= 1, f"start_factor must be in (0, 1]. Got {start_factor}.")
+    w = warmup_steps(total_steps, warmup)
+    return SequentialLR(optimizer, [
+        LinearLR(optimizer, start_factor=start_factor, end_factor=1.0, total_iters=w),
+        CosineAnnealingLR(optimizer, T_max=max(1, total_steps - w), eta_min=final_lr),
+    ], milestones=[w])
+
+
+@register_schedule("composite")
+def _composite(optimizer: Optimizer, total_steps: int, *, splits: tuple[float, ...] = (0.45, 0.9),
+               cycles: tuple[int, ...] = (3, 2, 1), floor: float = 0.2,
+               decay: float = 0.1) -> LRScheduler:
+    check(len(cycles) == len(splits) + 1,
+          f"composite needs one cycle count per stage ({len(splits) + 1}). Got {list(cycles)}.")
+    check(0 <= floor <= 1, f"floor must be in [0, 1]. Got {floor}.")
+    return _lambda(optimizer, total_steps, partial(
+        composite_factor, splits=tuple(splits), cycles=tuple(cycles), floor=floor, decay=decay))

@@ -51,6 +51,8 @@ def list_steps() -> list[str]:
 
 
 def create_step(name: str, **options: object) -> StepRule:
+    import pat.engine.sam  # noqa: F401  (registers "sam" and "sharpbalance-mixed"; lazy: it imports this module)
+
     if name not in _STEPS:
         raise PatError(f"step rule {name!r} is unknown; choose one of: {', '.join(list_steps())}.")
     return _STEPS[name](**options)

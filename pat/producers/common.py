@@ -1,0 +1,217 @@
+"""What every member producer shares: the output directory, resume, sharding, final metrics.
+
+A producer turns a config into named *jobs* (one member each). An unfinished member's training
+state lives in ``<out>/.work/`` (see :func:`partial_file`); each finished member is saved
+atomically as ``<out>/<name>.pt`` (``kind="member"``, with its manifest record and the
+producer's config), so a member file that exists and carries the same config is finished:
+a rerun skips it, under ``torchrun`` as well, where each rank trains its share
+(:meth:`pat.engine.distributed.Ranks.shard`) and rank 0 alone writes ``ensemble.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pat.config import to_dict
+from pat.data import Dataset, DeviceLoader, load_dataset
+from pat.engine.callbacks import Callback
+from pat.engine.checkpoint import load_checkpoint, save_model
+from pat.engine.distributed import Ranks
+from pat.engine.loop import autocast_for, evaluate
+from pat.engine.sam import IndexedBatches
+from pat.ensemble.store import MANIFEST, EnsembleDir
+from pat.errors import PatError
+
+__all__ = [
+    "CallbackFactory",
+    "plain_config",
+    "load_data",
+    "indexed_loader",
+    "open_ensemble",
+    "finished_record",
+    "save_member",
+    "final_metrics",
+    "write_manifest",
+    "member_file",
+    "work_dir",
+    "partial_file",
+    "gather_records",
+    "finalize",
+]
+
+# member name -> callbacks for that member's fit() (the CLI passes rich progress bars)
+CallbackFactory = Callable[[str], Iterable[Callback]]
+# settings that may change between a run and its resumption without changing any member
+_RUNTIME_KEYS = ("device", "amp")
+
+
+def plain_config(config: Any) -> dict[str, Any]:
+    """The config as JSON would read it back (tuples become lists), for equality checks."""
+    return json.loads(json.dumps(to_dict(config)))
+
+
+def _recipe_of(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in _RUNTIME_KEYS}
+
+
+def load_data(config: Any) -> Dataset:
+    """The dataset named by ``config.data`` (a :class:`pat.config.DataConfig`)."""
+    d = config.data
+    return load_dataset(d.dataset, data_dir=d.data_dir, val_fraction=d.val_fraction, seed=d.seed)
+
+
+def indexed_loader(data: Dataset, *, batch_size: int, device: torch.device | str, seed: int,
+                   indices: torch.Tensor | None = None) -> IndexedBatches:
+    """The shuffled, augmented training loader, whose batches also report their sample indices.
+
+    The labels handed to the loader are ``y + C · index``; :class:`IndexedBatches` decodes them
+    into plain labels and keeps the indices of the current batch (for the mixed SAM step).
+    """
+    split, c = data.train, data.num_classes
+    code = split.y.long() + c * torch.arange(len(split.y))
+    loader = DeviceLoader(
+        split.x, code, mean=data.mean, std=data.std, batch_size=batch_size, shuffle=True,
+        augment=True, crop_padding=data.crop_padding, flip=data.flip, device=device, seed=seed,
+        indices=indices,
+    )  # fmt: skip
+    return IndexedBatches(loader, c)
+
+
+def open_ensemble(
+    out: str | os.PathLike,
+    *,
+    producer: str,
+    config: Any,
+    arch: dict[str, Any] | None,
+    num_classes: int,
+    force: bool,
+    ranks: Ranks,
+    extra: Mapping[str, Any] | None = None,
+) -> EnsembleDir:
+    """Open ``out`` for ``producer``: resume it, or start it (rank 0 writes the manifest).
+
+    An existing ensemble made by the same producer with the same config (device aside) is
+    resumed; any other existing ensemble is refused unless ``force``, which deletes the old
+    member files first so that none of them is mistaken for a finished member.
+    """
+    out, cfg = Path(out), plain_config(config)
+    manifest = out / MANIFEST
+    resume = False
+    if manifest.is_file() and not force:
+        try:
+            old = json.loads(manifest.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = {}
+        same = old.get("config", {}).get("producer") == producer and _recipe_of(
+            old.get("config", {}).get(producer, {})) == _recipe_of(cfg)
+        if not same:
+            raise PatError(
+                f"--out {str(out)!r} already holds an ensemble made with other settings; pass "
+                "--force to replace it, or rerun with the same settings to resume it."
+            )
+        resume = True
+    if resume:
+        ens = EnsembleDir(out, json.loads(manifest.read_text()))
+        ens.validate(argument="--out", check_files=False)
+    else:
+        ens = EnsembleDir.create(out, arch=arch, num_classes=num_classes, force=True,
+                                 config={"producer": producer, producer: cfg, **(extra or {})})
+        if ranks.is_main:
+            if manifest.is_file():
+                for member in json.loads(manifest.read_text()).get("members", []):
+                    (out / member.get("file", "")).unlink(missing_ok=True)
+            shutil.rmtree(work_dir(ens), ignore_errors=True)  # partial states of the old run
+            ens.save()
+    ranks.barrier()
+    return ens
+
+
+def member_file(ens: EnsembleDir, name: str) -> Path:
+    return ens.path / f"{name}.pt"
+
+
+def work_dir(ens: EnsembleDir) -> Path:
+    """``<out>/.work``: resume states of unfinished members; removed when a run starts afresh."""
+    return ens.path / ".work"
+
+
+def partial_file(ens: EnsembleDir, name: str) -> Path:
+    """Where member ``name``'s training state lives until the member is finished."""
+    return work_dir(ens) / f"{name}.partial.pt"
+
+
+def finished_record(ens: EnsembleDir, name: str, producer: str, config: Any) -> dict[str, Any] | None:
+    """The manifest record of member ``name`` if its file is there and made with ``config``."""
+    path = member_file(ens, name)
+    if not path.is_file():
+        return None
+    try:
+        ckpt = load_checkpoint(path)
+    except PatError:
+        return None  # unreadable: train it again
+    if ckpt.get("producer") != producer or _recipe_of(ckpt.get("config") or {}) != _recipe_of(plain_config(config)):
+        return None
+    return dict(ckpt["member"])
+
+
+def save_member(
+    ens: EnsembleDir,
+    model: nn.Module,
+    *,
+    name: str,
+    producer: str,
+    config: Any,
+    recipe: Mapping[str, Any],
+    metrics: Mapping[str, float],
+    history: Sequence[Mapping[str, float]] = (),
+    parent: str | None = None,
+) -> dict[str, Any]:
+    """Write ``<out>/<name>.pt`` atomically and return its manifest record."""
+    record = {"name": name, "file": f"{name}.pt", "producer": producer, "status": "trained",
+              "parent": parent, "recipe": dict(recipe), "metrics": dict(metrics)}
+    save_model(member_file(ens, name), model, kind="member", member=record, producer=producer,
+               config=plain_config(config), metrics=dict(metrics), history=list(history))
+    return record
+
+
+def write_manifest(ens: EnsembleDir, records: Iterable[dict[str, Any] | None]) -> None:
+    """Set the member list (in job order, unfinished ones left out) and save the manifest."""
+    ens.manifest["members"] = [r for r in records if r is not None]
+    ens.save()
+
+
+def finalize(ens: EnsembleDir, names: Sequence[str], producer: str, config: Any, ranks: Ranks) -> None:
+    """After every rank's share: rank 0 writes the manifest and, if all are done, drops ``.work``."""
+    final = gather_records(ens, names, producer, config, ranks)
+    if ranks.is_main:
+        write_manifest(ens, final)
+        if all(r is not None for r in final):
+            shutil.rmtree(work_dir(ens), ignore_errors=True)  # resume states are spent
+
+
+def final_metrics(model: nn.Module, data: Dataset, *, device: torch.device, amp: bool | None,
+                  batch_size: int = 512) -> dict[str, float]:
+    """``val_loss``, ``val_acc``, ``test_loss``, ``test_acc`` of ``model`` (non-empty splits only)."""
+    autocast = autocast_for(device, amp)
+    metrics: dict[str, float] = {}
+    for split in ("val", "test"):
+        if len(data.split(split).y):
+            loader = data.loader(split, batch_size=batch_size, device=device)
+            result = evaluate(model, loader, autocast=autocast)
+            metrics[f"{split}_loss"], metrics[f"{split}_acc"] = result["loss"], result["acc"]
+    return metrics
+
+
+def gather_records(ens: EnsembleDir, names: Sequence[str], producer: str, config: Any,
+                   ranks: Ranks) -> list[dict[str, Any] | None]:
+    """After every rank's share is done: records of all finished members, in job order."""
+    ranks.barrier()
+    return [finished_record(ens, name, producer, config) for name in names]

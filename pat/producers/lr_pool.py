@@ -1,0 +1,209 @@
+"""The LR-policy pool: one architecture trained under several LR policies and peak LRs.
+
+Every (policy, LR) pair of the grid becomes one member of one ensemble directory; all are
+kept, not only the best, and a selector (:mod:`pat.ensemble.select`) picks a team later.
+Members may also serve as parents for Prune and Tune.
+
+References:
+    Jin & Wu, "Boosting Deep Ensembles with Learning Rate Tuning" (LREnsemble), 2024.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pat.config import DataConfig
+from pat.data import Dataset
+from pat.engine.distributed import Ranks, init_ranks
+from pat.engine.loop import fit, resolve_device
+from pat.engine.optim import OPTIMIZERS, create_optimizer
+from pat.engine.schedules import create_schedule, list_schedules
+from pat.ensemble.store import EnsembleDir
+from pat.errors import check
+from pat.models import create_model
+from pat.producers.common import (
+    CallbackFactory,
+    final_metrics,
+    finalize,
+    finished_record,
+    load_data,
+    open_ensemble,
+    partial_file,
+    save_member,
+    write_manifest,
+)
+
+__all__ = ["PAPER_GRID", "PoolConfig", "pool_jobs", "train_pool", "plot_policies"]
+
+PRODUCER = "pool"
+
+# The paper's 16 models: four policies x four starting / peak LRs.
+PAPER_GRID: dict[str, tuple[float, ...]] = {
+    "multistep": (0.2, 0.1, 0.05, 0.01),  # starting LR, x0.2 at 30/60/80%
+    "one-cycle": (0.4, 0.2, 0.1, 0.05),  # peak LR
+    "warmup-cosine": (0.2, 0.1, 0.05, 0.01),  # LR after the warm-up
+    "composite": (1.0, 0.5, 0.25, 0.05),  # first stage's peak
+}
+_ALIASES = {"onecycle": "one-cycle", "warmupcosine": "warmup-cosine", "cosine-warmup": "warmup-cosine"}
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """An LR-policy pool. LRs are per batch of ``data.batch_size``."""
+
+    model: str = "lenet-s"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    epochs: int = 10  # every member trains this many epochs
+    policies: tuple[str, ...] = tuple(PAPER_GRID)
+    lrs: tuple[float, ...] | None = None  # one LR list for every policy; None = PAPER_GRID
+    optimizer: str = "sgd"  # sgd (Nesterov) | adam
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0  # member k of the grid is initialised with seed + k
+    device: str = "auto"
+    amp: bool | None = None
+
+    def __post_init__(self) -> None:
+        check(self.epochs > 0, f"epochs must be positive. Got {self.epochs}.")
+        policies = tuple(_ALIASES.get(p.strip().lower(), p.strip().lower()) for p in self.policies)
+        check(len(policies) > 0, "policies must name at least one LR policy. Got none.")
+        for p in policies:
+            check(p in list_schedules(),
+                  f"policy {p!r} is unknown; choose from: {', '.join(list_schedules())}.")
+        check(len(set(policies)) == len(policies), f"policies lists a policy twice. Got {list(policies)}.")
+        object.__setattr__(self, "policies", policies)
+        if self.lrs is not None:
+            lrs = tuple(float(v) for v in self.lrs)
+            check(len(lrs) > 0, "lrs must hold at least one LR. Got an empty list.")
+            check(all(v > 0 for v in lrs), f"lrs must all be positive. Got {list(lrs)}.")
+            check(len(set(lrs)) == len(lrs), f"lrs lists an LR twice. Got {list(lrs)}.")
+            object.__setattr__(self, "lrs", lrs)
+        else:
+            missing = [p for p in policies if p not in PAPER_GRID]
+            check(not missing, f"policy {missing[0] if missing else ''!r} has no default LR grid; "
+                               "give the LRs with --lrs.")
+        check(self.optimizer in OPTIMIZERS,
+              f"optimizer {self.optimizer!r} is unknown; choose one of: {', '.join(OPTIMIZERS)}.")
+
+
+def member_name(policy: str, lr: float) -> str:
+    return f"{policy}-lr{lr:g}"
+
+
+def pool_jobs(config: PoolConfig) -> list[tuple[str, str, float]]:
+    """The grid as ``(member name, policy, lr)``, policy-major, in a fixed order."""
+    return [(member_name(p, lr), p, lr) for p in config.policies
+            for lr in (config.lrs if config.lrs is not None else PAPER_GRID[p])]
+
+
+def train_member(config: PoolConfig, data: Dataset, policy: str, lr: float, index: int, *,
+                 device: torch.device, callbacks: CallbackFactory | None = None,
+                 resume_path: str | os.PathLike | None = None) -> tuple[Any, dict[str, Any]]:
+    """Train one pool member; returns ``(model, fit history)``."""
+    torch.manual_seed(config.seed + index)
+    model = create_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels,
+                         **config.model_kwargs).to(device)
+    batch = config.data.batch_size
+    train = data.loader("train", batch_size=batch, device=device, seed=config.data.seed + index)
+    optimizer = create_optimizer(model, config.optimizer, lr=lr, momentum=config.momentum,
+                                 weight_decay=config.weight_decay)
+    scheduler = create_schedule(policy, optimizer, total_steps=config.epochs * len(train))
+    name = member_name(policy, lr)
+    state = fit(model, train, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler,
+                callbacks=callbacks(name) if callbacks else (), amp=config.amp, device=device,
+                resume_path=resume_path)
+    return model, state.history
+
+
+def train_pool(
+    config: PoolConfig,
+    out: str | os.PathLike,
+    *,
+    data: Dataset | None = None,
+    force: bool = False,
+    callbacks: CallbackFactory | None = None,
+    on_member: Callable[[Mapping[str, Any], bool], None] | None = None,
+    ranks: Ranks | None = None,
+) -> EnsembleDir:
+    """Train every (policy, LR) member of ``config`` into the ensemble directory ``out``.
+
+    Finished members are skipped on a rerun with the same config; an interrupted member
+    resumes from ``<out>/.work/<name>.partial.pt``. Under ``torchrun`` each rank trains its share.
+
+    Args:
+        callbacks: ``name -> callbacks`` for each member's training (progress bars).
+        on_member: called with ``(record, skipped)`` after each of this rank's members.
+
+    Returns:
+        The ensemble directory (its manifest as written by rank 0).
+    """
+    ranks = ranks or init_ranks()
+    device = resolve_device(ranks.device(config.device))
+    data = data or load_data(config)
+    jobs = pool_jobs(config)
+    spec = create_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels,
+                        **config.model_kwargs).pat_spec  # fails fast on a bad model name
+    ens = open_ensemble(out, producer=PRODUCER, config=config, arch=spec,
+                        num_classes=data.num_classes, force=force, ranks=ranks)
+    index = {name: k for k, (name, _, _) in enumerate(jobs)}
+    records: dict[str, dict[str, Any]] = {}
+    for name, policy, lr in ranks.shard(jobs):
+        record = finished_record(ens, name, PRODUCER, config)
+        skipped = record is not None
+        if record is None:
+            partial = partial_file(ens, name)
+            model, history = train_member(config, data, policy, lr, index[name], device=device,
+                                          callbacks=callbacks, resume_path=partial)
+            metrics = final_metrics(model, data, device=device, amp=config.amp)
+            record = save_member(ens, model, name=name, producer=PRODUCER, config=config,
+                                 recipe={"policy": policy, "lr": lr, "epochs": config.epochs,
+                                         "seed": config.seed + index[name]},
+                                 metrics=metrics, history=history)
+            partial.unlink(missing_ok=True)
+        records[name] = record
+        if ranks.is_main and not ranks.distributed:
+            write_manifest(ens, [records.get(n) or finished_record(ens, n, PRODUCER, config)
+                                 for n, _, _ in jobs])
+        if on_member is not None:
+            on_member(record, skipped)
+    finalize(ens, [n for n, _, _ in jobs], PRODUCER, config, ranks)
+    return ens
+
+
+def plot_policies(config: PoolConfig, path: str | os.PathLike, *, steps: int = 1000) -> Path:
+    """Draw every member's LR against training progress into a PNG (one panel per policy)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    jobs = pool_jobs(config)
+    fig = Figure(figsize=(3.2 * len(config.policies), 3.0), dpi=120)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(config.policies), squeeze=False)[0]
+    for ax, policy in zip(axes, config.policies, strict=True):
+        for _, p, lr in jobs:
+            if p != policy:
+                continue
+            opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+            sched = create_schedule(policy, opt, total_steps=steps)
+            trace = []
+            for _ in range(steps):
+                trace.append(opt.param_groups[0]["lr"])
+                opt.step()
+                sched.step()
+            ax.plot([i / steps for i in range(steps)], trace, label=f"{lr:g}")
+        ax.set_title(policy)
+        ax.set_xlabel("training progress")
+        ax.legend(fontsize=7, title="LR")
+    axes[0].set_ylabel("learning rate")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path

@@ -1,0 +1,251 @@
+"""SharpBalance: members that are each flat, but flat on different samples.
+
+Two phases over one training run per member (one schedule across all ``epochs``):
+
+1. every member trains with SAM for ``initial_epochs``; then each scores every training
+   sample by its per-sample sharpness, the squared norm of the sample's loss gradient
+   (:func:`pat.engine.sam.per_sample_sharpness`);
+2. once **all** members have scores, member i gets a SAM subset chosen from the *other*
+   members' scores (:func:`sam_subsets`) and trains the remaining epochs with the mixed step:
+   SAM on its subset, plain SGD on the rest (:class:`pat.engine.sam.MixedSAMStep`).
+
+The phases are two passes of a plain loop (phase 1 for every member, then phase 2 for every
+member), not processes waiting on each other: each member's state between them is its
+``fit`` resume file, so an interrupted run continues where it stopped. ``mode="sam"`` (SAM
+throughout) and ``mode="plain"`` (SGD throughout) are the baselines.
+
+References:
+    Li et al., "Achieving Flat and Diverse Minima: SharpBalance", 2024 (arXiv:2407.12996).
+    Foret et al., "Sharpness-Aware Minimization", ICLR 2021.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pat.config import DataConfig
+from pat.data import Dataset
+from pat.data.loader import seeded_generator
+from pat.engine.checkpoint import load_checkpoint, save_checkpoint
+from pat.engine.distributed import Ranks, init_ranks
+from pat.engine.loop import fit, resolve_device
+from pat.engine.optim import OPTIMIZERS, create_optimizer
+from pat.engine.sam import MixedSAMStep, SAMStep, per_sample_sharpness
+from pat.engine.schedules import create_schedule, list_schedules
+from pat.engine.steps import sgd_step
+from pat.ensemble.store import EnsembleDir
+from pat.errors import PatError, check
+from pat.models import create_model
+from pat.producers.common import (
+    CallbackFactory,
+    final_metrics,
+    finalize,
+    finished_record,
+    indexed_loader,
+    load_data,
+    open_ensemble,
+    partial_file,
+    save_member,
+    work_dir,
+)
+
+__all__ = ["SUBSET_RULES", "MODES", "SharpBalanceConfig", "sam_subsets", "sharpness_scores",
+           "train_sharpbalance"]
+
+PRODUCER = "sharpbalance"
+SUBSET_RULES = ("others-flat", "others-sharp", "random")
+MODES = ("sharpbalance", "sam", "plain")
+
+
+@dataclass(frozen=True)
+class SharpBalanceConfig:
+    """SharpBalance members (or SAM / plain baselines). LRs are per batch of ``data.batch_size``."""
+
+    model: str = "lenet-s"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    members: int = 3
+    epochs: int = 10  # all epochs, both phases
+    initial_epochs: int = 5  # phase 1: full SAM
+    rho: float = 0.05  # SAM radius
+    adaptive: bool = False  # ASAM perturbation
+    flat_ratio: float = 0.5  # share of each other member's samples its rule claims
+    subset: str = "others-flat"  # others-flat | others-sharp | random
+    mode: str = "sharpbalance"  # sharpbalance | sam (SAM throughout) | plain (SGD throughout)
+    lr: float = 0.1
+    schedule: str = "cosine"
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0  # member i: init seed + i, data order data.seed + i
+    device: str = "auto"
+    amp: bool | None = None
+
+    def __post_init__(self) -> None:
+        check(self.members >= 2, f"members must be >= 2. Got {self.members}.")
+        check(self.rho > 0, f"rho must be positive. Got {self.rho}.")
+        check(0 <= self.flat_ratio <= 1, f"flat_ratio must be in [0, 1]. Got {self.flat_ratio}.")
+        check(self.subset in SUBSET_RULES,
+              f"subset {self.subset!r} is unknown; choose one of: {', '.join(SUBSET_RULES)}.")
+        check(self.mode in MODES, f"mode {self.mode!r} is unknown; choose one of: {', '.join(MODES)}.")
+        check(self.epochs > 0, f"epochs must be positive. Got {self.epochs}.")
+        if self.mode == "sharpbalance":
+            check(0 < self.initial_epochs < self.epochs,
+                  f"initial_epochs must be in [1, epochs={self.epochs}). Got {self.initial_epochs}.")
+        check(self.lr > 0, f"lr must be positive. Got {self.lr}.")
+        check(self.schedule in list_schedules(),
+              f"schedule {self.schedule!r} is unknown; choose one of: {', '.join(list_schedules())}.")
+        check(self.optimizer in OPTIMIZERS,
+              f"optimizer {self.optimizer!r} is unknown; choose one of: {', '.join(OPTIMIZERS)}.")
+
+
+def _claimed(scores: Tensor, k: int, lowest: bool) -> Tensor:
+    """(M, N) bool: each member's k lowest (or highest) scoring samples; ties by index."""
+    order = (scores if lowest else -scores).argsort(dim=1, stable=True)[:, :k]
+    claimed = torch.zeros(scores.shape, dtype=torch.bool)
+    claimed.scatter_(1, order, True)
+    return claimed
+
+
+def sam_subsets(scores: Tensor, flat_ratio: float, rule: str = "others-flat", *, seed: int = 0) -> Tensor:
+    """Each member's SAM subset, chosen from the other members' sharpness scores.
+
+    With k = round(flat_ratio · N), every member j *claims* its k flattest samples
+    (``others-flat``; its k sharpest for ``others-sharp``). Member i's subset is the union of
+    the samples claimed by the other members, plus its share of the samples no member
+    claimed (those are dealt out in a seeded random order, one share per member, so each is
+    trained with SAM by exactly one member). ``random`` is the control: member i gets a
+    seeded uniformly random subset of the size ``others-flat`` would give it.
+
+    Args:
+        scores: (M, N) per-sample sharpness of M members on N training samples.
+
+    Returns:
+        (M, N) bool on CPU; row i is member i's SAM subset.
+    """
+    check(scores.dim() == 2 and scores.shape[0] >= 2,
+          f"scores must be (M >= 2, N). Got {tuple(scores.shape)}.")
+    check(0 <= flat_ratio <= 1, f"flat_ratio must be in [0, 1]. Got {flat_ratio}.")
+    check(rule in SUBSET_RULES, f"subset {rule!r} is unknown; choose one of: {', '.join(SUBSET_RULES)}.")
+    scores = scores.detach().float().cpu()
+    m, n = scores.shape
+    claimed = _claimed(scores, round(flat_ratio * n), lowest=rule != "others-sharp")
+    unclaimed = (~claimed.any(0)).nonzero().flatten()
+    dealt = unclaimed[torch.randperm(len(unclaimed), generator=seeded_generator(seed, 0x5B))]
+    subsets = torch.zeros(m, n, dtype=torch.bool)
+    for i in range(m):
+        others = torch.cat([claimed[:i], claimed[i + 1 :]])
+        subsets[i] = others.any(0)
+        subsets[i, dealt[i::m]] = True
+    if rule == "random":
+        sizes = subsets.sum(1).tolist()
+        subsets.zero_()
+        for i, size in enumerate(sizes):
+            pick = torch.randperm(n, generator=seeded_generator(seed, 0x5B, i + 1))[:size]
+            subsets[i, pick] = True
+    return subsets
+
+
+def sharpness_scores(model: torch.nn.Module, data: Dataset, *, batch_size: int,
+                     device: torch.device) -> Tensor:
+    """(N,) per-sample sharpness of ``model`` on the training split, in index order, on CPU."""
+    loader = data.loader("train", batch_size=batch_size, shuffle=False, augment=False, device=device)
+    return torch.cat([per_sample_sharpness(model, x, y).cpu() for x, y in loader])
+
+
+def _setup(config: SharpBalanceConfig, data: Dataset, i: int, device: torch.device):
+    """Member i's model, indexed loader, optimizer and whole-run scheduler (fresh)."""
+    torch.manual_seed(config.seed + i)
+    model = create_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels,
+                         **config.model_kwargs).to(device)
+    loader = indexed_loader(data, batch_size=config.data.batch_size, device=device,
+                            seed=config.data.seed + i)
+    optimizer = create_optimizer(model, config.optimizer, lr=config.lr, momentum=config.momentum,
+                                 weight_decay=config.weight_decay)
+    scheduler = create_schedule(config.schedule, optimizer, total_steps=config.epochs * len(loader))
+    return model, loader, optimizer, scheduler
+
+
+def train_sharpbalance(
+    config: SharpBalanceConfig,
+    out: str | os.PathLike,
+    *,
+    data: Dataset | None = None,
+    force: bool = False,
+    callbacks: CallbackFactory | None = None,
+    on_member: Callable[[Mapping[str, Any], bool], None] | None = None,
+    ranks: Ranks | None = None,
+) -> EnsembleDir:
+    """Train ``config.members`` members into the ensemble directory ``out`` (see module doc).
+
+    Under ``torchrun`` each rank trains its share of members in both phases; the ranks meet
+    once, between the phases, when every member's scores are on disk.
+    """
+    ranks = ranks or init_ranks()
+    device = resolve_device(ranks.device(config.device))
+    data = data or load_data(config)
+    spec = create_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels,
+                        **config.model_kwargs).pat_spec
+    ens = open_ensemble(out, producer=PRODUCER, config=config, arch=spec,
+                        num_classes=data.num_classes, force=force, ranks=ranks)
+    names = [f"member-{i}" for i in range(config.members)]
+    todo = [i for i in ranks.shard(list(range(config.members)))
+            if finished_record(ens, names[i], PRODUCER, config) is None]
+    two_phase = config.mode == "sharpbalance"
+    scores_file = lambda i: work_dir(ens) / f"{names[i]}.scores.pt"  # noqa: E731
+    first_step = sgd_step if config.mode == "plain" else SAMStep(config.rho, config.adaptive)
+    sam_masks: Tensor | None = None
+
+    def finish(i: int, model: torch.nn.Module, history: list, mask: Tensor | None) -> None:
+        recipe = {"index": i, "mode": config.mode, "rho": config.rho, "subset": config.subset,
+                  "flat_ratio": config.flat_ratio, "epochs": config.epochs,
+                  "sam_fraction": 1.0 if config.mode == "sam" else 0.0}
+        if mask is not None:
+            recipe["sam_fraction"] = float(mask.float().mean())
+        record = save_member(ens, model, name=names[i], producer=PRODUCER, config=config,
+                             recipe=recipe, history=history,
+                             metrics=final_metrics(model, data, device=device, amp=config.amp))
+        partial_file(ens, names[i]).unlink(missing_ok=True)
+        if on_member is not None:
+            on_member(record, False)
+
+    # phase 1: every member of this rank (full SAM, or the whole run for the baselines)
+    for i in todo:
+        model, loader, optimizer, scheduler = _setup(config, data, i, device)
+        epochs = config.initial_epochs if two_phase else config.epochs
+        state = fit(model, loader, epochs=epochs, optimizer=optimizer, scheduler=scheduler,
+                    step=first_step, callbacks=callbacks(names[i]) if callbacks else (),
+                    amp=config.amp, device=device, resume_path=partial_file(ens, names[i]))
+        if not two_phase:
+            finish(i, model, state.history, None)
+        elif not scores_file(i).is_file():
+            save_checkpoint(scores_file(i), {"kind": "sharpness", "scores": sharpness_scores(
+                model, data, batch_size=config.data.batch_size, device=device)})
+    # phase 2: subsets need every member's scores, so all of phase 1 must be done first
+    if two_phase:
+        ranks.barrier()
+        if todo:
+            missing = [names[i] for i in range(config.members) if not scores_file(i).is_file()]
+            if missing:
+                raise PatError(f"--out {str(ens.path)!r}: phase-1 scores of {missing} are missing "
+                               "(was .work removed?); pass --force to start again.")
+            scores = torch.stack([load_checkpoint(scores_file(i))["scores"] for i in range(config.members)])
+            sam_masks = sam_subsets(scores, config.flat_ratio, config.subset, seed=config.seed)
+        for i in todo:
+            model, loader, optimizer, scheduler = _setup(config, data, i, device)
+            step = MixedSAMStep(config.rho, sam_masks[i].to(device), loader, adaptive=config.adaptive)
+            state = fit(model, loader, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler,
+                        step=step, callbacks=callbacks(names[i]) if callbacks else (), amp=config.amp,
+                        device=device, resume_path=partial_file(ens, names[i]))
+            finish(i, model, state.history, sam_masks[i])
+    for i in ranks.shard(list(range(config.members))):
+        if i not in todo and on_member is not None:
+            on_member(finished_record(ens, names[i], PRODUCER, config), True)
+    finalize(ens, names, PRODUCER, config, ranks)
+    return ens
