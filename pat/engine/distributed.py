@@ -9,9 +9,9 @@ path runs on CPU with the gloo backend, which is how it is tested.
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TypeVar
 
 import torch
