@@ -48,7 +48,7 @@ def eval_(ensemble_dir, dataset, data_dir, val_fraction, data_seed, device, spli
 
     data = _data(ensemble_dir, dataset, data_dir, val_fraction, data_seed)
     report = evaluate_directory(ensemble_dir, data, split=split, corruptions=corruptions,
-                                plot_dir=plot_dir, device=device)
+                                plot_dir=plot_dir, device=device, data_dir=data_dir)
     everyone = report["all"]
     rows = [{"name": n, **m} for n, m in zip(report["names"], everyone["members"], strict=True)]
     rows.append({"name": f"ensemble (all {len(rows)})", **everyone["ensemble"]})
@@ -66,7 +66,7 @@ def eval_(ensemble_dir, dataset, data_dir, val_fraction, data_seed, device, spli
             by_name.setdefault(row["corruption"], []).append(row)
         summary = [{"corruption": k, **{m: sum(r[m] for r in v) / len(v) for m in ["accuracy", "member_accuracy", "nll", "ece"]}}
                    for k, v in by_name.items()]
-        console.print(metrics_table("corrupted test data (mean over severities 1-5)", summary,
+        console.print(metrics_table(f"corrupted test data, {report['corruption_source']} (mean over severities 1-5)", summary,
                                     ["corruption", "accuracy", "member_accuracy", "nll", "ece"]))
     if plot_dir:
         console.print(f"plots in [bold]{plot_dir}[/]")

@@ -17,7 +17,7 @@ from torch import Tensor
 from pat.data import Dataset, DeviceLoader
 from pat.engine.checkpoint import atomic_write, ensure_writable, save_model
 from pat.engine.loop import resolve_device
-from pat.ensemble.corruptions import corrupt_split, list_corruptions
+from pat.ensemble.corruptions import corrupt_split, list_corruptions, load_cifar_c
 from pat.ensemble.ensemble import Ensemble
 from pat.ensemble.metrics import accuracy, classification_metrics, evaluate
 from pat.ensemble.predict import cached_probs, collect_probs
@@ -37,18 +37,34 @@ def _check_classes(ens: EnsembleDir, data: Dataset) -> None:
                        f"{str(ens.path)!r} predict {classes}.")
 
 
+def published_corruptions(data: Dataset, data_dir: str | os.PathLike | None) -> bool:
+    """Whether the CIFAR-10-C / CIFAR-100-C files for ``data`` are in ``data_dir``."""
+    folder = {"cifar10": "CIFAR-10-C", "cifar100": "CIFAR-100-C"}.get(data.name)
+    return bool(folder and data_dir and (Path(data_dir) / folder / "labels.npy").is_file())
+
+
 def directory_probs(ens: EnsembleDir, data: Dataset, split: str = "test", *, device: str = "auto",
-                    corruption: tuple[str, int] | None = None, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """``(M, N, C)`` probabilities of every member on ``split`` (optionally corrupted), cached."""
+                    corruption: tuple[str, int] | None = None, seed: int = 0,
+                    data_dir: str | os.PathLike | None = None) -> tuple[Tensor, Tensor]:
+    """``(M, N, C)`` probabilities of every member on ``split`` (optionally corrupted), cached.
+
+    A corrupted test split comes from the published CIFAR-10-C / CIFAR-100-C files when
+    ``data_dir`` holds them, else it is generated on the fly with ``seed``.
+    """
     _check_classes(ens, data)
     dev = resolve_device(device)
     part = data.split(split)
     check(len(part.y) > 0, f"split {split!r} of {data.name!r} is empty.")
     name = split if corruption is None else f"{split}-{corruption[0]}-{corruption[1]}"
+    published = corruption is not None and split == "test" and published_corruptions(data, data_dir)
 
     def compute() -> tuple[Tensor, Tensor]:
-        x = part.x if corruption is None else corrupt_split(part.x, corruption[0], corruption[1], seed)
-        loader = DeviceLoader(x, part.y, mean=data.mean, std=data.std, batch_size=512, device=dev)
+        x, y = part.x, part.y
+        if published:
+            x, y = load_cifar_c(data_dir, corruption[0], corruption[1], dataset=data.name)
+        elif corruption is not None:
+            x = corrupt_split(part.x, corruption[0], corruption[1], seed)
+        loader = DeviceLoader(x, y, mean=data.mean, std=data.std, batch_size=512, device=dev)
         members = Ensemble.load(ens.path, device=dev)
         probs, labels = collect_probs(list(members.members), loader)
         if probs.shape[-1] != data.num_classes:
@@ -57,7 +73,7 @@ def directory_probs(ens: EnsembleDir, data: Dataset, split: str = "test", *, dev
         return probs, labels
 
     key = {"dataset": data.name, "split": split, "size": len(part.y), "corruption": list(corruption or []),
-           "seed": seed}
+           "seed": seed, "published": published}
     return cached_probs(ens, name, compute, key=key)
 
 
@@ -68,7 +84,7 @@ def _team(ens: EnsembleDir) -> tuple[list[int] | None, list[float] | None]:
 
 def evaluate_directory(path: str | os.PathLike, data: Dataset, *, split: str = "test",
                        corruptions: bool = False, plot_dir: str | os.PathLike | None = None,
-                       device: str = "auto") -> dict[str, Any]:
+                       device: str = "auto", data_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Metrics of every member, the whole ensemble and the recorded selection (if any).
 
     Writes ``metrics.json`` beside the manifest. With ``corruptions``, every on-the-fly
@@ -84,7 +100,8 @@ def evaluate_directory(path: str | os.PathLike, data: Dataset, *, split: str = "
         report["selection"] = {"method": ens.manifest["selection"]["method"],
                                **evaluate(probs, labels, selected=team, weights=weights, combiner="weighted")}
     if corruptions:
-        report["corruptions"] = _corruption_table(ens, data, split, device, team, weights)
+        report["corruption_source"] = "published" if published_corruptions(data, data_dir) else "on-the-fly"
+        report["corruptions"] = _corruption_table(ens, data, split, device, team, weights, data_dir)
     text = json.dumps(report, indent=2) + "\n"
     atomic_write(ens.path / "metrics.json", lambda f: f.write(text.encode()))
     if plot_dir is not None:
@@ -93,11 +110,13 @@ def evaluate_directory(path: str | os.PathLike, data: Dataset, *, split: str = "
 
 
 def _corruption_table(ens: EnsembleDir, data: Dataset, split: str, device: str,
-                      team: list[int] | None, weights: list[float] | None) -> list[dict[str, Any]]:
+                      team: list[int] | None, weights: list[float] | None,
+                      data_dir: str | os.PathLike | None) -> list[dict[str, Any]]:
     rows = []
     for name in list_corruptions():
         for severity in range(1, 6):
-            probs, labels = directory_probs(ens, data, split, device=device, corruption=(name, severity))
+            probs, labels = directory_probs(ens, data, split, device=device, corruption=(name, severity),
+                                            data_dir=data_dir)
             result = evaluate(probs, labels, selected=team, weights=weights,
                               combiner="weighted" if weights else "mean")
             member_acc = sum(m["accuracy"] for m in result["members"]) / len(result["members"])
