@@ -149,6 +149,10 @@ def demo(out, device, force) -> None:
 
 def _render(result) -> None:
     console.print(metrics_table(f"test split — {result.out}", result.rows, CHILD_COLUMNS))
+    parent, ensemble = result.rows[0], result.rows[-1]
+    console.print(f"{ensemble['name']} vs parent: accuracy {ensemble['accuracy'] - parent['accuracy']:+.2%}, "
+                  f"NLL {ensemble['nll'] - parent['nll']:+.4f}, ECE {ensemble['ece'] - parent['ece']:+.4f}",
+                  highlight=False)
     d = result.diversity
     if d.get("disagreement") is not None:
         console.print(f"children disagree on {d['disagreement']:.1%} of test samples (mean pairwise); "
