@@ -80,8 +80,7 @@ def split_to_directory(parent_path: str | Path, out: str | Path, config: SplitCo
     parent, ckpt = load_model(parent_path, argument="--parent")
     ens = EnsembleDir.create(out, arch=ckpt.get("arch"), num_classes=ckpt.get("num_classes"),
                              parent={"file": str(Path(parent_path).resolve()), "metrics": ckpt.get("metrics", {})},
-                             config={"split": to_dict(config)}, force=force)
-    ens.manifest["dataset"] = ckpt.get("dataset")
+                             config={"split": to_dict(config)}, dataset=ckpt.get("dataset"), force=force)
     example = default_example_inputs(parent)
     total_params = sum(p.numel() for p in parent.parameters())
     children = split(parent, config.children, method=config.method, sparsity=config.sparsity,

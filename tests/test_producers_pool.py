@@ -112,3 +112,20 @@ def test_cli_bad_input_is_one_error_line(tmp_path, args, word):
     errors = [line for line in result.output.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and word in errors[0]
     assert not (tmp_path / "p").exists()
+
+
+def test_pool_directory_records_its_dataset_for_eval(tmp_path):
+    from click.testing import CliRunner
+
+    from pat.cli import cli
+
+    out = tmp_path / "pool"
+    runner = CliRunner()
+    made = runner.invoke(cli, ["pool", "--model", "lenet-s", "--dataset", "digits", "--epochs", "1",
+                               "--policies", "one-cycle", "--lrs", "0.1,0.05", "--batch-size", "256",
+                               "--out", str(out)])
+    assert made.exit_code == 0, made.output
+    chosen = runner.invoke(cli, ["select", str(out), "--method", "focal", "--size", "2"])  # no --dataset
+    assert chosen.exit_code == 0, chosen.output
+    shown = runner.invoke(cli, ["eval", str(out)])
+    assert shown.exit_code == 0 and "focal team (2)" in shown.output, shown.output

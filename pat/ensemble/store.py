@@ -51,6 +51,7 @@ class EnsembleDir:
         num_classes: int | None,
         parent: dict[str, Any] | None = None,
         config: dict[str, Any] | None = None,
+        dataset: str | None = None,
         force: bool = False,
         argument: str = "--out",
     ) -> EnsembleDir:
@@ -74,6 +75,7 @@ class EnsembleDir:
             "pat_version": __version__,
             "arch": arch,
             "num_classes": num_classes,
+            "dataset": dataset,  # what evaluation uses unless told otherwise
             "parent": parent,
             "members": [],
             "selection": None,

@@ -123,7 +123,8 @@ def open_ensemble(
         ens.validate(argument="--out", check_files=False)
     else:
         ens = EnsembleDir.create(out, arch=arch, num_classes=num_classes, force=True,
-                                 config={"producer": producer, producer: cfg, **(extra or {})})
+                                 config={"producer": producer, producer: cfg, **(extra or {})},
+                                 dataset=config.data.dataset)
         if ranks.is_main:
             if manifest.is_file():
                 for member in json.loads(manifest.read_text()).get("members", []):
