@@ -8,14 +8,16 @@ would need at least), measured in the same process.
 
 Run: python benchmarks/masks.py [--repeats 3] [--children 6] [--threads N]
 """
-# measured 2026-11-22 on 2 CPU cores shared with other jobs (load ~4.7; noisy), best of 2-3:
-#   --threads 1: 3.19-3.43 s; torch.rand + kthvalue 5.05-5.34 s (ratio 0.60-0.68);
-#                torch.rand alone 1.57-1.59 s (ratio 2.0-2.2)
-#   default (2 threads): 4.5-5.3 s; rand + kthvalue 6.4-6.7 s (0.71-0.80); rand alone 1.5 s
-#   The hash alone runs at 0.15-0.2 s per 36.5M weights (faster than torch.rand); the exact
-#   selection (two comparisons and a nonzero per chunk) is the rest. The <= 1.5 s target is
-#   for 2 idle cores; it could not be confirmed here (torch.rand itself ran ~1.7x slower than
-#   its idle figure of 0.3 s per 36.5M).
+# measured 2026-11-22 on 2 CPU cores shared with other jobs (load ~1; noisy), best of 3,
+# before/after the one-pass selection of large tensors, same conditions, back to back:
+#   default (2 threads): 1.38 s (before: 1.45 s); torch.rand + kthvalue 2.59 s (0.53);
+#                        torch.rand alone 0.62 s (ratio 2.2)
+#   --threads 1:         1.49 s (before: 1.73 s); rand + kthvalue 3.16 s (0.47);
+#                        torch.rand alone 0.91 s (ratio 1.6)
+#   Repeated runs of generate_masks alone: 1.24 s (before 1.40 s) with 2 threads, 1.14 s
+#   (before 1.33 s) with 1. Under heavier load (~4) both ran 2.1-2.6 s. The hash alone is
+#   ~0.14 s per 36.5M weights; the selection of the mid-sized (0.2-1.8M) tensors is most
+#   of the rest.
 
 from __future__ import annotations
 

@@ -303,3 +303,20 @@ def test_bad_input_raises_one_line_pat_error(kwargs, fragment):
 def test_partition_accepts_its_own_sparsity():
     masks = generate_masks(params(), children=4, method="partition", sparsity=0.75)
     assert (coverage(masks, "d.weight") == 1).all()
+
+
+@pytest.mark.parametrize("method", ["random", "anti-random", "cyclic"])
+def test_one_pass_large_tensor_path_gives_the_same_masks(monkeypatch, method):
+    """Tensors of >= _DIRECT elements skip the band search; the masks must not change."""
+    import pat.masks.hashing as hashing
+
+    torch.manual_seed(0)
+    params = {"a.weight": torch.randn(64, 48, 3, 3), "b.weight": torch.randn(300, 7)}
+    kwargs = {"children": 4, "method": method, "sparsity": 0.5, "seed": 3}
+    banded = generate_masks(params, **kwargs)
+    monkeypatch.setattr(hashing, "_DIRECT", 1000)
+    direct = generate_masks(params, **kwargs)
+    for a, b in zip(banded, direct, strict=True):
+        for name in params:
+            assert torch.equal(a[name], b[name]), name
+            assert int(b[name].sum()) in (params[name].numel() // 2, (params[name].numel() + 1) // 2)

@@ -43,6 +43,14 @@ _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 # (measured: 2-4x slower with 2^16-element chunks on 2 shared cores).
 _CPU_CHUNK = 1 << 15
 _SMALL = 1 << 16  # up to this many scores, a full sort is cheaper than the band search
+_KEEP = 1 << 28  # up to this many scores (1 GiB), lowest() keeps them for its last pass
+# From this many elements, one tensor is selected by _direct(): its correction window
+# (about sqrt(n)/2 * 2**32 / n scores to invert) is then small against the band search's
+# extra passes (measured on CPU: 2.5x the bare hash at 3.7M elements against 3.8x; at
+# 1.8M the window costs more than the band).
+_DIRECT = 1 << 21
+_C1_INV, _C2_INV = pow(_C1, -1, 1 << 32), pow(_C2, -1, 1 << 32)
+_WINDOW = 1 << 22  # scores inverted at once by _direct() (16 MiB of int32)
 
 
 def _s32(x: int) -> int:
@@ -202,11 +210,14 @@ def lowest(
 ) -> dict[int, list[torch.Tensor]]:
     """For each ``m``: bool masks of the ``m`` lowest hash scores over all ``units``.
 
-    Equal to ``ranks_below([hash_scores(*u) for u in units], m)``, but the scores are never
-    stored. Exact selection by ``kthvalue`` or a sort costs ~1.8 s for 36.5M elements on 2
-    cores; hashed scores are uniform, so the boundary lies in a narrow value band around
-    the ``m/n`` quantile. While each chunk of scores is in cache, it marks what lies below
-    the band and collects the few scores inside it; only those are sorted afterwards.
+    Equal to ``ranks_below([hash_scores(*u) for u in units], m)``. Exact selection by
+    ``kthvalue`` or a sort costs ~1.8 s for 36.5M elements on 2 cores; hashed scores are
+    uniform, so the ``m``-th smallest lies in a narrow value band around the ``m/n``
+    quantile. While each chunk of scores is in cache, it counts what lies below the band
+    and keeps the few scores inside it; those alone are sorted to find the threshold
+    ``t``, and each mask is then one comparison, ``score <= t`` (or ``< t``), per tensor.
+    One tensor of ``_DIRECT`` elements or more takes :func:`_direct` instead (one pass,
+    the hash inverted over a narrow value window).
 
     Args:
         units: ``(n, key, device)`` per tensor, as for :func:`hash_scores`.
@@ -225,40 +236,153 @@ def lowest(
     if n <= _SMALL:
         scores = [hash_scores(*u) for u in units]
         return {**out, **{m: _sorted_below(scores, m) for m in todo}}
+    if len(units) == 1 and n >= _DIRECT:
+        return {**out, **{m: [x] for m, x in _direct(units[0], todo).items()}}
     bands = {m: _band(n, m) for m in todo}
-    masks = {m: [torch.empty(u[0], dtype=torch.bool, device=u[2]) for u in units] for m in todo}
-    idx: dict[int, list[torch.Tensor]] = {m: [] for m in todo}
+    # Scores are kept for the final comparison unless that would take too much memory;
+    # then they are computed a second time.
+    keep = n <= _KEEP
+    scores: list[torch.Tensor | None] = []
+    vals: dict[int, list[torch.Tensor]] = {m: [] for m in todo}
     nbelow = dict.fromkeys(todo, 0)
-    for j, (nu, key, device) in enumerate(units):
-        inside = torch.empty(_chunk_size(nu, device), dtype=torch.bool, device=device)
+    for nu, key, device in units:
+        h = torch.empty(nu, dtype=torch.int32, device=device) if keep else None
+        tmp = torch.empty(_chunk_size(nu, device), dtype=torch.int32, device=device)
         found: dict[int, list[torch.Tensor]] = {m: [] for m in todo}
-        counts: dict[int, list[torch.Tensor]] = {m: [] for m in todo}
-        for start, part in _hash_chunks(nu, key, device):
-            end, band = start + part.numel(), inside[: part.numel()]
+        sums: dict[int, list[torch.Tensor]] = {m: [] for m in todo}
+        for _, part in _hash_chunks(nu, key, device, out=h):
+            t = tmp if part.numel() == tmp.numel() else tmp[: part.numel()]
             for m, (lo, hi) in bands.items():
-                below = masks[m][j][start:end]
-                torch.lt(part, lo, out=below)
-                counts[m].append(below.count_nonzero())  # while the chunk is in cache
-                # lo <= s <= hi, as (s <= hi) xor (s < lo): two passes instead of three
-                torch.le(part, hi, out=band).logical_xor_(below)
-                found[m].append(band.nonzero().squeeze(1).add_(start))
-        for m in todo:
-            idx[m].append(torch.cat(found[m]))
-            nbelow[m] += int(torch.stack(counts[m]).sum())
+                # lo <= s <= hi in one comparison: s - lo as an unsigned word, <= hi - lo;
+                # in int32 that is s - lo - 2**31 (wrapped) <= INT32_MIN + hi - lo.
+                torch.sub(part, _s32(lo + 2**31), out=t)
+                found[m].append(torch.masked_select(part, t <= _INT32_MIN + hi - lo))
+                if lo > _INT32_MIN:  # clamp to {lo - 1, lo}: the sum counts what is below lo
+                    sums[m].append(torch.clamp(part, lo - 1, lo, out=t).sum())
+        for m, (lo, _) in bands.items():
+            vals[m].append(torch.cat(found[m]))
+            if lo > _INT32_MIN:
+                nbelow[m] += lo * nu - int(torch.stack(sums[m]).sum())
+        scores.append(h)
     for m in todo:
-        # The few scores inside the band, recomputed from their indices.
-        vals = [_hash_at(i, u[1]) for i, u in zip(idx[m], units, strict=True)]
-        if _resolve(masks[m], idx[m], vals, m, below=nbelow[m]):
-            out[m] = masks[m]
-        else:  # scores far from uniform: cannot happen for a hash, but stay exact
+        below = _threshold(vals[m], m - nbelow[m])
+        if below is None:  # scores far from uniform: cannot happen for a hash, but stay exact
             out[m] = _sorted_below([hash_scores(*u) for u in units], m)
+        else:
+            out[m] = [_below(s, u, t, inclusive) for s, u, (t, inclusive)
+                      in zip(scores, units, below, strict=True)]  # fmt: skip
     return out
 
 
-def _hash_at(idx: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
-    """The scores of :func:`hash_scores` at positions ``idx`` (int64) only."""
+def _threshold(vals: list[torch.Tensor], k: int) -> list[tuple[int, bool]] | None:
+    """Per unit, the threshold ``(t, inclusive)`` that completes the ``k`` smallest of ``vals``.
+
+    ``vals``: each unit's scores inside the band (distinct within a unit). The ``k``-th
+    smallest ``t`` of them all, ties to the earlier unit, is kept by the units whose
+    ``t`` is among the ``k`` (inclusive) and not by the others. None when the band does
+    not hold the ``k``-th smallest.
+    """
+    flat = torch.cat([v.cpu() for v in vals])
+    if not 0 < k <= flat.numel():
+        return None
+    order = torch.sort(flat, stable=True).indices[:k]
+    t = int(flat[order[-1]])
+    taken = order[flat[order] == t].tolist()  # at most one per unit: scores are distinct
+    starts = [0]
+    for v in vals:
+        starts.append(starts[-1] + v.numel())
+    return [
+        (t, any(a <= i < b for i in taken)) for a, b in zip(starts[:-1], starts[1:], strict=True)
+    ]
+
+
+def _below(
+    h: torch.Tensor | None,
+    unit: tuple[int, tuple[int, int], torch.device | str],
+    t: int,
+    inclusive: bool,
+) -> torch.Tensor:
+    """Bool ``(n,)``: ``score <= t`` (``inclusive``) or ``score < t``, from ``h`` or rehashed."""
+    compare = torch.le if inclusive else torch.lt
+    if h is not None:
+        return compare(h, t)
+    n, key, device = unit
+    mask = torch.empty(n, dtype=torch.bool, device=device)
+    for start, part in _hash_chunks(n, key, device):
+        compare(part, t, out=mask[start : start + part.numel()])
+    return mask
+
+
+def _direct(
+    unit: tuple[int, tuple[int, int], torch.device | str], ms: list[int]
+) -> dict[int, torch.Tensor]:
+    """:func:`lowest` for one large tensor, in one pass over its scores.
+
+    While a chunk is in cache, the mask is written at the expected ``m``-th smallest
+    score ``c`` (``score < c``). That misses the exact count by ``delta``, about
+    ``sqrt(n)/2`` units. The hash is a bijection, so the elements whose scores lie just
+    above ``c`` (or just below) are found by inverting the hash over those score values,
+    in value order, and ``|delta|`` of them are switched on (or off). Nothing is sorted
+    and the scores are never stored.
+    """
+    n, key, device = unit
+    guess = {m: max(_INT32_MIN, min(_INT32_MAX, _INT32_MIN + round(m / n * 2.0**32))) for m in ms}
+    masks = {m: torch.empty(n, dtype=torch.bool, device=device) for m in ms}
+    counts: dict[int, list[torch.Tensor]] = {m: [] for m in ms}
+    for start, part in _hash_chunks(n, key, device):
+        for m, c in guess.items():
+            below = masks[m][start : start + part.numel()]
+            torch.lt(part, c, out=below)
+            counts[m].append(below.count_nonzero())  # while in cache, on one thread
+    for m, c in guess.items():
+        delta = m - int(torch.stack(counts[m]).sum())
+        if delta:
+            masks[m][_nearest(n, key, device, c, delta)] = delta > 0
+    return masks
+
+
+def _nearest(
+    n: int, key: tuple[int, int], device: torch.device | str, c: int, delta: int
+) -> torch.Tensor:
+    """Indices (int64) of the ``delta`` elements with the smallest scores ``>= c``
+    (``delta > 0``) or the ``-delta`` with the largest scores ``< c`` (``delta < 0``)."""
+    want, found = abs(delta), []
+    # CPU: cache-sized windows, each op on one thread, as for the hash itself.
+    step = _chunk_size(min(_WINDOW, max(1 << 12, math.ceil(want * 1.25 * 2.0**32 / n))), device)
+    a = b = c  # the score values [a, b) inverted so far
+    while want:
+        if delta > 0:
+            a, b = b, min(b + step, _INT32_MAX + 1)
+        else:
+            a, b = max(a - step, _INT32_MIN), a
+        if a >= b:  # cannot happen: the tensor holds m elements below and n - m above
+            raise RuntimeError("mask selection ran out of scores")
+        v = torch.arange(b - a, dtype=torch.int32, device=device).add_(_s32(a))
+        _unhash_(v, key)  # now i + INT32_MIN, for every element index i < n
+        idx = torch.masked_select(v, v < _INT32_MIN + n).to(torch.int64).add_(2**31)
+        # idx is in score order: keep the ones nearest to c
+        idx = idx[:want] if delta > 0 else idx[max(0, idx.numel() - want) :]
+        found.append(idx)
+        want -= idx.numel()
+    return torch.cat(found)
+
+
+def _unhash_(v: torch.Tensor, key: tuple[int, int]) -> None:
+    """In place: scores -> ``i + INT32_MIN`` (wrapped), ``i`` the index whose score it is.
+
+    Inverts :func:`hash_scores` step by step: multiplications by the inverses mod 2**32;
+    ``x ^= x >>> 16`` is its own inverse; ``x ^= x >>> 13`` is undone by
+    ``x ^= (x >>> 13) ^ (x >>> 26)``. Values that are no index below ``n`` land at or
+    above ``INT32_MIN + n``.
+    """
     k, b = key
-    h = (idx * (k & _M32) + (b & _M32)) & _M32  # exact in int64: idx < 2**31
-    h = torch.where(h > _INT32_MAX, h - (1 << 32), h).to(torch.int32)
-    _mix_(h, torch.empty_like(h))
-    return h
+    k_inv = pow(k & _M32, -1, 1 << 32)
+    tmp = torch.empty_like(v)
+    v.mul_(_s32(_C2_INV))
+    torch.bitwise_right_shift(v, 13, out=tmp).bitwise_and_((1 << 19) - 1)  # x >>> 13
+    v.bitwise_xor_(tmp)
+    v.bitwise_xor_(tmp.bitwise_right_shift_(13))  # (x >>> 13) >>> 13 = x >>> 26
+    v.mul_(_s32(_C1_INV))
+    torch.bitwise_right_shift(v, 16, out=tmp).bitwise_and_((1 << 16) - 1)
+    v.bitwise_xor_(tmp)
+    v.mul_(_s32(k_inv)).add_(_s32(2**31 - (b & _M32) * k_inv))  # (x - B) / K + 2**31
