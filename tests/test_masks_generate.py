@@ -307,16 +307,21 @@ def test_partition_accepts_its_own_sparsity():
 
 @pytest.mark.parametrize("method", ["random", "anti-random", "cyclic"])
 def test_one_pass_large_tensor_path_gives_the_same_masks(monkeypatch, method):
-    """Tensors of >= _DIRECT elements skip the band search; the masks must not change."""
+    """The one-pass path for large tensors gives the masks of an exact full sort."""
     import pat.masks.hashing as hashing
 
     torch.manual_seed(0)
     params = {"a.weight": torch.randn(64, 48, 3, 3), "b.weight": torch.randn(300, 7)}
     kwargs = {"children": 4, "method": method, "sparsity": 0.5, "seed": 3}
-    banded = generate_masks(params, **kwargs)
+    exact = generate_masks(params, **kwargs)  # small tensors: full sort
+    calls = []
+    real = hashing._direct
+    monkeypatch.setattr(hashing, "_SMALL", 100)
     monkeypatch.setattr(hashing, "_DIRECT", 1000)
+    monkeypatch.setattr(hashing, "_direct", lambda *a, **k: calls.append(1) or real(*a, **k))
     direct = generate_masks(params, **kwargs)
-    for a, b in zip(banded, direct, strict=True):
+    assert calls  # the one-pass path really ran
+    for a, b in zip(exact, direct, strict=True):
         for name in params:
             assert torch.equal(a[name], b[name]), name
             assert int(b[name].sum()) in (params[name].numel() // 2, (params[name].numel() + 1) // 2)
