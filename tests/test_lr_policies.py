@@ -13,17 +13,7 @@ from pat.engine.schedules import (
     warmup_steps,
 )
 from pat.errors import PatError
-
-
-def trace(name: str, total: int, lr: float = 0.1, **kw) -> list[float]:
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr, momentum=0.9)
-    sched = create_schedule(name, opt, total_steps=total, **kw)
-    out = []
-    for _ in range(total):
-        out.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    return out
+from tests.test_schedules import trace
 
 
 def test_new_policies_are_registered():

@@ -8,6 +8,7 @@ from pat.errors import PatError
 
 
 def trace(name: str, total: int, lr: float = 0.1, **kw) -> list[float]:
+    """The LR each of ``total`` optimizer steps used under policy ``name``."""
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr, momentum=0.9)
     sched = create_schedule(name, opt, total_steps=total, **kw)
     out = []
