@@ -6,7 +6,6 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -15,7 +14,7 @@ from pat.config import TrainConfig, to_dict
 from pat.data import Dataset, load_dataset
 from pat.engine.callbacks import Callback
 from pat.engine.checkpoint import save_model
-from pat.engine.loop import autocast_for, evaluate, fit, resolve_device
+from pat.engine.loop import final_metrics, fit, resolve_device
 from pat.engine.optim import create_optimizer
 from pat.engine.schedules import create_schedule
 from pat.models import create_model
@@ -66,12 +65,7 @@ def train_parent(
     state = fit(model, train, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler,
                 eval_data=evals, callbacks=callbacks, amp=config.amp, device=device,
                 resume_path=resume, resume_extra={"config": to_dict(config)})
-    autocast = autocast_for(device, config.amp)
-    metrics: dict[str, Any] = {}
-    for split in ("val", "test"):
-        if len(data.split(split).y):
-            result = evaluate(model, data.loader(split, batch_size=512, device=device), autocast=autocast)
-            metrics[f"{split}_loss"], metrics[f"{split}_acc"] = result["loss"], result["acc"]
+    metrics = final_metrics(model, data, device=device, amp=config.amp)
     if out is not None:
         save_model(out, model, kind="model", config=to_dict(config), metrics=metrics,
                    history=state.history, dataset=data.name, num_classes=data.num_classes)

@@ -23,7 +23,7 @@ from pat.config import TuneConfig, to_dict
 from pat.data import Dataset, bagging_indices
 from pat.engine.callbacks import Callback
 from pat.engine.distributed import Ranks
-from pat.engine.loop import autocast_for, evaluate, fit, resolve_device
+from pat.engine.loop import final_metrics, fit, resolve_device
 from pat.engine.optim import create_optimizer
 from pat.engine.schedules import create_schedule
 from pat.engine.steps import create_step
@@ -66,13 +66,8 @@ def tune_child(
     fit(child, train, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler,
         step=create_step(config.step), eval_data=evals, callbacks=[*enforcer, *callbacks],
         amp=config.amp, device=device)
-    autocast = autocast_for(device, config.amp)
-    metrics: dict[str, float] = {"train_samples": len(indices) if indices is not None else len(data.train.y)}
-    for split in ("val", "test"):
-        if len(data.split(split).y):
-            result = evaluate(child, data.loader(split, batch_size=512, device=device), autocast=autocast)
-            metrics[f"{split}_loss"], metrics[f"{split}_acc"] = result["loss"], result["acc"]
-    return metrics
+    train_samples = len(indices) if indices is not None else len(data.train.y)
+    return {"train_samples": train_samples, **final_metrics(child, data, device=device, amp=config.amp)}
 
 
 def tune(

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,10 @@ from pat.engine.checkpoint import load_checkpoint, save_checkpoint
 from pat.engine.steps import LossFn, StepRule, sgd_step
 from pat.errors import PatError, check
 
-__all__ = ["fit", "evaluate", "resolve_device", "autocast_for"]
+if TYPE_CHECKING:
+    from pat.data import Dataset
+
+__all__ = ["fit", "evaluate", "final_metrics", "resolve_device", "autocast_for"]
 
 Batches = Iterable[tuple[Tensor, Tensor]]
 
@@ -74,6 +77,18 @@ def evaluate(
     model.train(was_training)
     check(n > 0, "evaluation data is empty.")
     return {"loss": float(loss_sum) / n, "acc": float(correct) / n}
+
+
+def final_metrics(model: nn.Module, data: Dataset, *, device: torch.device, amp: bool | None,
+                  batch_size: int = 512) -> dict[str, float]:
+    """``val_loss``, ``val_acc``, ``test_loss``, ``test_acc`` of ``model`` (non-empty splits only)."""
+    autocast = autocast_for(device, amp)
+    metrics: dict[str, float] = {}
+    for split in ("val", "test"):
+        if len(data.split(split).y):
+            result = evaluate(model, data.loader(split, batch_size=batch_size, device=device), autocast=autocast)
+            metrics[f"{split}_loss"], metrics[f"{split}_acc"] = result["loss"], result["acc"]
+    return metrics
 
 
 def _save_state(path: Path, state: FitState, extra: Mapping[str, Any]) -> None:

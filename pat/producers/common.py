@@ -25,7 +25,6 @@ from pat.data import Dataset, DeviceLoader, load_dataset
 from pat.engine.callbacks import Callback
 from pat.engine.checkpoint import load_checkpoint, save_model
 from pat.engine.distributed import Ranks
-from pat.engine.loop import autocast_for, evaluate
 from pat.engine.sam import IndexedBatches
 from pat.ensemble.store import MANIFEST, EnsembleDir
 from pat.errors import PatError
@@ -38,7 +37,6 @@ __all__ = [
     "open_ensemble",
     "finished_record",
     "save_member",
-    "final_metrics",
     "write_manifest",
     "member_file",
     "work_dir",
@@ -196,19 +194,6 @@ def finalize(ens: EnsembleDir, names: Sequence[str], producer: str, config: Any,
         write_manifest(ens, final)
         if all(r is not None for r in final):
             shutil.rmtree(work_dir(ens), ignore_errors=True)  # resume states are spent
-
-
-def final_metrics(model: nn.Module, data: Dataset, *, device: torch.device, amp: bool | None,
-                  batch_size: int = 512) -> dict[str, float]:
-    """``val_loss``, ``val_acc``, ``test_loss``, ``test_acc`` of ``model`` (non-empty splits only)."""
-    autocast = autocast_for(device, amp)
-    metrics: dict[str, float] = {}
-    for split in ("val", "test"):
-        if len(data.split(split).y):
-            loader = data.loader(split, batch_size=batch_size, device=device)
-            result = evaluate(model, loader, autocast=autocast)
-            metrics[f"{split}_loss"], metrics[f"{split}_acc"] = result["loss"], result["acc"]
-    return metrics
 
 
 def gather_records(ens: EnsembleDir, names: Sequence[str], producer: str, config: Any,

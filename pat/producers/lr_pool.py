@@ -21,7 +21,7 @@ import torch
 from pat.config import DataConfig
 from pat.data import Dataset
 from pat.engine.distributed import Ranks, init_ranks
-from pat.engine.loop import fit, resolve_device
+from pat.engine.loop import final_metrics, fit, resolve_device
 from pat.engine.optim import OPTIMIZERS, create_optimizer
 from pat.engine.schedules import create_schedule, list_schedules
 from pat.ensemble.store import EnsembleDir
@@ -29,7 +29,6 @@ from pat.errors import check
 from pat.models import create_model
 from pat.producers.common import (
     CallbackFactory,
-    final_metrics,
     finalize,
     finished_record,
     load_data,

@@ -34,7 +34,7 @@ from pat.data import Dataset
 from pat.data.loader import seeded_generator
 from pat.engine.checkpoint import load_checkpoint, save_checkpoint
 from pat.engine.distributed import Ranks, init_ranks
-from pat.engine.loop import fit, resolve_device
+from pat.engine.loop import final_metrics, fit, resolve_device
 from pat.engine.optim import OPTIMIZERS, create_optimizer
 from pat.engine.sam import MixedSAMStep, SAMStep, per_sample_sharpness
 from pat.engine.schedules import create_schedule, list_schedules
@@ -44,7 +44,6 @@ from pat.errors import PatError, check
 from pat.models import create_model
 from pat.producers.common import (
     CallbackFactory,
-    final_metrics,
     finalize,
     finished_record,
     indexed_loader,

@@ -31,7 +31,7 @@ from pat.config import DataConfig
 from pat.data import Dataset
 from pat.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from pat.engine.distributed import Ranks, init_ranks
-from pat.engine.loop import fit, resolve_device
+from pat.engine.loop import final_metrics, fit, resolve_device
 from pat.engine.optim import OPTIMIZERS, create_optimizer
 from pat.engine.schedules import create_schedule
 from pat.ensemble.store import EnsembleDir
@@ -40,7 +40,6 @@ from pat.models import create_model, get_classifier
 from pat.models._classifier import module_path
 from pat.producers.common import (
     CallbackFactory,
-    final_metrics,
     finalize,
     finished_record,
     load_data,
