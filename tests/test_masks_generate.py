@@ -41,22 +41,41 @@ def coverage(masks: list[dict[str, torch.Tensor]], name: str) -> torch.Tensor:
 # --- the hash ---------------------------------------------------------------------------
 
 
-def _mix32_reference(x: int) -> int:
-    """MurmurHash3 fmix32 without its last xor-shift, in unsigned Python arithmetic."""
-    x &= 0xFFFFFFFF
-    x ^= x >> 16
-    x = (x * 0x85EBCA6B) & 0xFFFFFFFF
-    x ^= x >> 13
-    return (x * 0xC2B2AE35) & 0xFFFFFFFF
+def _mix_reference(x: int, k: int) -> int:
+    """The k-bit hash in unsigned Python arithmetic (the module doc's formula)."""
+    m = (1 << k) - 1
+    s1, s2 = (k + 1) // 2, (13 * k + 16) // 32
+    x &= m
+    x ^= x >> s1
+    x = (x * 0x85EBCA6B) & m
+    x ^= x >> s2
+    return (x * 0xC2B2AE35) & m
 
 
-def test_hash_matches_unsigned_reference_and_is_a_bijection():
-    k, b = stream_key(3, 1, "layer.weight")
-    h = hash_scores(5000, (k, b))
-    for i in (0, 1, 2, 777, 4999):
-        expected = _mix32_reference(i * (k & 0xFFFFFFFF) + (b & 0xFFFFFFFF))
-        assert int(h[i]) & 0xFFFFFFFF == expected
-    assert torch.unique(h).numel() == h.numel()
+@pytest.mark.parametrize("n,extra,k", [(5000, 4, 17), (5000, 32, 32), (1, 4, 4), (4096, 0, 12)])
+def test_hash_matches_unsigned_reference_and_is_a_bijection(monkeypatch, n, extra, k):
+    monkeypatch.setattr(hashing, "_EXTRA_BITS", extra)
+    key = stream_key(3, 1, "layer.weight")
+    h = hash_scores(n, key)
+    for i in sorted({0, 1 % n, 2 % n, 777 % n, n - 1}):
+        word = _mix_reference(i * (key[0] & 0xFFFFFFFF) + (key[1] & 0xFFFFFFFF), k)
+        assert int(h[i]) & 0xFFFFFFFF == word << (32 - k)  # left-aligned in the int32
+    assert torch.unique(h).numel() == n
+
+
+@pytest.mark.parametrize("n,extra", [(5000, 4), (5000, 32), (1, 4), (4096, 0), (70_001, 4)])
+def test_unhash_inverts_the_hash_and_rejects_other_values(monkeypatch, n, extra):
+    monkeypatch.setattr(hashing, "_EXTRA_BITS", extra)
+    key = stream_key(8, 2, "w")
+    h = hash_scores(n, key)
+    assert torch.equal(hashing._unhash_(h.clone(), hashing._hasher(n, key)), torch.arange(n, dtype=torch.int32))
+    hasher = hashing._hasher(n, key)
+    values = torch.arange(-(2**31), 2**31, hasher.step * max(1, 2**30 // (hasher.step * 4096)),
+                          dtype=torch.int64).to(torch.int32)  # fmt: skip
+    idx = hashing._unhash_(values.clone(), hasher)
+    hit = idx >= 0
+    assert torch.isin(values[hit], h).all() and not torch.isin(values[~hit], h).any()
+    assert torch.equal(h[idx[hit].long()], values[hit])
 
 
 def test_hash_does_not_depend_on_chunking(monkeypatch):
@@ -89,48 +108,38 @@ def reference_below(parts: list[torch.Tensor], m: int) -> list[torch.Tensor]:
     return list(keep.split([p.numel() for p in parts]))
 
 
-@pytest.mark.parametrize(
-    "n,m", [(10, 1), (10, 9), (70_000, 1), (70_000, 35_000), (200_000, 199_999)]
-)
-def test_ranks_below_is_exact(n, m):
-    s = hash_scores(n, stream_key(5, 0, "t"))
-    (mask,) = ranks_below([s], m)
-    assert int(mask.sum()) == m
-    assert torch.equal(mask, reference_below([s], m)[0])
+def assert_lowest_is_exact(units, ms):
+    scores = [hash_scores(*u) for u in units]
+    got = lowest(units, ms)
+    for m in ms:
+        for g, r in zip(got[m], reference_below(scores, m), strict=True):
+            assert torch.equal(g, r), m
 
 
-def test_ranks_below_over_several_tensors_with_colliding_scores():
-    # Large enough for the band search; the shared values collide across tensors.
-    a = hash_scores(50_000, stream_key(1, 0, "a"))
-    b = torch.cat([a[:20_000], hash_scores(40_000, stream_key(1, 0, "b"))])
-    for m in (1, 45_000, 89_999):
-        got = ranks_below([a, b], m)
-        for g, r in zip(got, reference_below([a, b], m), strict=True):
-            assert torch.equal(g, r)
+@pytest.mark.parametrize("n", [1, 2, 10, 1000, 70_001, 230_400])
+def test_lowest_equals_a_full_sort_for_one_tensor(n):
+    assert_lowest_is_exact([(n, stream_key(5, 0, "t"), "cpu")],
+                           sorted({0, 1, n // 3, n // 2, (n + 1) // 2, n - 1, n}))  # fmt: skip
 
 
 @pytest.mark.parametrize("chunk", [1 << 15, 1000, 1 << 30])  # 1 << 30: one chunk, as on CUDA
-def test_lowest_without_stored_scores_equals_ranks_below(monkeypatch, chunk):
+def test_lowest_over_tensors_of_different_widths_equals_a_full_sort(monkeypatch, chunk):
+    # Different sizes hash to different word widths; their scores collide (ties go to the
+    # earlier tensor) and are compared on one scale (global scope).
     monkeypatch.setattr(hashing, "_CPU_CHUNK", chunk)
-    units = [(50_000, stream_key(2, 0, "a"), "cpu"), (30_001, stream_key(2, 0, "b"), "cpu")]
-    scores = [hash_scores(*u) for u in units]
-    got = lowest(units, [0, 1, 40_000, 80_000, 80_001])
-    for m in (0, 1, 40_000, 80_000, 80_001):
-        for g, r in zip(got[m], ranks_below(scores, m), strict=True):
-            assert torch.equal(g, r)
+    units = [(50_000, stream_key(2, 0, "a"), "cpu"), (7, stream_key(2, 0, "b"), "cpu"),
+             (30_001, stream_key(2, 0, "c"), "cpu"), (300, stream_key(2, 0, "d"), "cpu")]  # fmt: skip
+    assert_lowest_is_exact(units, [0, 1, 3, 40_000, 80_307, 80_308, 80_309])
 
 
-def test_lowest_stays_exact_when_the_band_misses(monkeypatch):
-    monkeypatch.setattr(hashing, "_band", lambda n, m: (0, 0))  # a band that holds nothing
-    unit = (70_000, stream_key(0, 0, "x"), "cpu")
-    (got,) = lowest([unit], [12_345])[12_345]
-    assert torch.equal(got, reference_below([hash_scores(*unit)], 12_345)[0])
-
-
-def test_ranks_below_falls_back_for_non_uniform_scores():
-    s = torch.arange(100_000, dtype=torch.int32)  # all in a tiny value range: the band misses
-    (mask,) = ranks_below([s], 54_321)
-    assert mask[:54_321].all() and not mask[54_321:].any()
+@pytest.mark.parametrize("extra,window", [(0, 4), (4, 4), (8, 1 << 12)])
+def test_lowest_is_exact_for_dense_and_sparse_words_and_small_windows(monkeypatch, extra, window):
+    # extra=0: the words are nearly full; 8: far sparser than the default.
+    # Small windows make the correction walk through many of them.
+    monkeypatch.setattr(hashing, "_EXTRA_BITS", extra)
+    monkeypatch.setattr(hashing, "_WINDOW", window)
+    units = [(4097, stream_key(1, 3, "a"), "cpu"), (999, stream_key(1, 3, "b"), "cpu")]
+    assert_lowest_is_exact(units, [1, 2000, 2548, 5095])
 
 
 def test_ranks_below_breaks_ties_across_tensors_exactly():
@@ -139,6 +148,56 @@ def test_ranks_below_breaks_ties_across_tensors_exactly():
     masks = ranks_below([a, b], 3)  # 0, 1 and the first 5 (a[0])
     assert masks[0].tolist() == [True, True, False]
     assert masks[1].tolist() == [False, True, False]
+
+
+@pytest.mark.parametrize("n", [64, 1000, 230_400])
+def test_masks_look_random(n):
+    """Statistical sanity of the k-bit hash: a kept half is spread evenly over the tensor,
+    neighbours are uncorrelated, and draws that differ in seed, draw or name are
+    independent (each test at about 5 standard deviations)."""
+    def half(seed, draw, name):
+        (mask,) = lowest([(n, stream_key(seed, draw, name), "cpu")], [n // 2])[n // 2]
+        return mask.float()
+
+    a = half(0, 0, "w")
+    sd = math.sqrt(n) / 2  # of a count over n fair coins
+    # evenly spread: each eighth of the tensor keeps about an eighth of the half
+    eighths = torch.stack([p.sum() for p in a.chunk(8)]) - n / 16
+    assert eighths.abs().max() < 5 * sd / math.sqrt(8) + 1
+    # neighbours: agreement of a[i] and a[i+1] near one half
+    assert abs(float((a[1:] == a[:-1]).sum()) - (n - 1) / 2) < 5 * sd + 1
+    for other in (half(1, 0, "w"), half(0, 1, "w"), half(0, 0, "v")):
+        assert abs(float((a == other).sum()) - n / 2) < 5 * sd + 1
+
+
+def test_one_thread_per_op_nests_and_restores_the_thread_count():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with hashing.one_thread_per_op() as outer:
+            assert outer == 2 and torch.get_num_threads() == 1
+            with hashing.one_thread_per_op() as inner:
+                assert inner == 2 and torch.get_num_threads() == 1
+            assert torch.get_num_threads() == 1  # the outer one still runs
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), hashing.one_thread_per_op():
+            raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_masks_do_not_depend_on_how_many_threads_make_them(threads):
+    before = torch.get_num_threads()
+    reference = generate_masks(params(), children=5, method="anti-random", seed=2)
+    try:
+        torch.set_num_threads(threads)  # 3: the jobs run on a pool of three threads
+        again = generate_masks(params(), children=5, method="anti-random", seed=2)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(reference, again, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in SHAPES)
 
 
 # --- densities --------------------------------------------------------------------------
@@ -305,23 +364,30 @@ def test_partition_accepts_its_own_sparsity():
     assert (coverage(masks, "d.weight") == 1).all()
 
 
-@pytest.mark.parametrize("method", ["random", "anti-random", "cyclic"])
-def test_one_pass_large_tensor_path_gives_the_same_masks(monkeypatch, method):
-    """The one-pass path for large tensors gives the masks of an exact full sort."""
-    import pat.masks.hashing as hashing
-
-    torch.manual_seed(0)
-    params = {"a.weight": torch.randn(64, 48, 3, 3), "b.weight": torch.randn(300, 7)}
-    kwargs = {"children": 4, "method": method, "sparsity": 0.5, "seed": 3}
-    exact = generate_masks(params, **kwargs)  # small tensors: full sort
-    calls = []
-    real = hashing._direct
-    monkeypatch.setattr(hashing, "_SMALL", 100)
-    monkeypatch.setattr(hashing, "_DIRECT", 1000)
-    monkeypatch.setattr(hashing, "_direct", lambda *a, **k: calls.append(1) or real(*a, **k))
-    direct = generate_masks(params, **kwargs)
-    assert calls  # the one-pass path really ran
-    for a, b in zip(exact, direct, strict=True):
-        for name in params:
-            assert torch.equal(a[name], b[name]), name
-            assert int(b[name].sum()) in (params[name].numel() // 2, (params[name].numel() + 1) // 2)
+@pytest.mark.parametrize("method", ["random", "anti-random", "cyclic", "partition"])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_masks_equal_the_ranks_of_a_full_sort(method, scope):
+    """Every method's masks are windows of the exact ranks of the hashed scores."""
+    p = params()
+    masks = generate_masks(p, children=4, method=method, scope=scope, seed=3)
+    names = list(p) if scope == "global" else [[n] for n in p]
+    for group in names if scope == "layer" else [names]:
+        n = sum(p[name].numel() for name in group)
+        for c, child in enumerate(masks):
+            draw = {"random": 2 * c + 1, "anti-random": 2 * (c // 2)}.get(method, 0)
+            scores = [hash_scores(p[name].numel(), stream_key(3, draw, name)) for name in group]
+            # rank of every unit within its draw, in (score, tensor, index) order
+            order = torch.sort(torch.cat(scores), stable=True).indices
+            rank = torch.empty(n, dtype=torch.long)
+            rank[order] = torch.arange(n)
+            keep = torch.cat([child[name].reshape(-1) for name in group])
+            if method == "random":
+                assert torch.equal(keep, rank < kept(0.5, n))
+            else:
+                big_n = 2 if method == "anti-random" else 4
+                d = Fraction(1, 4) if method == "partition" else Fraction(1, 2)
+                i = c % 2 if method == "anti-random" else c
+                lo = -(-Fraction(i, big_n) * n // 1)
+                hi = -(-(Fraction(i, big_n) + d) * n // 1)
+                window = (rank >= lo) & (rank < hi) if hi <= n else (rank >= lo) | (rank < hi - n)
+                assert torch.equal(keep, window), (method, c, group)

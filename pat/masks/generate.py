@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from typing import Any, Literal
 
@@ -37,7 +38,7 @@ from torch import nn
 
 from pat.errors import PatError
 from pat.masks.apply import MaskSet, prunable_parameters, require_example_inputs
-from pat.masks.hashing import hash_scores, lowest, ranks_below, stream_key
+from pat.masks.hashing import hash_scores, lowest, one_thread_per_op, ranks_below, stream_key
 
 __all__ = [
     "METHODS",
@@ -163,15 +164,27 @@ def decide(
     """
     out: list[list[torch.Tensor | None]] = [[None] * len(units) for _ in range(children)]
     sets = [[i] for i in range(len(units))] if scope == "layer" else [list(range(len(units)))]
-    for members in sets:
+    jobs = [(members, draw, users) for members in sets for draw, users in _plan(method, children)]
+
+    def run(job: tuple[list[int], int, list[tuple[int, int, int]]]) -> None:
+        members, draw, users = job
         n = sum(units[i][1] for i in members)
-        for draw, users in _plan(method, children):
-            draws = [
-                (units[i][1], stream_key(seed, draw, units[i][0]), units[i][2]) for i in members
-            ]
-            for child, masks in _select(draws, n, users, method, density, min_one).items():
-                for j, m in zip(members, masks, strict=True):
-                    out[child][j] = m
+        draws = [(units[i][1], stream_key(seed, draw, units[i][0]), units[i][2]) for i in members]
+        for child, masks in _select(draws, n, users, method, density, min_one).items():
+            for j, m in zip(members, masks, strict=True):
+                out[child][j] = m
+
+    # Each job (a tensor or set, one draw) runs its ops on one thread; on CPU the jobs
+    # are spread over torch's threads, largest first. The result does not depend on it.
+    jobs.sort(key=lambda job: -sum(units[i][1] for i in job[0]))
+    with one_thread_per_op() as threads:
+        on_cpu = all(torch.device(u[2]).type == "cpu" for u in units)
+        if on_cpu and threads > 1 and len(jobs) > 1:
+            with ThreadPoolExecutor(min(threads, len(jobs))) as pool:
+                list(pool.map(run, jobs))  # list(): re-raise the first error
+        else:
+            for job in jobs:
+                run(job)
     return out  # type: ignore[return-value]
 
 
