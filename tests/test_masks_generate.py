@@ -11,9 +11,11 @@ import torch
 from torch import nn
 
 import pat.masks.hashing as hashing
+import pat.masks.selection as selection
 from pat.errors import PatError
 from pat.masks import generate_masks
-from pat.masks.hashing import hash_scores, lowest, ranks_below, stream_key
+from pat.masks.hashing import hash_scores, stream_key
+from pat.masks.selection import lowest, ranks_below
 
 # Odd sizes, a size above the band-search threshold, and a 1-element tensor.
 SHAPES = {
@@ -68,11 +70,11 @@ def test_unhash_inverts_the_hash_and_rejects_other_values(monkeypatch, n, extra)
     monkeypatch.setattr(hashing, "_EXTRA_BITS", extra)
     key = stream_key(8, 2, "w")
     h = hash_scores(n, key)
-    assert torch.equal(hashing._unhash_(h.clone(), hashing._hasher(n, key)), torch.arange(n, dtype=torch.int32))
-    hasher = hashing._hasher(n, key)
+    assert torch.equal(hashing.unhash_(h.clone(), hashing.word_hash(n, key)), torch.arange(n, dtype=torch.int32))
+    hasher = hashing.word_hash(n, key)
     values = torch.arange(-(2**31), 2**31, hasher.step * max(1, 2**30 // (hasher.step * 4096)),
                           dtype=torch.int64).to(torch.int32)  # fmt: skip
-    idx = hashing._unhash_(values.clone(), hasher)
+    idx = hashing.unhash_(values.clone(), hasher)
     hit = idx >= 0
     assert torch.isin(values[hit], h).all() and not torch.isin(values[~hit], h).any()
     assert torch.equal(h[idx[hit].long()], values[hit])
@@ -137,7 +139,7 @@ def test_lowest_is_exact_for_dense_and_sparse_words_and_small_windows(monkeypatc
     # extra=0: the words are nearly full; 8: far sparser than the default.
     # Small windows make the correction walk through many of them.
     monkeypatch.setattr(hashing, "_EXTRA_BITS", extra)
-    monkeypatch.setattr(hashing, "_WINDOW", window)
+    monkeypatch.setattr(selection, "_WINDOW", window)
     units = [(4097, stream_key(1, 3, "a"), "cpu"), (999, stream_key(1, 3, "b"), "cpu")]
     assert_lowest_is_exact(units, [1, 2000, 2548, 5095])
 

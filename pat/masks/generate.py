@@ -38,7 +38,8 @@ from torch import nn
 
 from pat.errors import PatError
 from pat.masks.apply import MaskSet, prunable_parameters, require_example_inputs
-from pat.masks.hashing import hash_scores, lowest, one_thread_per_op, ranks_below, stream_key
+from pat.masks.hashing import hash_scores, one_thread_per_op, stream_key
+from pat.masks.selection import lowest, ranks_below
 
 __all__ = [
     "METHODS",

@@ -1,4 +1,4 @@
-"""Counter-based random scores that are the same on every device, and exact selection.
+"""Counter-based random scores that are the same on every device, and their inverse.
 
 A mask must be a pure function of (seed, draw, tensor name, element index) so that a
 child made on a GPU can be checked against one made on a CPU. ``torch.Generator``
@@ -16,7 +16,7 @@ first four steps. Every step is a bijection on k-bit words, so the scores of one
 are all distinct: ranks have no ties.
 
 Why ``k`` bits and not 32: an exact selection of the ``m`` smallest scores is done in
-one pass (:func:`lowest`): the mask is written at the expected ``m``-th smallest score,
+one pass (:func:`pat.masks.selection.lowest`): the mask is written at the expected ``m``-th smallest score,
 which misses the count by about ``sqrt(n)/2`` elements, and the missing (or extra)
 elements are found by *inverting* the hash over the score values just past the
 threshold. Within ``k`` bits, ``n`` elements use at least 1/16 of the possible values, so
@@ -39,21 +39,27 @@ References:
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
 
 from pat.errors import PatError
 
-__all__ = ["stream_key", "hash_scores", "ranks_below", "lowest", "one_thread_per_op"]
+__all__ = [
+    "stream_key",
+    "hash_scores",
+    "hash_chunks",
+    "unhash_",
+    "word_hash",
+    "WordHash",
+    "one_thread_per_op",
+]
 
 _M32 = 0xFFFFFFFF
 _C1, _C2 = 0x85EBCA6B, 0xC2B2AE35  # MurmurHash3 fmix32 multipliers
-_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 _EXTRA_BITS = 4  # k - bit_length(n - 1): n elements fill at least 1/16 of the k-bit values
 # int32 elements per CPU chunk (512 KiB): a chunk's passes run from cache, and each op is
 # long enough that the Python call around it is cheap. The ops run on one thread each
@@ -61,9 +67,6 @@ _EXTRA_BITS = 4  # k - bit_length(n - 1): n elements fill at least 1/16 of the k
 # Measured per element for 0.2-3.7M-element tensors, 1 thread: 4.2-7.3 ns at 2^17 against
 # 5.8-9.3 at 2^15; with torch's 2 threads per op on 2 shared cores, 6-35 ns, erratic.
 _CPU_CHUNK = 1 << 17
-_WINDOW = 1 << 20  # score values inverted at once per tensor by _nearest() (4 MiB of int32)
-
-Unit = tuple[int, tuple[int, int], "torch.device | str"]  # (n, stream key, device)
 
 
 def _s32(x: int) -> int:
@@ -102,7 +105,7 @@ def _word_mask(k: int, shift: int) -> int:
     return _s32((_M32 >> shift) & ~((1 << (32 - k)) - 1))
 
 
-class _Hash(NamedTuple):
+class WordHash(NamedTuple):
     """The k-bit hash of one tensor, as left-aligned int32 constants."""
 
     n: int
@@ -116,13 +119,13 @@ class _Hash(NamedTuple):
         return 1 << (32 - self.k)
 
 
-def _hasher(n: int, key: tuple[int, int]) -> _Hash:
+def word_hash(n: int, key: tuple[int, int]) -> WordHash:
     if not 0 < n < 2**31:
         raise PatError(f"tensors of 2**31 elements or more cannot be masked. Got {n}.")
     k = min(32, (n - 1).bit_length() + _EXTRA_BITS)
     shifts = ((k + 1) // 2, (13 * k + 16) // 32)  # (16, 13) at k = 32, as in fmix32
     steps = tuple((s, _word_mask(k, s), _s32(c)) for s, c in zip(shifts, (_C1, _C2), strict=True))
-    return _Hash(n, k, key, steps)
+    return WordHash(n, k, key, steps)
 
 
 _threads_lock = threading.Lock()
@@ -159,14 +162,14 @@ def _chunk_size(n: int, device: torch.device | str) -> int:
     return max(1, min(n, _CPU_CHUNK)) if torch.device(device).type == "cpu" else max(1, n)
 
 
-def _hash_chunks(
+def hash_chunks(
     n: int, key: tuple[int, int], device: torch.device | str, out: torch.Tensor | None = None
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(start, scores[start:start + len])`` chunk by chunk.
 
     Without ``out`` the chunks share one scratch buffer: use each before the next.
     """
-    hasher = _hasher(n, key)
+    hasher = word_hash(n, key)
     k_mul, b = key
     shift = 32 - hasher.k
     chunk = _chunk_size(n, device)
@@ -197,12 +200,12 @@ def hash_scores(n: int, key: tuple[int, int], device: torch.device | str = "cpu"
     """
     h = torch.empty(n, dtype=torch.int32, device=device)
     with one_thread_per_op():
-        for _ in _hash_chunks(n, key, device, out=h):
+        for _ in hash_chunks(n, key, device, out=h):
             pass
     return h
 
 
-def _unhash_(v: torch.Tensor, hasher: _Hash) -> torch.Tensor:
+def unhash_(v: torch.Tensor, hasher: WordHash) -> torch.Tensor:
     """Scores -> element indices, in place; values no element of the tensor has become -1.
 
     Inverts the hash step by step: multiplications by the inverses (mod 2**32, hence mod
@@ -223,116 +226,3 @@ def _unhash_(v: torch.Tensor, hasher: _Hash) -> torch.Tensor:
     if shift:
         v.bitwise_right_shift_(shift).bitwise_and_((1 << hasher.k) - 1)
     return v.masked_fill_((v < 0) | (v >= hasher.n), -1)
-
-
-def ranks_below(scores: Sequence[torch.Tensor], m: int) -> list[torch.Tensor]:
-    """Bool masks, one per score tensor, of the ``m`` elements with the smallest scores.
-
-    Exact, by a stable sort of everything: ties go to the earlier tensor, then to the
-    lower index. For scores that are not a hash (a few channels); hashed tensors of any
-    size take :func:`lowest`.
-    """
-    flat = [s.reshape(-1) for s in scores]
-    n = sum(s.numel() for s in flat)
-    keep = torch.zeros(n, dtype=torch.bool)
-    if m > 0:
-        keep[torch.sort(torch.cat([s.cpu() for s in flat]), stable=True).indices[:m]] = True
-    return [
-        k.to(s.device).view(s.shape)
-        for k, s in zip(keep.split([s.numel() for s in flat]), scores, strict=True)
-    ]
-
-
-def lowest(units: Sequence[Unit], ms: Iterable[int]) -> dict[int, list[torch.Tensor]]:
-    """For each ``m``: bool masks of the ``m`` lowest hash scores over all ``units``.
-
-    Equal to ``ranks_below([hash_scores(*u) for u in units], m)`` (ties between tensors go
-    to the earlier one), without storing or sorting the scores: one pass hashes each
-    cache-sized chunk and writes ``score < c`` at the expected ``m``-th smallest score
-    ``c``, counting as it goes. That misses ``m`` by ``delta``, about ``sqrt(n)/2``;
-    :func:`_nearest` finds the ``|delta|`` elements just past ``c`` by inverting the hash,
-    and they are switched on (or off). Several ``m`` share the pass.
-
-    Args:
-        units: ``(n, key, device)`` per tensor, as for :func:`hash_scores`.
-        ms: how many to select.
-
-    Returns:
-        ``{m: [bool (n,) per unit]}``.
-    """
-    n = sum(u[0] for u in units)
-    out: dict[int, list[torch.Tensor]] = {}
-    todo = []
-    for m in sorted(set(ms)):
-        if 0 < m < n:
-            todo.append(m)
-        else:  # nothing or everything
-            out[m] = [torch.full((u[0],), m > 0, dtype=torch.bool, device=u[2]) for u in units]
-    if not todo:
-        return out
-    guess = {m: min(_INT32_MAX, _INT32_MIN + round(m / n * 2.0**32)) for m in todo}
-    masks = {m: [torch.empty(u[0], dtype=torch.bool, device=u[2]) for u in units] for m in todo}
-    counts: dict[int, list[torch.Tensor]] = {m: [] for m in todo}
-    with one_thread_per_op():
-        for j, (nu, key, device) in enumerate(units):
-            for start, part in _hash_chunks(nu, key, device):
-                for m, c in guess.items():
-                    below = masks[m][j][start : start + part.numel()]
-                    torch.lt(part, c, out=below)
-                    # while in cache; a uint8 sum is cheaper than count_nonzero
-                    counts[m].append(below.view(torch.uint8).sum(dtype=torch.int32))
-    found = torch.stack([torch.stack(counts[m]).sum(dtype=torch.int64) for m in todo]).tolist()
-    hashers = [_hasher(nu, key) for nu, key, _ in units]
-    for (m, c), below in zip(guess.items(), found, strict=True):
-        delta = m - below
-        for j, idx in _nearest(hashers, [u[2] for u in units], c, delta).items():
-            masks[m][j][idx] = delta > 0
-        out[m] = masks[m]
-    return out
-
-
-def _nearest(
-    hashers: list[_Hash], devices: list[torch.device | str], c: int, delta: int
-) -> dict[int, torch.Tensor]:
-    """``{unit: indices}`` of the ``delta`` smallest scores ``>= c`` (``delta > 0``), or the
-    ``-delta`` largest scores ``< c`` (``delta < 0``), over all units, in the order of
-    (score, unit, index)."""
-    want = abs(delta)
-    n = sum(h.n for h in hashers)
-    picked: dict[int, list[torch.Tensor]] = {}
-    lo = hi = c  # the score values [lo, hi) inverted so far
-    while want:
-        # a window expected to hold 1.25x what is still wanted (+16), at most _WINDOW
-        # values of any one tensor
-        width = math.ceil((want * 1.25 + 16) / n * 2.0**32)
-        width = min(width, _WINDOW * min(h.step for h in hashers))
-        if delta > 0:
-            a, b = hi, min(hi + width, _INT32_MAX + 1)
-            hi = b
-        else:
-            a, b = max(lo - width, _INT32_MIN), lo
-            lo = a
-        if a >= b:  # cannot happen: the units hold m scores below c and n - m above
-            raise RuntimeError("mask selection ran out of scores")
-        vals, units, idxs = [], [], []
-        for j, (h, device) in enumerate(zip(hashers, devices, strict=True)):
-            first = -(-a // h.step) * h.step  # the word's first value >= a
-            if first >= b:
-                continue
-            v = torch.arange(first, b, h.step, dtype=torch.int64, device=device)
-            v = v.to(torch.int32)
-            i = _unhash_(v.clone(), h)
-            hit = i >= 0
-            vals.append(v[hit].cpu())
-            idxs.append(i[hit].cpu())
-            units.append(torch.full((vals[-1].numel(),), j, dtype=torch.int64))
-        if not vals:
-            continue
-        v_all, u_all, i_all = torch.cat(vals), torch.cat(units), torch.cat(idxs)
-        order = torch.sort(v_all, stable=True).indices  # ties: earlier unit (cat order)
-        order = order[:want] if delta > 0 else order[max(0, order.numel() - want) :]
-        want -= order.numel()
-        for j in u_all[order].unique().tolist():
-            sel = order[u_all[order] == j]
-            picked.setdefault(j, []).append(i_all[sel].to(torch.int64))
-    return {j: torch.cat(parts).to(devices[j]) for j, parts in picked.items()}
