@@ -98,7 +98,7 @@ def train(args: argparse.Namespace, data: Dataset, epochs: int, seed: int) -> nn
 def pat_arm(args: argparse.Namespace, data: Dataset, parent: nn.Module, *, children: int,
             method: str, epochs: int, schedule: str, seed: int) -> Row:
     """Split ``parent`` into ``children`` masked copies, tune each ``epochs``, evaluate the mean."""
-    kids = split(parent, children, method=method, sparsity=0.5, seed=seed)
+    kids = split(parent, children, method=method, sparsity=0.5, seed=seed, rescale=args.rescale)
     config = TuneConfig(
         epochs=epochs, schedule=schedule, max_lr=args.max_lr, lr=LR, optimizer="adam",
         weight_decay=0.0, seed=seed, device=args.device,
@@ -171,6 +171,8 @@ def main() -> None:
                    help="children's LR schedule in the main arms")
     p.add_argument("--max-lr", type=float, default=LR, help="one-cycle peak LR of the children")
     p.add_argument("--ablation-epochs", type=int, default=4, help="0 skips the 2-child ablation")
+    p.add_argument("--no-rescale", dest="rescale", action="store_false",
+                   help="children keep the parent's values on kept weights (the paper; pat rescales by n/kept)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -182,7 +184,8 @@ def main() -> None:
     steps = len(data.loader("train", batch_size=args.batch_size))
     print(f"{args.dataset}: train {len(data.train.y)}, val {len(data.val.y)}, test {len(data.test.y)}; "
           f"batch {args.batch_size} -> {steps} optimizer steps per epoch; model {args.model}; "
-          f"Adam lr {LR}, children {args.schedule} (max_lr {args.max_lr}); device "
+          f"Adam lr {LR}, children {args.schedule} (max_lr {args.max_lr}), "
+          f"{'rescaled' if args.rescale else 'not rescaled'} at split; device "
           f"{'cuda' if args.device != 'cpu' and torch.cuda.is_available() else 'cpu'}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
     results = []

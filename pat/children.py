@@ -38,6 +38,7 @@ from pat.masks.apply import (
 )
 from pat.masks.generate import check_recipe, generate_masks
 from pat.masks.physical import channel_groups, kept_channels, slim
+from pat.masks.rescale import normalized_layers, rescale_kept_
 
 __all__ = ["split", "save_child", "load_child"]
 
@@ -65,6 +66,7 @@ def split(
     include_classifier: bool = False,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    rescale: bool | None = None,
 ) -> list[nn.Module]:
     """Clone ``model`` into ``children`` pruned copies, each with its own mask.
 
@@ -83,6 +85,10 @@ def split(
             at neuron level for models without a pat spec, optional otherwise.
         include_first, include_classifier, include, exclude: which layers are pruned
             (:func:`pat.masks.prunable_parameters`).
+        rescale: multiply each pruned tensor's kept weights by ``n / kept`` so that the
+            child starts at the parent's scale, except layers that feed a normalisation
+            layer (:mod:`pat.masks.rescale`). None: on at connection level; neuron level
+            does not rescale.
 
     Returns:
         N children, deep copies of ``model`` with ``pat_masks`` / ``pat_recipe`` (and
@@ -93,6 +99,14 @@ def split(
         raise PatError(
             f"physical=True removes whole channels and needs level='neuron'. Got level={level!r}."
         )
+    if rescale is not None and not isinstance(rescale, bool):
+        raise PatError(f"rescale must be True, False or None. Got {rescale!r}.")
+    if rescale and level != "connection":
+        raise PatError(
+            "rescale=True compensates connection-level pruning; neuron level does not rescale. "
+            f"Got level={level!r}."
+        )
+    rescale = level == "connection" if rescale is None else rescale
     include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
     if example_inputs is None:
         example_inputs = default_example_inputs(model)
@@ -116,8 +130,10 @@ def split(
         model if level == "neuron" else params, children=children, method=method,
         sparsity=sparsity, level=level, scope=scope, seed=seed, groups=groups,
     )  # fmt: skip
+    normalized = normalized_layers(model, example_inputs) if rescale else set()
     recipe = {"method": method, "sparsity": float(1 - d), "level": level, "scope": scope,
-              "seed": seed, "physical": bool(physical), "children": children}  # fmt: skip
+              "seed": seed, "physical": bool(physical), "children": children,
+              "rescale": rescale}  # fmt: skip
     out = []
     for index, mask in enumerate(masks):
         child = copy.deepcopy(model)
@@ -129,6 +145,8 @@ def split(
             child.pat_recipe["input_shape"] = input_shape
         else:
             apply_masks(child, mask)
+            if rescale:
+                rescale_kept_(child, mask, skip=normalized)
             child.pat_masks = mask
         out.append(child)
     return out

@@ -73,6 +73,7 @@ class SplitConfig:
     seed: int = 0  # masks are a pure function of (seed, child, parameter name)
     include_first: bool = True
     include_classifier: bool = False
+    rescale: bool | None = None  # kept weights x n/kept; None = on at connection level
 
     def __post_init__(self) -> None:
         check(self.children >= 1, f"children must be at least 1. Got {self.children}.")
@@ -83,6 +84,10 @@ class SplitConfig:
         check(self.scope in ("layer", "global"), f"scope must be 'layer' or 'global'. Got {self.scope!r}.")
         check(not (self.physical and self.level != "neuron"),
               "physical children need level='neuron' (connection-level pruning removes no channel).")
+        check(self.rescale is None or isinstance(self.rescale, bool),
+              f"rescale must be true, false or null. Got {self.rescale!r}.")
+        check(not (self.rescale and self.level != "connection"),
+              f"rescale compensates connection-level pruning; neuron level does not rescale. Got level={self.level!r}.")
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ def split_to_directory(parent_path: str | Path, out: str | Path, config: SplitCo
     children = split(parent, config.children, method=config.method, sparsity=config.sparsity,
                      level=config.level, scope=config.scope, physical=config.physical, seed=config.seed,
                      example_inputs=example, include_first=config.include_first,
-                     include_classifier=config.include_classifier)
+                     include_classifier=config.include_classifier, rescale=config.rescale)
     for child in children:
         index = child.pat_recipe["index"]
         name, file = f"child-{index}", f"child-{index}.pt"

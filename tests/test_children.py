@@ -28,7 +28,7 @@ def test_children_are_masked_copies_and_the_parent_is_untouched(parent):
     for i, child in enumerate(children):
         assert child is not parent and child.pat_recipe == {
             "method": "anti-random", "sparsity": 0.5, "level": "connection", "scope": "layer",
-            "seed": 3, "index": i, "physical": False, "children": 4,
+            "seed": 3, "index": i, "physical": False, "children": 4, "rescale": True,
         }  # fmt: skip
         check_masks(child, child.pat_masks)
         head = get_classifier(child)

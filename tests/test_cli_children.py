@@ -42,7 +42,11 @@ def test_split_writes_manifest_with_recipe_and_table(tmp_path, digits_parent):
         assert m["status"] == "split" and m["recipe"]["seed"] == 7 and m["recipe"]["index"] == i
         assert m["recipe"]["method"] == "cyclic" and m["recipe"]["sparsity"] == pytest.approx(0.25)
         assert m["stats"]["sparsity"] == pytest.approx(0.25, abs=0.05)  # classifier/biases stay dense
+        assert m["recipe"]["rescale"] is True  # the default at connection level
     assert ens.manifest["dataset"] == "digits" and ens.manifest["num_classes"] == 10
+    plain = tmp_path / "plain"
+    assert run("split", "--parent", digits_parent, "--children", 2, "--no-rescale", "--out", plain).exit_code == 0
+    assert all(m["recipe"]["rescale"] is False for m in EnsembleDir.load(plain).members)
 
 
 @pytest.mark.parametrize(
@@ -53,6 +57,7 @@ def test_split_writes_manifest_with_recipe_and_table(tmp_path, digits_parent):
         (["--children", "0"], ["children", "0"]),
         (["--method", "partition", "--children", "1"], ["partition", "1"]),
         (["--physical"], ["physical", "neuron"]),
+        (["--level", "neuron", "--rescale"], ["rescale", "neuron"]),
     ],
 )
 def test_split_bad_input_writes_nothing(tmp_path, digits_parent, args, words):

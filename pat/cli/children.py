@@ -28,10 +28,13 @@ def _progress(stage: str):
 @click.option("--seed", default=0, type=int, help="Mask seed: same seed, same masks on any device.")
 @click.option("--exclude-first", is_flag=True, help="Leave the first layer dense.")
 @click.option("--include-classifier", is_flag=True, help="Prune the final classifier layer too.")
+@click.option("--rescale/--no-rescale", default=None,
+              help="Scale kept weights by n/kept so children start at the parent's scale "
+                   "[default: on at connection level; layers that feed a norm layer are left alone].")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Ensemble directory to write.")
 @force_option
 def split(parent, children, method, anti_random, sparsity, level, scope, physical, seed, exclude_first,
-          include_classifier, out, force) -> None:
+          include_classifier, rescale, out, force) -> None:
     """Prune a parent into diverse children."""
     from pat.config import SplitConfig
     from pat.errors import PatError
@@ -44,7 +47,7 @@ def split(parent, children, method, anti_random, sparsity, level, scope, physica
         sparsity = 0.5
     config = SplitConfig(children=children, method=method, sparsity=sparsity, level=level, scope=scope,
                          physical=physical, seed=seed, include_first=not exclude_first,
-                         include_classifier=include_classifier)
+                         include_classifier=include_classifier, rescale=rescale)
     ens = split_to_directory(parent, out, config, force=force)
     rows = [{"name": m["name"], **m.get("stats", {})} for m in ens.members]
     console.print(metrics_table(f"{len(rows)} {method} children of {parent} → {out}", rows,

@@ -77,6 +77,30 @@ def _call(model: nn.Module, example_inputs: Any) -> Any:
     return model(example_inputs)
 
 
+def traced_forward(model: nn.Module, example_inputs: Any, hooks: list[Any]) -> None:
+    """One forward pass on ``example_inputs`` in eval mode under ``no_grad`` (BatchNorm
+    statistics do not move), then remove ``hooks`` and restore every train/eval flag.
+
+    Raises:
+        PatError: the forward pass failed (one line, with the model's own error).
+    """
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            _call(model, example_inputs)
+    except Exception as e:  # noqa: BLE001 - any failure of the user's forward
+        raise PatError(
+            f"example_inputs: the forward pass of {type(model).__name__} failed "
+            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})."
+        ) from None
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+
+
 def forward_order(model: nn.Module, example_inputs: Any) -> list[nn.Module]:
     """Conv/Linear modules in the order a forward pass first calls them (eval, no grad)."""
     seen: dict[nn.Module, None] = {}
@@ -85,16 +109,7 @@ def forward_order(model: nn.Module, example_inputs: Any) -> list[nn.Module]:
         for m in model.modules()
         if isinstance(m, PRUNABLE_TYPES)
     ]
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()  # a forward in train mode would move the BatchNorm statistics
-        with torch.no_grad():
-            _call(model, example_inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-        for m, mode in modes.items():
-            m.training = mode
+    traced_forward(model, example_inputs, hooks)
     return list(seen)
 
 
@@ -142,15 +157,7 @@ def prunable_parameters(
     def order() -> list[nn.Module]:
         # Traced only when needed: the first layer, or a classifier found by position.
         inputs = example_inputs if example_inputs is not None else default_example_inputs(model)
-        if inputs is None:
-            return registered
-        try:
-            return forward_order(model, inputs) or registered
-        except Exception as e:  # noqa: BLE001 - any failure of the user's forward
-            raise PatError(
-                f"example_inputs: the forward pass of {type(model).__name__} failed "
-                f"({str(e).splitlines()[0] if str(e) else type(e).__name__})."
-            ) from None
+        return registered if inputs is None else (forward_order(model, inputs) or registered)
 
     skip: set[int] = set()
     if not include_classifier and (head := _classifier(model, order)) is not None:
