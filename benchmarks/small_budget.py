@@ -1,3 +1,10 @@
+# re-measured 2026-11-22 with pat's default rescaling of kept weights at the split (same
+# machine, --threads 1, both batch sizes side by side; full tables in docs/benchmarks.md):
+#   batch 128: independent 97.83±0.75 / NLL 0.090; PAT random 95.77±1.47 / 0.212;
+#              PAT anti-random 96.21±0.32 / 0.218; ablation AR constant 97.38±0.58 / 0.106 (303 s)
+#   batch 32:  independent 98.72±0.58 / 0.039; PAT random 98.55±0.41 / 0.062;
+#              PAT anti-random 98.50±0.25 / 0.065; ablation R constant 98.77±0.15 / 0.051 (380 s)
+# The figures below were measured before, i.e. what --no-rescale gives now.
 # measured: digits, lenet-s, Adam lr 1e-3, 5 seeds, on 2 CPU cores shared with other jobs (the
 # two batch sizes ran side by side with --threads 1), 2026-11-22. Test accuracy / NLL / ECE,
 # mean±std (standard error); "member" = mean accuracy of the single members.
