@@ -13,6 +13,8 @@ Run: python benchmarks/masks.py [--device cuda] [--repeats 5] [--children 6] [--
 # default threads (2), after the k-bit hash (one pass for every tensor size):
 #   pat.masks 0.55 s; torch.rand + kthvalue 3.35 s (ratio 0.16); torch.rand alone 0.86 s
 #   (ratio 0.64). Before it, same machine, same day: 2.39 s / 3.55 s / 1.04 s (2.29x rand).
+#   Later runs the same day (--repeats 5): 0.40 s vs rand 0.57 s (0.69) with 2 threads,
+#   0.62 s vs 0.61 s (1.01) with --threads 1; over all runs of the day 0.40-1.00 s.
 #   These cores deliver about one core of throughput at times (two processes that each
 #   spin a core ran 1.08x faster than one after the other), so figures move by up to 2x
 #   between runs; compare the ratios.
