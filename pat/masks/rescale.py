@@ -14,7 +14,7 @@ training, and a larger weight norm only lowers that layer's effective learning r
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from typing import Any
 
 import torch
@@ -75,7 +75,7 @@ def normalized_layers(model: nn.Module, example_inputs: Any = None) -> set[str]:
 
 @torch.no_grad()
 def rescale_kept_(
-    model: nn.Module, masks: Mapping[str, torch.Tensor], skip: set[str] = frozenset()
+    model: nn.Module, masks: Mapping[str, torch.Tensor], skip: Set[str] = frozenset()
 ) -> dict[str, float]:
     """Multiply each masked tensor's weights by ``numel / kept``, in place.
 

@@ -82,8 +82,8 @@ def lowest(units: Sequence[Unit], ms: Iterable[int]) -> dict[int, list[torch.Ten
                     counts[m].append(below.view(torch.uint8).sum(dtype=torch.int32))
     found = torch.stack([torch.stack(counts[m]).sum(dtype=torch.int64) for m in todo]).tolist()
     hashers = [word_hash(nu, key) for nu, key, _ in units]
-    for (m, c), below in zip(guess.items(), found, strict=True):
-        delta = m - below
+    for (m, c), count in zip(guess.items(), found, strict=True):
+        delta = m - count
         for j, idx in _nearest(hashers, [u[2] for u in units], c, delta).items():
             masks[m][j][idx] = delta > 0
         out[m] = masks[m]
@@ -113,21 +113,20 @@ def _nearest(
             lo = a
         if a >= b:  # cannot happen: the units hold m scores below c and n - m above
             raise RuntimeError("mask selection ran out of scores")
-        vals, units, idxs = [], [], []
+        vals, owners, idxs = [], [], []
         for j, (h, device) in enumerate(zip(hashers, devices, strict=True)):
             first = -(-a // h.step) * h.step  # the word's first value >= a
             if first >= b:
                 continue
-            v = torch.arange(first, b, h.step, dtype=torch.int64, device=device)
-            v = v.to(torch.int32)
+            v = torch.arange(first, b, h.step, dtype=torch.int64, device=device).to(torch.int32)
             i = unhash_(v.clone(), h)
             hit = i >= 0
             vals.append(v[hit].cpu())
             idxs.append(i[hit].cpu())
-            units.append(torch.full((vals[-1].numel(),), j, dtype=torch.int64))
+            owners.append(torch.full((vals[-1].numel(),), j, dtype=torch.int64))
         if not vals:
             continue
-        v_all, u_all, i_all = torch.cat(vals), torch.cat(units), torch.cat(idxs)
+        v_all, u_all, i_all = torch.cat(vals), torch.cat(owners), torch.cat(idxs)
         order = torch.sort(v_all, stable=True).indices  # ties: earlier unit (cat order)
         order = order[:want] if delta > 0 else order[max(0, order.numel() - want) :]
         want -= order.numel()
