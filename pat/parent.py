@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,6 +15,7 @@ from pat.config import TrainConfig, to_dict
 from pat.data import Dataset, load_dataset
 from pat.engine.callbacks import Callback
 from pat.engine.checkpoint import save_model
+from pat.engine.cost import example_input, fit_cost
 from pat.engine.loop import final_metrics, fit, resolve_device
 from pat.engine.optim import create_optimizer
 from pat.engine.schedules import create_schedule
@@ -27,6 +29,7 @@ class TrainResult:
     model: nn.Module
     history: list[dict[str, float]]
     metrics: dict[str, float] = field(default_factory=dict)  # final val/test loss and accuracy
+    cost: dict[str, Any] = field(default_factory=dict)  # pat.engine.cost.training_cost record
 
 
 def resume_path_for(out: str | os.PathLike) -> Path:
@@ -66,8 +69,9 @@ def train_parent(
                 eval_data=evals, callbacks=callbacks, amp=config.amp, device=device,
                 resume_path=resume, resume_extra={"config": to_dict(config)})
     metrics = final_metrics(model, data, device=device, amp=config.amp)
+    cost = fit_cost(state, example_input(data, device))
     if out is not None:
         save_model(out, model, kind="model", config=to_dict(config), metrics=metrics,
-                   history=state.history, dataset=data.name, num_classes=data.num_classes)
+                   history=state.history, dataset=data.name, num_classes=data.num_classes, cost=cost)
         resume.unlink(missing_ok=True)
-    return TrainResult(model=model, history=state.history, metrics=metrics)
+    return TrainResult(model=model, history=state.history, metrics=metrics, cost=cost)

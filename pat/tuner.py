@@ -22,6 +22,7 @@ from torch import nn
 from pat.config import TuneConfig, to_dict
 from pat.data import Dataset, bagging_indices
 from pat.engine.callbacks import Callback
+from pat.engine.cost import example_input, fit_cost
 from pat.engine.distributed import Ranks
 from pat.engine.loop import final_metrics, fit, resolve_device
 from pat.engine.optim import create_optimizer
@@ -45,6 +46,8 @@ def tune_child(
 ) -> dict[str, float]:
     """Tune one child in place; returns its validation and test metrics.
 
+    The run's cost (:func:`pat.engine.cost.training_cost`) is left on the child as ``pat_cost``.
+
     ``index`` is the child's position in the ensemble: it seeds the child's bagged subset and
     shuffling, so a child tuned alone, in a rerun or on another rank sees the same batches.
     """
@@ -63,9 +66,10 @@ def tune_child(
     scheduler = create_schedule(config.schedule, optimizer, config.epochs * len(train), **options)
     evals = {"val": data.loader("val", batch_size=512, device=device)} if len(data.val.y) else {}
     enforcer = [MaskEnforcer(masks)] if masks else []
-    fit(child, train, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler,
-        step=create_step(config.step), eval_data=evals, callbacks=[*enforcer, *callbacks],
-        amp=config.amp, device=device)
+    state = fit(child, train, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler,
+                step=create_step(config.step), eval_data=evals, callbacks=[*enforcer, *callbacks],
+                amp=config.amp, device=device)
+    child.pat_cost = fit_cost(state, example_input(data, device))
     train_samples = len(indices) if indices is not None else len(data.train.y)
     return {"train_samples": train_samples, **final_metrics(child, data, device=device, amp=config.amp)}
 
@@ -125,8 +129,9 @@ def tune_directory(
         child = load_child(file)
         masks = getattr(child, "pat_masks", None)  # load_child has checked them against the weights
         metrics = tune_child(child, masks, data, config, index=index, callbacks=callbacks(record["name"]))
-        record = {**record, "status": "tuned", "metrics": metrics, "tune": to_dict(config)}
-        save_child(file, child, status="tuned", metrics=metrics, tune=to_dict(config))
+        cost = {**child.pat_cost, "parent": record.get("parent")}
+        record = {**record, "status": "tuned", "metrics": metrics, "tune": to_dict(config), "cost": cost}
+        save_child(file, child, status="tuned", metrics=metrics, tune=to_dict(config), cost=cost)
         if not ranks.distributed:
             ens.upsert_member(record)
             ens.save()
@@ -148,7 +153,7 @@ def _reconcile(ens: EnsembleDir) -> None:
             ckpt = load_checkpoint(ens.member_path(record), mmap=True)
             if ckpt.get("status") == "tuned":
                 ens.upsert_member({**record, "status": "tuned", "metrics": ckpt.get("metrics", {}),
-                                   "tune": ckpt.get("tune", {})})
+                                   "tune": ckpt.get("tune", {}), "cost": ckpt.get("cost")})
                 changed = True
     if changed:
         ens.save()

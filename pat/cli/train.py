@@ -87,8 +87,34 @@ def info(checkpoint, list_all) -> None:
         {"key": "format / pat version", "value": f"{ckpt.get('format_version')} / {ckpt.get('pat_version')}"},
     ]
     rows += [{"key": k, "value": fmt(v)} for k, v in (ckpt.get("metrics") or {}).items()]
+    rows += _cost_rows(ckpt.get("cost"))
     console.print(metrics_table(str(checkpoint), rows, ["key", "value"]))
     if ckpt.get("config"):
         import yaml
 
         console.print("[bold]config[/]\n" + yaml.safe_dump(ckpt["config"], sort_keys=False).rstrip(), highlight=False)
+
+
+def _flops(n: float) -> str:
+    """``1.23 GFLOPs`` style: the largest unit that keeps the number at or above 1."""
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:g} "
+
+
+def _cost_rows(cost) -> list[dict[str, str]]:
+    """Rows for a checkpoint's training cost record (none for files written before costs)."""
+    if not cost:
+        return []
+    rows = [
+        {"key": "training steps", "value": f"{cost.get('steps', 0):,}"},
+        {"key": "training samples", "value": f"{cost.get('samples', 0):,}"},
+        {"key": "training FLOPs", "value": _flops(cost.get("flops", 0)) + "FLOPs"},
+        {"key": "training seconds", "value": f"{cost.get('seconds', 0.0):.1f}"},
+        {"key": "inference MACs / sample",
+         "value": _flops(cost.get("forward_flops_per_sample", 0) // 2) + "MACs"},
+    ]
+    if cost.get("parent"):
+        rows.append({"key": "started from", "value": str(cost["parent"])})
+    return rows

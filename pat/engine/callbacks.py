@@ -27,6 +27,9 @@ class FitState:
     steps_per_epoch: int
     epoch: int = 0  # 0-based index of the current epoch
     step: int = 0  # optimizer steps taken so far, over all epochs
+    samples: int = 0  # training samples seen so far (each once per step it is in)
+    sample_passes: int = 0  # forward/backward passes over samples (SAM: two a sample)
+    seconds: float = 0.0  # wall-clock time in training epochs so far (evaluation included)
     metrics: dict[str, float] = field(default_factory=dict)  # last finished epoch's metrics
     history: list[dict[str, float]] = field(default_factory=list)  # one dict per finished epoch
     stop: bool = False  # a callback may set this to end training after the current epoch

@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 
 from pat.engine.callbacks import Callback, CallbackList, FitState
 from pat.engine.checkpoint import load_checkpoint, save_checkpoint
+from pat.engine.cost import sample_passes
 from pat.engine.steps import LossFn, StepRule, sgd_step
 from pat.errors import PatError, check
 
@@ -96,6 +97,7 @@ def _save_state(path: Path, state: FitState, extra: Mapping[str, Any]) -> None:
         "kind": "train-state",
         "epoch": state.epoch + 1,  # epochs finished
         "step": state.step,
+        "cost": {"samples": state.samples, "sample_passes": state.sample_passes, "seconds": state.seconds},
         "history": state.history,
         "state_dict": {k: v.detach().cpu() for k, v in state.model.state_dict().items()},
         "optimizer": state.optimizer.state_dict(),
@@ -115,6 +117,9 @@ def _restore_state(path: Path, state: FitState) -> int:
         state.scheduler.load_state_dict(ckpt["scheduler"])
     torch.set_rng_state(ckpt["rng"])
     state.step, state.history = ckpt["step"], list(ckpt["history"])
+    done = ckpt.get("cost") or {}  # absent in states written before costs were counted
+    state.samples, state.seconds = int(done.get("samples", 0)), float(done.get("seconds", 0.0))
+    state.sample_passes = int(done.get("sample_passes", state.samples))
     state.metrics = dict(state.history[-1]) if state.history else {}
     return int(ckpt["epoch"])
 
@@ -153,7 +158,9 @@ def fit(
         resume_extra: plain data stored with the resume state (e.g. the config).
 
     Returns:
-        The final :class:`FitState` (``history`` holds one metrics dict per epoch).
+        The final :class:`FitState` (``history`` holds one metrics dict per epoch; ``step``,
+        ``samples``, ``sample_passes`` and ``seconds`` count the whole run, resumed part
+        included, for :func:`pat.engine.cost.fit_cost`).
     """
     check(epochs > 0, f"epochs must be positive. Got {epochs}.")
     check(interval in ("step", "epoch"), f"interval must be 'step' or 'epoch'. Got {interval!r}.")
@@ -178,12 +185,14 @@ def fit(
         loss_sum = torch.zeros((), device=dev)
         correct = torch.zeros((), device=dev, dtype=torch.long)
         seen = 0
+        passes = torch.zeros((), device=dev, dtype=torch.long)
         for x, y in train:
             loss, logits = step(model, x, y, optimizer, loss_fn, autocast)
             # accumulate on the device: a .item() per step would sync every batch
             loss_sum += loss.float() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
+            passes += sample_passes(step, y)
             state.step += 1
             if scheduler is not None and interval == "step":
                 scheduler.step()
@@ -201,6 +210,9 @@ def fit(
             result = evaluate(model, batches, loss_fn=loss_fn, autocast=autocast)
             metrics[f"{name}_loss"], metrics[f"{name}_acc"] = result["loss"], result["acc"]
         metrics["time"] = time.perf_counter() - start
+        state.samples += seen
+        state.sample_passes += int(passes)
+        state.seconds += metrics["time"]
         state.metrics = metrics
         state.history.append(metrics)
         if resume is not None:

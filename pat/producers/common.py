@@ -172,12 +172,18 @@ def save_member(
     metrics: Mapping[str, float],
     history: Sequence[Mapping[str, float]] = (),
     parent: str | None = None,
+    cost: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ``<out>/<name>.pt`` atomically and return its manifest record."""
+    """Write ``<out>/<name>.pt`` atomically and return its manifest record.
+
+    ``cost`` is the member's :func:`pat.engine.cost.training_cost` record (``"parent"`` is
+    added when the member started from another); it goes into the record and the file.
+    """
+    cost = None if cost is None else {**cost, **({"parent": parent} if parent is not None else {})}
     record = {"name": name, "file": f"{name}.pt", "producer": producer, "status": "trained",
-              "parent": parent, "recipe": dict(recipe), "metrics": dict(metrics)}
+              "parent": parent, "recipe": dict(recipe), "metrics": dict(metrics), "cost": cost}
     save_model(member_file(ens, name), model, kind="member", member=record, producer=producer,
-               config=plain_config(config), metrics=dict(metrics), history=list(history))
+               config=plain_config(config), metrics=dict(metrics), history=list(history), cost=cost)
     return record
 
 

@@ -20,6 +20,7 @@ import torch
 
 from pat.config import DataConfig
 from pat.data import Dataset
+from pat.engine.cost import example_input, fit_cost
 from pat.engine.distributed import Ranks, init_ranks
 from pat.engine.loop import final_metrics, fit, resolve_device
 from pat.engine.optim import OPTIMIZERS, create_optimizer
@@ -104,8 +105,8 @@ def pool_jobs(config: PoolConfig) -> list[tuple[str, str, float]]:
 
 def train_member(config: PoolConfig, data: Dataset, policy: str, lr: float, index: int, *,
                  device: torch.device, callbacks: CallbackFactory | None = None,
-                 resume_path: str | os.PathLike | None = None) -> tuple[Any, dict[str, Any]]:
-    """Train one pool member; returns ``(model, fit history)``."""
+                 resume_path: str | os.PathLike | None = None) -> tuple[Any, list, dict[str, Any]]:
+    """Train one pool member; returns ``(model, fit history, cost)``."""
     torch.manual_seed(config.seed + index)
     model = create_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels,
                          **config.model_kwargs).to(device)
@@ -118,7 +119,7 @@ def train_member(config: PoolConfig, data: Dataset, policy: str, lr: float, inde
     state = fit(model, train, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler,
                 callbacks=callbacks(name) if callbacks else (), amp=config.amp, device=device,
                 resume_path=resume_path)
-    return model, state.history
+    return model, state.history, fit_cost(state, example_input(data, device))
 
 
 def train_pool(
@@ -158,13 +159,13 @@ def train_pool(
         skipped = record is not None
         if record is None:
             partial = partial_file(ens, name)
-            model, history = train_member(config, data, policy, lr, index[name], device=device,
+            model, history, cost = train_member(config, data, policy, lr, index[name], device=device,
                                           callbacks=callbacks, resume_path=partial)
             metrics = final_metrics(model, data, device=device, amp=config.amp)
             record = save_member(ens, model, name=name, producer=PRODUCER, config=config,
                                  recipe={"policy": policy, "lr": lr, "epochs": config.epochs,
                                          "seed": config.seed + index[name]},
-                                 metrics=metrics, history=history)
+                                 metrics=metrics, history=history, cost=cost)
             partial.unlink(missing_ok=True)
         records[name] = record
         if ranks.is_main and not ranks.distributed:

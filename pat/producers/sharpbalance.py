@@ -32,7 +32,9 @@ from torch import Tensor
 from pat.config import DataConfig
 from pat.data import Dataset
 from pat.data.loader import seeded_generator
+from pat.engine.callbacks import FitState
 from pat.engine.checkpoint import load_checkpoint, save_checkpoint
+from pat.engine.cost import example_input, fit_cost
 from pat.engine.distributed import Ranks, init_ranks
 from pat.engine.loop import final_metrics, fit, resolve_device
 from pat.engine.optim import OPTIMIZERS, create_optimizer
@@ -201,15 +203,16 @@ def train_sharpbalance(
     first_step = sgd_step if config.mode == "plain" else SAMStep(config.rho, config.adaptive)
     sam_masks: Tensor | None = None
 
-    def finish(i: int, model: torch.nn.Module, history: list, mask: Tensor | None) -> None:
+    def finish(i: int, model: torch.nn.Module, state: FitState, mask: Tensor | None) -> None:
         recipe = {"index": i, "mode": config.mode, "rho": config.rho, "subset": config.subset,
                   "flat_ratio": config.flat_ratio, "epochs": config.epochs,
                   "sam_fraction": 1.0 if config.mode == "sam" else 0.0}
         if mask is not None:
             recipe["sam_fraction"] = float(mask.float().mean())
         record = save_member(ens, model, name=names[i], producer=PRODUCER, config=config,
-                             recipe=recipe, history=history,
-                             metrics=final_metrics(model, data, device=device, amp=config.amp))
+                             recipe=recipe, history=state.history,
+                             metrics=final_metrics(model, data, device=device, amp=config.amp),
+                             cost=fit_cost(state, example_input(data, device)))
         partial_file(ens, names[i]).unlink(missing_ok=True)
         if on_member is not None:
             on_member(record, False)
@@ -222,7 +225,7 @@ def train_sharpbalance(
                     step=first_step, callbacks=callbacks(names[i]) if callbacks else (),
                     amp=config.amp, device=device, resume_path=partial_file(ens, names[i]))
         if not two_phase:
-            finish(i, model, state.history, None)
+            finish(i, model, state, None)
         elif not scores_file(i).is_file():
             save_checkpoint(scores_file(i), {"kind": "sharpness", "scores": sharpness_scores(
                 model, data, batch_size=config.data.batch_size, device=device)})
@@ -242,7 +245,8 @@ def train_sharpbalance(
             state = fit(model, loader, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler,
                         step=step, callbacks=callbacks(names[i]) if callbacks else (), amp=config.amp,
                         device=device, resume_path=partial_file(ens, names[i]))
-            finish(i, model, state.history, sam_masks[i])
+            # phase 2 resumed phase 1's state, so its counts cover both phases
+            finish(i, model, state, sam_masks[i])
     for i in ranks.shard(list(range(config.members))):
         if i not in todo and on_member is not None:
             on_member(finished_record(ens, names[i], PRODUCER, config), True)

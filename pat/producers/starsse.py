@@ -30,6 +30,7 @@ from torch import nn
 from pat.config import DataConfig
 from pat.data import Dataset
 from pat.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from pat.engine.cost import example_input, fit_cost
 from pat.engine.distributed import Ranks, init_ranks
 from pat.engine.loop import final_metrics, fit, resolve_device
 from pat.engine.optim import OPTIMIZERS, create_optimizer
@@ -130,8 +131,11 @@ def load_pretrained(config: StarSSEConfig, data: Dataset) -> nn.Module:
 
 def _train_one(config: StarSSEConfig, data: Dataset, model: nn.Module, k: int, *,
                device: torch.device, callbacks: CallbackFactory | None,
-               partial: Path) -> list[dict[str, float]]:
-    """Member 1: fine-tune (cosine from lr); member k > 1: one cycle from lr * mult."""
+               partial: Path) -> tuple[list[dict[str, float]], dict[str, Any]]:
+    """Member 1: fine-tune (cosine from lr); member k > 1: one cycle from lr * mult.
+
+    Returns the fit history and the cycle's cost (this member's own training only).
+    """
     epochs = config.epochs if k == 1 else config.cycle_epochs
     peak = config.lr if k == 1 else config.lr * config.cycle_lr_mult
     train = data.loader("train", batch_size=config.data.batch_size, device=device,
@@ -143,7 +147,7 @@ def _train_one(config: StarSSEConfig, data: Dataset, model: nn.Module, k: int, *
     state = fit(model, train, epochs=epochs, optimizer=optimizer, scheduler=scheduler,
                 callbacks=callbacks(f"member-{k}") if callbacks else (), amp=config.amp,
                 device=device, resume_path=partial)
-    return state.history
+    return state.history, fit_cost(state, example_input(data, device))
 
 
 def train_starsse(
@@ -181,7 +185,7 @@ def train_starsse(
                 model = model_from_checkpoint(load_checkpoint(member_file(ens, origin)))
             model.to(device)
             partial = partial_file(ens, name)
-            history = _train_one(config, data, model, k, device=device, callbacks=callbacks,
+            history, cost = _train_one(config, data, model, k, device=device, callbacks=callbacks,
                                  partial=partial)
             epochs = config.epochs if k == 1 else config.cycle_epochs
             peak = config.lr if k == 1 else config.lr * config.cycle_lr_mult
@@ -190,6 +194,7 @@ def train_starsse(
                 recipe={"index": k, "start": origin, "peak_lr": peak, "epochs": epochs,
                         "mode": "sse" if config.sse else "star"},
                 metrics=final_metrics(model, data, device=device, amp=config.amp), history=history,
+                cost=cost,
             )  # fmt: skip
             partial.unlink(missing_ok=True)
             skipped = False
