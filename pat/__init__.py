@@ -44,6 +44,8 @@ _API = {
     "GreedySelector": "pat.ensemble", "FocalSelector": "pat.ensemble",
     "uniform_soup": "pat.ensemble", "greedy_soup": "pat.ensemble",
     "average_state_dicts": "pat.ensemble", "recalibrate_bn": "pat.ensemble",
+    "collect_logits": "pat.ensemble", "fit_temperature": "pat.ensemble",
+    "apply_temperature": "pat.ensemble", "deep_ensemble_equivalent": "pat.ensemble",
 }  # fmt: skip
 
 __all__ = ["__version__", "PatError", *_API]
@@ -76,11 +78,15 @@ if TYPE_CHECKING:  # let type checkers and IDEs see the real objects
         GreedySelector,
         RandomSelector,
         TopKSelector,
+        apply_temperature,
         average_state_dicts,
+        collect_logits,
         collect_probs,
         combine,
         create_selector,
+        deep_ensemble_equivalent,
         evaluate,
+        fit_temperature,
         greedy_soup,
         list_selectors,
         recalibrate_bn,

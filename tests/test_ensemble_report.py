@@ -40,7 +40,7 @@ def test_published_cifar_c_files_are_used_when_present(tmp_path, cifar_like):
     report = evaluate_directory(children, data, corruptions=True, data_dir=tmp_path)
     assert report["corruption_source"] == "published"
     assert len(report["corruptions"]) == 5 * len(list_corruptions())
-    probs = torch.load(children / "probs-test-contrast-3.pt", weights_only=True)["probs"]
+    probs = torch.load(children / "logits-test-contrast-3.pt", weights_only=True)["logits"]
     assert probs.shape == (2, per_severity, 10)  # the file's images, not the synthetic test split
 
 

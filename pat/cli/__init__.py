@@ -47,7 +47,7 @@ def _register() -> None:
     from pat.cli import children, ensemble, producers, train
 
     for command in (train.train, children.split, children.tune, children.run, children.demo,
-                    ensemble.eval_, ensemble.select, ensemble.soup, producers.pool,
+                    ensemble.eval_, ensemble.calibrate, ensemble.select, ensemble.soup, producers.pool,
                     producers.starsse, producers.sharpbalance, producers.sharpness, train.info):
         cli.add_command(command)
 

@@ -14,7 +14,7 @@ from pat.engine.callbacks import Callback, FitState
 console = Console()
 err_console = Console(stderr=True)
 
-__all__ = ["console", "err_console", "EpochProgress", "metrics_table", "fmt"]
+__all__ = ["console", "err_console", "EpochProgress", "metrics_table", "fmt", "human_flops"]
 
 
 def fmt(value: Any, digits: int = 4) -> str:
@@ -55,6 +55,16 @@ class EpochProgress(Callback):
     def on_fit_end(self, state: FitState) -> None:
         if self.progress is not None:
             self.progress.stop()
+
+
+def human_flops(flops: float | None) -> str:
+    """``1.2 TFLOP``-style text for a FLOP count."""
+    if flops is None:
+        return "—"
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if flops >= scale:
+            return f"{flops / scale:.2f} {unit}"
+    return f"{flops:.0f} FLOP"
 
 
 def metrics_table(title: str, rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> Table:

@@ -7,6 +7,13 @@ the test tensor. :class:`Ensemble` wraps members as one classifier; soups averag
 Plots live in :mod:`pat.ensemble.plots` (matplotlib is imported only there).
 """
 
+from pat.ensemble.calibration import (
+    apply_temperature,
+    calibrated_nll,
+    deep_ensemble_equivalent,
+    fit_temperature,
+    size_curve,
+)
 from pat.ensemble.corruptions import corrupt, corrupt_split, list_corruptions, load_cifar_c
 from pat.ensemble.diversity import MEASURES, focal_diversity, focal_scores
 from pat.ensemble.ensemble import Ensemble
@@ -22,7 +29,7 @@ from pat.ensemble.metrics import (
     pairwise_disagreement,
     prediction_variance,
 )
-from pat.ensemble.predict import cached_probs, collect_probs, combine
+from pat.ensemble.predict import cached_logits, cached_probs, collect_logits, collect_probs, combine
 from pat.ensemble.select import (
     AllSelector,
     BruteForceSelector,
@@ -40,8 +47,15 @@ from pat.ensemble.store import EnsembleDir
 __all__ = [
     "EnsembleDir",
     "Ensemble",
+    "collect_logits",
     "collect_probs",
+    "cached_logits",
     "cached_probs",
+    "fit_temperature",
+    "apply_temperature",
+    "calibrated_nll",
+    "size_curve",
+    "deep_ensemble_equivalent",
     "combine",
     "accuracy",
     "nll",

@@ -28,6 +28,9 @@ class Ensemble(nn.Module):
         combiner: ``"mean"``, ``"weighted"`` or ``"vote"`` (see :func:`pat.ensemble.combine`).
         path: how members run together: ``"auto"``, ``"loop"`` or ``"vmap"``
             (:mod:`pat.ensemble.predict`).
+        temperature: the ensemble's temperature ``T`` (:func:`pat.fit_temperature` on
+            validation data): :meth:`predict_proba` returns ``softmax(log(combined) / T)``.
+        member_temperatures: ``(M,)``, used by :meth:`member_probs` (each member alone).
     """
 
     def __init__(
@@ -38,6 +41,8 @@ class Ensemble(nn.Module):
         *,
         combiner: str | None = None,
         path: str = "auto",
+        temperature: float | None = None,
+        member_temperatures: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         models = list(models)
@@ -53,6 +58,13 @@ class Ensemble(nn.Module):
         check(self.combiner != "weighted" or self.weights is not None,
               "combiner='weighted' needs weights. Got None.")
         self.path = path
+        check(temperature is None or temperature > 0, f"temperature must be positive. Got {temperature}.")
+        self.temperature = temperature
+        if member_temperatures is not None:
+            member_temperatures = [float(t) for t in member_temperatures]
+            check(len(member_temperatures) == len(models) and all(t > 0 for t in member_temperatures),
+                  f"member_temperatures must be {len(models)} positive numbers. Got {member_temperatures}.")
+        self.member_temperatures = member_temperatures
         self._runner: MemberRunner | None = None
 
     def __len__(self) -> int:
@@ -63,8 +75,8 @@ class Ensemble(nn.Module):
         self._runner = None
         return super()._apply(fn, *args, **kwargs)
 
-    def member_probs(self, x: Tensor) -> Tensor:
-        """``x`` ``(B, ...)`` → every member's softmax, ``(M, B, C)`` float32.
+    def member_logits(self, x: Tensor) -> Tensor:
+        """``x`` ``(B, ...)`` → every member's logits, ``(M, B, C)`` float32, uncalibrated.
 
         Runs in eval mode without autograd. With the vmap path the members' weights are
         stacked on first use; call :meth:`refresh` after changing them in place.
@@ -73,16 +85,31 @@ class Ensemble(nn.Module):
             device = next(self.parameters()).device
             self._runner = MemberRunner(list(self.members), device=device, path=self.path)
         with eval_mode(self.members), torch.inference_mode():
-            return self._runner(x)
+            return self._runner.logits(x)
+
+    def member_probs(self, x: Tensor, *, calibrated: bool = True) -> Tensor:
+        """``x`` ``(B, ...)`` → every member's softmax ``(M, B, C)``, each at its own
+        temperature when the ensemble has member temperatures and ``calibrated``."""
+        logits = self.member_logits(x)
+        if calibrated and self.member_temperatures is not None:
+            logits = logits / logits.new_tensor(self.member_temperatures)[:, None, None]
+        return logits.softmax(dim=-1)
 
     def refresh(self) -> None:
         """Forget cached stacked weights (after editing members in place)."""
         self._runner = None
 
-    def predict_proba(self, x: Tensor) -> Tensor:
-        """``x`` ``(B, ...)`` → combined probabilities ``(B, C)``."""
+    def predict_proba(self, x: Tensor, *, calibrated: bool = True) -> Tensor:
+        """``x`` ``(B, ...)`` → combined probabilities ``(B, C)``.
+
+        The members' raw softmax is combined; with ``calibrated`` and an ensemble
+        temperature ``T`` the result is ``softmax(log(combined) / T)`` (same argmax).
+        """
         weights = self.weights if self.combiner == "weighted" else None
-        return combine(self.member_probs(x), self.combiner, weights)
+        probs = combine(self.member_probs(x, calibrated=False), self.combiner, weights)
+        if calibrated and self.temperature is not None:
+            probs = (probs.clamp_min(1e-12).log() / self.temperature).softmax(dim=-1)
+        return probs
 
     def forward(self, x: Tensor) -> Tensor:
         return self.predict_proba(x)
@@ -94,11 +121,14 @@ class Ensemble(nn.Module):
         *,
         device: str | torch.device = "cpu",
         selected_only: bool = False,
+        calibrated: bool = True,
         argument: str = "ENSEMBLE_DIR",
     ) -> Ensemble:
         """Load every member of an ensemble directory (or only the recorded selection).
 
         With ``selected_only`` the selection's weights (if any) become the member weights.
+        With ``calibrated`` the temperatures of ``pat calibrate`` are loaded too (the team's
+        own temperature for ``selected_only``).
         """
         from pat.engine.checkpoint import load_model
         from pat.ensemble.store import EnsembleDir
@@ -115,4 +145,13 @@ class Ensemble(nn.Module):
         records = [ens.members[i] for i in indices]
         models = [load_model(ens.member_path(r), device=device, argument=f"member {r['name']!r}")[0]
                   for r in records]
-        return cls(models, [r["name"] for r in records], weights).to(device)
+        temperature = member_ts = None
+        record = ens.calibration(argument=argument) if calibrated else None
+        if record is not None:
+            member_ts = [record["members"][r["name"]] for r in records]
+            if not selected_only:
+                temperature = record["ensemble"]
+            elif (record.get("selection") or {}).get("selected") == [r["name"] for r in records]:
+                temperature = record["selection"]["temperature"]
+        return cls(models, [r["name"] for r in records], weights, temperature=temperature,
+                   member_temperatures=member_ts).to(device)

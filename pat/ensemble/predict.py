@@ -38,12 +38,15 @@ __all__ = [
     "choose_path",
     "eval_mode",
     "MemberRunner",
+    "collect_logits",
     "collect_probs",
+    "cached_logits",
     "cached_probs",
     "combine",
 ]
 
 COMBINERS = ("mean", "weighted", "vote")
+_WORDS = {"probs": "probabilities", "logits": "logits"}
 _PATHS = ("auto", "loop", "vmap")
 
 
@@ -144,7 +147,8 @@ def eval_mode(models: Iterable[nn.Module]) -> Iterator[None]:
 
 
 class MemberRunner:
-    """Run M members on one batch and return their softmax, ``(M, B, C)`` float32.
+    """Run M members on one batch: :meth:`logits` gives their logits, calling the runner their
+    softmax, both ``(M, B, C)`` float32.
 
     Members are moved to ``device``. For the vmap path the members' weights are stacked once
     here; build a new runner after changing them.
@@ -178,15 +182,19 @@ class MemberRunner:
     def _one(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
         return functional_call(self.base, (params, buffers), (x,))
 
-    def __call__(self, x: Tensor) -> Tensor:
-        """``x``: one input batch ``(B, ...)`` → member probabilities ``(M, B, C)``."""
+    def logits(self, x: Tensor) -> Tensor:
+        """``x``: one input batch ``(B, ...)`` → member logits ``(M, B, C)`` float32."""
         x = x.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             if self.path == "vmap":
                 logits = self._batched(self.params, self.buffers, x)
             else:
                 logits = torch.stack([m(x) for m in self.models])
-        return logits.float().softmax(dim=-1)
+        return logits.float()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """``x``: one input batch ``(B, ...)`` → member probabilities ``(M, B, C)``."""
+        return self.logits(x).softmax(dim=-1)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -200,7 +208,7 @@ def _split_batch(batch: Any) -> tuple[Tensor, Tensor]:
     return batch[0], batch[1]
 
 
-def collect_probs(
+def collect_logits(
     models: Sequence[nn.Module],
     loader: Iterable[Any],
     *,
@@ -208,7 +216,7 @@ def collect_probs(
     amp: bool = False,
     path: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """Every member's softmax on every sample of ``loader``.
+    """Every member's logits on every sample of ``loader``.
 
     Members run in eval mode under ``torch.inference_mode`` (their train/eval flags are
     restored afterwards) and are moved to ``device`` (default: the first member's device).
@@ -217,21 +225,48 @@ def collect_probs(
     Args:
         models: M members (classifiers returning logits).
         loader: yields ``(x, y)`` batches.
-        amp: bf16 autocast for the forward; softmax is taken in float32.
+        amp: bf16 autocast for the forward; logits are returned in float32.
         path: ``"auto"``, ``"loop"`` or ``"vmap"`` (see the module docstring).
+
+    Returns:
+        ``logits`` ``(M, N, C)`` float32 on CPU, and ``labels`` ``(N,)`` int64 on CPU.
+    """
+    runner = MemberRunner(models, device=device, path=path, amp=amp)
+    logits, labels = [], []
+    with eval_mode(runner.models), torch.inference_mode():
+        for batch in loader:
+            x, y = _split_batch(batch)
+            logits.append(runner.logits(x).cpu())
+            labels.append(y.reshape(-1).cpu())
+    check(logits, "loader yielded no batches.")
+    return torch.cat(logits, dim=1), torch.cat(labels).long()
+
+
+def collect_probs(
+    models: Sequence[nn.Module],
+    loader: Iterable[Any],
+    *,
+    device: str | torch.device | None = None,
+    amp: bool = False,
+    path: str = "auto",
+    temperatures: Sequence[float] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Every member's softmax on every sample of ``loader`` (see :func:`collect_logits`).
+
+    Args:
+        temperatures: one per member; member m's probabilities are ``softmax(z_m / T_m)``
+            (:func:`pat.ensemble.calibration.fit_temperature`). Default: raw softmax.
 
     Returns:
         ``probs`` ``(M, N, C)`` float32 on CPU, and ``labels`` ``(N,)`` int64 on CPU.
     """
-    runner = MemberRunner(models, device=device, path=path, amp=amp)
-    probs, labels = [], []
-    with eval_mode(runner.models), torch.inference_mode():
-        for batch in loader:
-            x, y = _split_batch(batch)
-            probs.append(runner(x).cpu())
-            labels.append(y.reshape(-1).cpu())
-    check(probs, "loader yielded no batches.")
-    return torch.cat(probs, dim=1), torch.cat(labels).long()
+    logits, labels = collect_logits(models, loader, device=device, amp=amp, path=path)
+    if temperatures is not None:
+        t = torch.as_tensor(list(temperatures), dtype=torch.float32)
+        check(t.numel() == logits.shape[0] and bool((t > 0).all()),
+              f"temperatures must be {logits.shape[0]} positive numbers. Got {t.tolist()}.")
+        logits = logits / t[:, None, None]
+    return logits.softmax(dim=-1), labels
 
 
 # -- the cache --------------------------------------------------------------------------
@@ -254,28 +289,55 @@ def cached_probs(
         split_name: a file-name-safe split name such as ``"val"`` or ``"test-contrast-3"``.
         compute: returns ``(probs (M, N, C), labels (N,))`` for the manifest's members in order.
     """
+    return _cached(ens_dir, "probs", split_name, compute, key, check_probs)
+
+
+def cached_logits(
+    ens_dir: Any,
+    split_name: str,
+    compute: Callable[[], tuple[Tensor, Tensor]],
+    *,
+    key: dict[str, Any] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Like :func:`cached_probs` for member logits ``(M, N, C)``: ``<ens_dir>/logits-<split>.pt``.
+
+    Logits, not probabilities, are what temperature scaling and the energy score need;
+    ``softmax`` of them gives the probabilities.
+    """
+
+    def check_logits(logits: Tensor, labels: Tensor, *, argument: str) -> Tensor:
+        check(logits.dim() == 3, f"{argument} must be (M, N, C). Got shape {tuple(logits.shape)}.")
+        check(bool(torch.isfinite(logits).all()), f"{argument} holds non-finite values.")
+        check_probs(logits.float().softmax(-1), labels, argument=argument)
+        return logits
+
+    return _cached(ens_dir, "logits", split_name, compute, key, check_logits)
+
+
+def _cached(ens_dir: Any, kind: str, split_name: str, compute: Callable[[], tuple[Tensor, Tensor]],
+            key: dict[str, Any] | None, validate: Callable[..., Tensor]) -> tuple[Tensor, Tensor]:
     from pat.engine.checkpoint import load_checkpoint, save_checkpoint
 
     check(split_name and all(c.isalnum() or c in "-_." for c in split_name),
           f"split_name must be a non-empty file-name-safe string. Got {split_name!r}.")
-    file = ens_dir.path / f"probs-{split_name}.pt"
+    file = ens_dir.path / f"{kind}-{split_name}.pt"
     stamp = {"members": ens_dir.fingerprint(), "key": key or {}}
     if file.is_file():
         try:
-            cached = load_checkpoint(file, argument="probability cache")
+            cached = load_checkpoint(file, argument=f"{kind} cache")
         except PatError:
             cached = None  # unreadable cache: recompute and overwrite it
         if cached is not None and cached.get("stamp") == stamp:
-            return cached["probs"], cached["labels"]
-    probs, labels = compute()
-    probs = check_probs(probs, labels, argument="compute() probs")
-    check(probs.shape[0] == len(ens_dir),
-          f"compute() returned probabilities of {probs.shape[0]} members; the ensemble has "
+            return cached[kind], cached["labels"]
+    values, labels = compute()
+    values = validate(values, labels, argument=f"compute() {kind}")
+    check(values.shape[0] == len(ens_dir),
+          f"compute() returned {_WORDS[kind]} of {values.shape[0]} members; the ensemble has "
           f"{len(ens_dir)}.")
-    probs, labels = probs.float().cpu().contiguous(), labels.long().cpu().contiguous()
-    save_checkpoint(file, {"kind": "probs", "split": split_name, "stamp": stamp,
-                           "probs": probs, "labels": labels})
-    return probs, labels
+    values, labels = values.float().cpu().contiguous(), labels.long().cpu().contiguous()
+    save_checkpoint(file, {"kind": kind, "split": split_name, "stamp": stamp,
+                           kind: values, "labels": labels})
+    return values, labels
 
 
 # -- combiners --------------------------------------------------------------------------

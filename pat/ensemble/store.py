@@ -178,6 +178,28 @@ class EnsembleDir:
                         "mtime_ns": st.st_mtime_ns, "inode": st.st_ino})
         return out
 
+    def calibration_stamp(self) -> list[dict[str, Any]]:
+        """Member names, files, sizes and mtimes: what a calibration was fitted for.
+
+        Unlike :meth:`fingerprint` it leaves out inodes, so a copy made with ``cp -p`` keeps
+        its calibration while a re-tuned member (a new file) invalidates it.
+        """
+        return [{k: v for k, v in f.items() if k != "inode"} for f in self.fingerprint()]
+
+    def calibration(self, *, argument: str = "ENSEMBLE_DIR") -> dict[str, Any] | None:
+        """The temperatures recorded by ``pat calibrate``, or None if there are none.
+
+        Raises :class:`PatError` when members changed since they were fitted: stale
+        temperatures would quietly miscalibrate every number computed with them.
+        """
+        record = self.manifest.get("calibration")
+        if not record:
+            return None
+        if record.get("stamp") != self.calibration_stamp():
+            raise PatError(f"{argument} {str(self.path)!r}: members changed since 'pat calibrate' fitted "
+                           "their temperatures; run pat calibrate again (or pass --no-calibration).")
+        return record
+
     def record_selection(
         self, method: str, selected: list[int], weights: list[float], **extra: Any
     ) -> None:
