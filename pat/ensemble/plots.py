@@ -17,7 +17,7 @@ from torch import Tensor
 from pat.ensemble.metrics import N_BINS, calibration_bins, ece
 from pat.errors import check
 
-__all__ = ["reliability_diagram", "accuracy_vs_size_plot", "disagreement_heatmap"]
+__all__ = ["reliability_diagram", "risk_coverage_plot", "accuracy_vs_size_plot", "disagreement_heatmap"]
 
 
 def _figure(width: float = 4.5, height: float = 4.0) -> Any:
@@ -100,4 +100,18 @@ def disagreement_heatmap(
     ax.set_yticks(range(m), names)
     ax.set_title("pairwise disagreement")
     fig.colorbar(image, ax=ax)
+    return _save(fig, path)
+
+
+def risk_coverage_plot(curves: Mapping[str, tuple[Tensor, Tensor]], path: str | os.PathLike) -> Path:
+    """Risk against coverage (:func:`pat.ensemble.selective.risk_coverage`), one line per name,
+    with each line's AURC in the legend."""
+    check(curves, "curves must hold at least one curve. Got none.")
+    fig = _figure()
+    ax = fig.add_subplot()
+    for name, (coverage, risk) in curves.items():
+        ax.plot(coverage.numpy(), risk.numpy(), label=f"{name} (AURC {float(risk.mean()):.4f})")
+    ax.set(xlim=(0, 1), ylim=(0, None), xlabel="coverage", ylabel="risk (error among answered)",
+           title="Selective prediction")
+    ax.legend(loc="upper left", fontsize="small")
     return _save(fig, path)

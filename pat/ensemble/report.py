@@ -282,7 +282,12 @@ def _plots(probs: Tensor, labels: Tensor, out: Path) -> None:
     from pat.ensemble.predict import combine
 
     out.mkdir(parents=True, exist_ok=True)
+    from pat.ensemble.selective import risk_coverage
+
     plots.reliability_diagram(combine(probs), labels, out / "reliability.png")
+    curves = {f"member {i}": risk_coverage(p, labels) for i, p in enumerate(probs)}
+    plots.risk_coverage_plot({**curves, "ensemble": risk_coverage(combine(probs), labels)},
+                             out / "risk_coverage.png")
     plots.accuracy_vs_size_plot(accuracy_vs_size(probs, labels), out / "accuracy_vs_size.png")
     plots.disagreement_heatmap(pairwise_disagreement(probs), out / "disagreement.png")
 
