@@ -174,3 +174,25 @@ def test_ood_dataset_of_another_image_shape_is_refused(children, digits):
 
     with pytest.raises(PatError, match="3-channel 32x32 images"):
         evaluate_directory(children, digits, ood=load_dataset("synthetic"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("producer", ["pool", "starsse", "sharpbalance"])
+def test_calibrate_and_eval_work_on_every_producers_directory(tmp_path, digits_parent, producer):
+    out = tmp_path / producer
+    common = ["--dataset", "digits", "--batch-size", "128", "--device", "cpu", "--out", str(out)]
+    args = {"pool": ["pool", "--model", "lenet-s", "--epochs", "1", "--policies", "one-cycle",
+                     "--lrs", "0.1,0.05"],
+            "starsse": ["starsse", "--pretrained", digits_parent, "--members", "2", "--epochs", "1",
+                        "--cycle-epochs", "1"],
+            "sharpbalance": ["sharpbalance", "--model", "lenet-s", "--members", "2", "--epochs", "2",
+                             "--initial-epochs", "1"]}[producer]
+    runner = CliRunner()
+    made = runner.invoke(cli, [*args, *common])
+    assert made.exit_code == 0, made.output
+    done = runner.invoke(cli, ["calibrate", str(out)])
+    assert done.exit_code == 0, done.output
+    record = EnsembleDir.load(out).manifest["calibration"]
+    assert len(record["members"]) == 2 and all(t > 0 for t in record["members"].values())
+    shown = runner.invoke(cli, ["eval", str(out)])
+    assert shown.exit_code == 0 and "nll_ts" in shown.output, shown.output
