@@ -134,6 +134,8 @@ def _print_cost(cost) -> None:
     text = (f"training cost: {total['steps']} optimizer steps, {total['samples']} samples, "
             f"{human_flops(total['flops'])}, {total['seconds']:.1f} s"
             + (f" (parent {human_flops(parent['flops'])} of it)" if parent else "")
+            + (f"; inference {total['inference_macs'] / 1e6:.2f} M MACs per sample for the ensemble"
+               if total.get("inference_macs") else "")
             + ("" if cost.get("complete", True) else " — incomplete: some members record no cost"))
     console.print(text, highlight=False)
 
