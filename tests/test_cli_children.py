@@ -114,7 +114,7 @@ def test_eval_select_soup(tuned, tmp_path):
     metrics = json.loads((EnsembleDir.load(tuned).path / "metrics.json").read_text())
     assert len(metrics["all"]["members"]) == 4 and 0 <= metrics["all"]["ensemble"]["ece"] <= 1
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
-        "accuracy_vs_size.png", "disagreement.png", "reliability.png"]
+        "accuracy_vs_size.png", "disagreement.png", "reliability.png", "risk_coverage.png"]
 
     result = run("select", tuned, "--method", "top-k", "--size", 2)
     assert result.exit_code == 0, result.output
