@@ -103,13 +103,19 @@ def disagreement_heatmap(
     return _save(fig, path)
 
 
-def risk_coverage_plot(curves: Mapping[str, tuple[Tensor, Tensor]], path: str | os.PathLike) -> Path:
+def risk_coverage_plot(
+    curves: Mapping[str, tuple[Tensor, Tensor]], path: str | os.PathLike
+) -> Path:
     """Risk against coverage (:func:`pat.ensemble.selective.risk_coverage`), one line per name,
     with each line's AURC in the legend."""
     check(curves, "curves must hold at least one curve. Got none.")
     fig = _figure()
     ax = fig.add_subplot()
     for name, (coverage, risk) in curves.items():
+        coverage, risk = (torch.as_tensor(t).detach().cpu().double().flatten()
+                          for t in (coverage, risk))
+        check(len(coverage) == len(risk) > 0, f"curves[{name!r}] must be two equal non-empty "
+              f"(N,) tensors. Got {len(coverage)} and {len(risk)}.")
         ax.plot(coverage.numpy(), risk.numpy(), label=f"{name} (AURC {float(risk.mean()):.4f})")
     ax.set(xlim=(0, 1), ylim=(0, None), xlabel="coverage", ylabel="risk (error among answered)",
            title="Selective prediction")
