@@ -92,16 +92,9 @@ def eval_(ensemble_dir, dataset, data_dir, val_fraction, data_seed, device, spli
 
 def _ood_data(name: str, data, data_dir: str, data_seed: int):
     """The OOD dataset; builders with image-shape options (synthetic) take the ensemble's shape."""
-    import inspect
+    from pat.data import load_dataset_like
 
-    from pat.data import load_dataset
-    from pat.data.core import _REGISTRY
-
-    builder = _REGISTRY.get(name.partition(":")[0].strip().lower())
-    options = set(inspect.signature(builder).parameters) if builder else set()
-    shape = {k: v for k, v in (("in_channels", data.in_channels), ("image_size", data.image_size),
-                               ("num_classes", data.num_classes)) if k in options}
-    return load_dataset(name, data_dir=data_dir, seed=data_seed + 1, **shape)
+    return load_dataset_like(name, data, data_dir=data_dir, seed=data_seed + 1)
 
 
 def _columns(report) -> list[str]:

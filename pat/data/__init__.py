@@ -15,6 +15,7 @@ from pat.data.core import (
     bagging_indices,
     list_datasets,
     load_dataset,
+    load_dataset_like,
     register_dataset,
 )
 from pat.data.loader import DeviceLoader
@@ -26,5 +27,6 @@ __all__ = [
     "bagging_indices",
     "list_datasets",
     "load_dataset",
+    "load_dataset_like",
     "register_dataset",
 ]

@@ -148,15 +148,7 @@ def load_dataset(
         **kwargs: options of that dataset (e.g. ``train_size`` for ``synthetic``).
     """
     check(0.0 <= val_fraction < 1.0, f"val_fraction must be in [0, 1). Got {val_fraction}.")
-    key, _, arg = name.partition(":")
-    key = key.strip().lower()
-    if arg:
-        key += ":PATH"
-        kwargs["path"] = arg
-    if key not in _REGISTRY:
-        raise PatError(f"dataset {name!r} is unknown; choose one of: {', '.join(list_datasets())}.")
-    builder = _REGISTRY[key]
-    options = set(inspect.signature(builder).parameters) - _COMMON
+    key, builder, options = _builder(name, kwargs)
     unknown = sorted(set(kwargs) - options)
     if unknown:
         takes = ", ".join(sorted(options - {"path"})) or "none"
@@ -165,6 +157,28 @@ def load_dataset(
     return builder(
         data_dir=data_dir, val_fraction=val_fraction, seed=seed, download=download, **kwargs
     )
+
+
+def _builder(name: str, kwargs: dict[str, object]) -> tuple[str, Callable[..., Dataset], set[str]]:
+    """Registry key, builder and option names of ``name`` (``folder:PATH`` puts PATH in kwargs)."""
+    key, _, arg = name.partition(":")
+    key = key.strip().lower()
+    if arg:
+        key += ":PATH"
+        kwargs["path"] = arg
+    if key not in _REGISTRY:
+        raise PatError(f"dataset {name!r} is unknown; choose one of: {', '.join(list_datasets())}.")
+    builder = _REGISTRY[key]
+    return key, builder, set(inspect.signature(builder).parameters) - _COMMON
+
+
+def load_dataset_like(name: str, like: Dataset, **kwargs: object) -> Dataset:
+    """:func:`load_dataset` ``name``, shaped like ``like`` where its builder can be: a dataset
+    with ``in_channels`` / ``image_size`` / ``num_classes`` options (``synthetic``) takes
+    ``like``'s values unless ``kwargs`` sets them. For out-of-distribution test images."""
+    _, _, options = _builder(name, {})
+    shape = {"in_channels": like.in_channels, "image_size": like.image_size, "num_classes": like.num_classes}
+    return load_dataset(name, **{k: v for k, v in shape.items() if k in options}, **kwargs)
 
 
 def bagging_indices(n: int, fraction: float, *, seed: int, member: int) -> Tensor:

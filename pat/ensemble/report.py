@@ -86,16 +86,9 @@ def directory_logits(ens: EnsembleDir, data: Dataset, split: str = "test", *, de
     return cached_logits(ens, name, compute, key=key)
 
 
-def directory_probs(ens: EnsembleDir, data: Dataset, split: str = "test", *, calibrated: bool = False,
-                    **options: Any) -> tuple[Tensor, Tensor]:
-    """``(M, N, C)`` member probabilities on ``split`` (see :func:`directory_logits`).
-
-    With ``calibrated`` each member's logits are divided by its temperature from the
-    manifest (``pat calibrate``); a directory without a calibration record is refused.
-    """
+def directory_probs(ens: EnsembleDir, data: Dataset, split: str = "test", **options: Any) -> tuple[Tensor, Tensor]:
+    """``(M, N, C)`` raw member probabilities on ``split``: softmax of :func:`directory_logits`."""
     logits, labels = directory_logits(ens, data, split, **options)
-    if calibrated:
-        logits = logits / member_temperatures(ens)[:, None, None]
     return logits.softmax(dim=-1), labels
 
 
