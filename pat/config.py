@@ -8,15 +8,17 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar, get_type_hints
+import types
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from pat.budget import BudgetConfig
 from pat.engine.optim import OPTIMIZERS
 from pat.engine.schedules import list_schedules
 from pat.errors import PatError, check
 
-__all__ = ["DataConfig", "TrainConfig", "SplitConfig", "TuneConfig", "RunConfig", "to_dict", "from_dict", "load_yaml", "save_yaml"]
+__all__ = ["BudgetConfig", "DataConfig", "TrainConfig", "SplitConfig", "TuneConfig", "RunConfig", "to_dict", "from_dict", "load_yaml", "save_yaml"]
 
 C = TypeVar("C")
 
@@ -127,6 +129,17 @@ class RunConfig:
     split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
     tune: TuneConfig = dataclasses.field(default_factory=TuneConfig)
     out: str = "runs/pat"  # directory: parent.pt, children/, config.yaml, metrics.json
+    # a total budget ({epochs: N} | {steps: N} | {flops: N}) that pat.budget allocates: it sets
+    # parent.epochs, split.children (at most the given number) and tune.epochs
+    budget: BudgetConfig | None = None
+
+
+def _dataclass_of(hint: Any) -> Any:
+    """``X`` for a hint ``X``, ``X | None`` or ``Optional[X]`` naming a dataclass, else None."""
+    if get_origin(hint) in (Union, types.UnionType):
+        inner = [a for a in get_args(hint) if a is not type(None)]
+        hint = inner[0] if len(inner) == 1 else None
+    return hint if dataclasses.is_dataclass(hint) else None
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -145,8 +158,8 @@ def from_dict(cls: type[C], data: dict[str, Any], *, where: str = "config") -> C
         raise PatError(f"{where} has unknown keys {unknown}; known: {sorted(known)}.")
     kwargs = {}
     for name, value in data.items():
-        sub = hints[name]
-        nested = dataclasses.is_dataclass(sub) and isinstance(value, dict)
+        sub = _dataclass_of(hints[name])
+        nested = sub is not None and isinstance(value, dict)
         kwargs[name] = from_dict(sub, value, where=f"{where}.{name}") if nested else value
     try:
         return cls(**kwargs)
@@ -165,8 +178,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data or {}
 
 
-def save_yaml(config: Any, path: str | Path) -> None:
+def save_yaml(config: Any, path: str | Path, *, header: str = "") -> None:
+    """Write ``config`` as YAML, atomically; ``header`` (comment lines) goes first."""
     from pat.engine.checkpoint import atomic_write
 
-    text = yaml.safe_dump(to_dict(config) if dataclasses.is_dataclass(config) else config, sort_keys=False)
+    text = header + yaml.safe_dump(to_dict(config) if dataclasses.is_dataclass(config) else config, sort_keys=False)
     atomic_write(path, lambda f: f.write(text.encode()))

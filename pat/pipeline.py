@@ -7,14 +7,16 @@ there, so an interrupted run continues where it stopped when started again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pat.budget import Allocation, allocate_budget
 from pat.config import (
     DataConfig,
     RunConfig,
@@ -33,11 +35,12 @@ from pat.ensemble.ensemble import Ensemble
 from pat.ensemble.metrics import accuracy_vs_size, classification_metrics, evaluate
 from pat.ensemble.predict import collect_probs
 from pat.ensemble.store import EnsembleDir
-from pat.errors import PatError
+from pat.errors import PatError, check
 from pat.parent import train_parent
 from pat.tuner import tune_directory
 
-__all__ = ["RunResult", "run", "demo_config", "evaluate_run", "split_to_directory"]
+__all__ = ["RunResult", "run", "demo_config", "evaluate_run", "split_to_directory", "resolve_budget",
+           "parent_check"]
 
 Progress = Callable[[str], Iterable[Callback]]
 
@@ -48,6 +51,8 @@ class RunResult:
     rows: list[dict[str, Any]]  # one per parent, child and the ensemble: name, accuracy, nll, ece, brier
     diversity: dict[str, Any]
     seconds: float
+    validation: dict[str, Any] = field(default_factory=dict)  # parent_check: ensemble vs parent
+    allocation: Allocation | None = None  # how config.budget was spent, if it was given
 
 
 def demo_config(out: str = "runs/demo") -> RunConfig:
@@ -103,7 +108,37 @@ def split_to_directory(parent_path: str | Path, out: str | Path, config: SplitCo
     return ens
 
 
-def _claim_output(config: RunConfig, force: bool) -> Path:
+def resolve_budget(config: RunConfig, data: Dataset) -> tuple[RunConfig, Allocation | None]:
+    """Apply ``config.budget`` (if any): parent epochs, number of children and child epochs.
+
+    The result is a plain config (its ``budget`` kept) whose stages spend the allocation; a
+    config without a budget is returned unchanged.
+    """
+    if config.budget is None:
+        return config, None
+    flops = None
+    if config.budget.flops is not None:
+        from pat.engine.cost import TRAIN_FLOPS_PER_FORWARD, example_input, forward_flops
+        from pat.models import create_model
+
+        model = create_model(config.parent.model, num_classes=data.num_classes, in_channels=data.in_channels,
+                             **config.parent.model_kwargs)
+        flops = TRAIN_FLOPS_PER_FORWARD * forward_flops(model, example_input(data))
+    allocation = allocate_budget(config.budget, train_size=len(data.train.y),
+                                 batch_size=config.tune.data.batch_size, children=config.split.children,
+                                 bagging=config.tune.bagging, flops_per_sample=flops)
+    check(config.parent.data.batch_size == config.tune.data.batch_size,
+          f"a budget needs one batch size for parent and children. Got parent.data.batch_size="
+          f"{config.parent.data.batch_size} and tune.data.batch_size={config.tune.data.batch_size}.")
+    resolved = dataclasses.replace(
+        config,
+        parent=dataclasses.replace(config.parent, epochs=allocation.parent_epochs),
+        split=dataclasses.replace(config.split, children=allocation.children),
+        tune=dataclasses.replace(config.tune, epochs=allocation.child_epochs))
+    return resolved, allocation
+
+
+def _claim_output(config: RunConfig, force: bool, allocation: Allocation | None = None) -> Path:
     """Refuse an output directory that holds a different run; remember this run's config."""
     out = Path(config.out)
     saved = out / "config.yaml"
@@ -115,7 +150,8 @@ def _claim_output(config: RunConfig, force: bool) -> Path:
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    save_yaml(config, saved)
+    header = f"# {allocation.describe()}\n# allocation: {json.dumps(allocation.as_dict())}\n" if allocation else ""
+    save_yaml(config, saved, header=header)
     return out
 
 
@@ -142,16 +178,51 @@ def evaluate_run(children_dir: Path, data: Dataset, *, parent_path: Path | None 
     return rows, report["diversity"]
 
 
-def run(config: RunConfig, *, force: bool = False, progress: Progress = lambda stage: ()) -> RunResult:
+def parent_check(children_dir: str | Path, data: Dataset, *, parent_path: str | Path | None = None,
+                 device: str = "auto") -> dict[str, Any]:
+    """The ensemble against its parent on the validation split: accuracy and NLL of each.
+
+    ``parent_path`` defaults to the parent recorded in the ensemble's manifest. Returns
+    ``{}`` when there is no validation split or no parent file to compare with; otherwise
+    ``{"parent": {...}, "ensemble": {...}, "worse": bool}``, ``worse`` meaning a lower accuracy
+    or a higher NLL than the parent's.
+    """
+    if not len(data.val.y):
+        return {}
+    ens_dir = EnsembleDir.load(children_dir)
+    parent_path = parent_path or (ens_dir.manifest.get("parent") or {}).get("file")
+    if not parent_path or not Path(parent_path).is_file():
+        return {}
+    dev = resolve_device(device)
+    ensemble = Ensemble.load(children_dir, device=dev, calibrated=False)
+    parent = load_model(parent_path, device=dev, argument="parent")[0]
+    probs, labels = collect_probs([parent, *ensemble.members], data.loader("val", batch_size=512, device=dev))
+    p = classification_metrics(probs[0], labels)
+    e = classification_metrics(probs[1:].mean(0), labels)
+    keys = ("accuracy", "nll", "ece")
+    return {"parent": {k: p[k] for k in keys}, "ensemble": {k: e[k] for k in keys},
+            "members": len(ensemble.members),
+            "worse": e["accuracy"] < p["accuracy"] or e["nll"] > p["nll"]}
+
+
+def run(config: RunConfig, *, force: bool = False, progress: Progress = lambda stage: (),
+        announce: Callable[[str], None] = lambda line: None) -> RunResult:
     """Run (or continue) the whole Prune-and-Tune pipeline described by ``config``.
+
+    With ``config.budget`` the stages' lengths and the number of children come from
+    :func:`pat.budget.allocate_budget`; the resolved config is what ``config.yaml`` keeps.
+    ``announce`` receives one line describing the allocation before training starts.
 
     One process: to spread children over GPUs, run the stages separately and tune with
     ``torchrun ... -m pat tune``.
     """
     start = time.perf_counter()
-    out = _claim_output(config, force)
     pdata = config.parent.data
     data = load_dataset(pdata.dataset, data_dir=pdata.data_dir, val_fraction=pdata.val_fraction, seed=pdata.seed)
+    config, allocation = resolve_budget(config, data)
+    if allocation is not None:
+        announce(allocation.describe())
+    out = _claim_output(config, force, allocation)
     parent_path, children_dir = out / "parent.pt", out / "children"
     if not parent_path.exists():
         train_parent(config.parent, data=data, callbacks=progress("parent"), out=parent_path)
@@ -159,7 +230,11 @@ def run(config: RunConfig, *, force: bool = False, progress: Progress = lambda s
         split_to_directory(parent_path, children_dir, config.split)
     tune_directory(children_dir, data, config.tune, callbacks=progress)
     rows, diversity = evaluate_run(children_dir, data, parent_path=parent_path, device=config.tune.device)
+    validation = parent_check(children_dir, data, parent_path=parent_path, device=config.tune.device)
     seconds = time.perf_counter() - start
-    text = json.dumps({"test": rows, "diversity": diversity, "seconds": seconds}, indent=2)
+    record = {"test": rows, "diversity": diversity, "validation": validation, "seconds": seconds,
+              "allocation": allocation.as_dict() if allocation else None}
+    text = json.dumps(record, indent=2)
     atomic_write(out / "metrics.json", lambda f: f.write(text.encode()))
-    return RunResult(out=out, rows=rows, diversity=diversity, seconds=seconds)
+    return RunResult(out=out, rows=rows, diversity=diversity, seconds=seconds, validation=validation,
+                     allocation=allocation)

@@ -78,7 +78,7 @@ def tune(children_dir, epochs, schedule, max_lr, lr, bagging, cycle_momentum, op
     from pat.data import load_dataset
     from pat.engine.distributed import init_ranks
     from pat.ensemble.store import EnsembleDir
-    from pat.pipeline import evaluate_run
+    from pat.pipeline import evaluate_run, parent_check
     from pat.tuner import tune_directory
 
     EnsembleDir.load(children_dir, argument="CHILDREN_DIR")  # validate before any work
@@ -97,6 +97,7 @@ def tune(children_dir, epochs, schedule, max_lr, lr, bagging, cycle_momentum, op
     if ranks.is_main:
         rows, _ = evaluate_run(children_dir, data, device=config.device)
         console.print(metrics_table(f"{children_dir} on {dataset} (test)", rows, CHILD_COLUMNS))
+        _validation_line(parent_check(children_dir, data, device=config.device))
 
 
 def _with_device(config, device: str):
@@ -127,7 +128,11 @@ def run(config_file, out, force) -> None:
     config = from_dict(RunConfig, load_yaml(config_file), where=str(config_file))
     if out is not None:
         config = dataclasses.replace(config, out=out)
-    _render(run_pipeline(config, force=force, progress=_progress))
+    _render(run_pipeline(config, force=force, progress=_progress, announce=_announce))
+
+
+def _announce(line: str) -> None:
+    console.print(f"[bold]{line}[/]", highlight=False)
 
 
 @click.command()
@@ -150,6 +155,21 @@ def demo(out, device, force) -> None:
     _render(run_pipeline(config, force=force, progress=_progress))
 
 
+def _validation_line(check: dict) -> None:
+    """The ensemble against its parent on validation, and a one-line warning when it is worse."""
+    if not check:
+        console.print("ensemble vs parent on validation: not compared (no validation split or parent file)")
+        return
+    e, p = check["ensemble"], check["parent"]
+    console.print(f"validation: ensemble of {check['members']} accuracy {e['accuracy']:.2%}, NLL {e['nll']:.4f} "
+                  f"vs parent {p['accuracy']:.2%}, NLL {p['nll']:.4f} "
+                  f"({e['accuracy'] - p['accuracy']:+.2%}, {e['nll'] - p['nll']:+.4f})", highlight=False)
+    if check["worse"]:
+        console.print("[yellow]warning:[/] the ensemble is worse than its parent on validation: give each "
+                      "child more tuning steps (more epochs, fewer children) or keep more of the parent "
+                      "(lower sparsity); see docs/tuning.md", highlight=False)
+
+
 def _render(result) -> None:
     console.print(metrics_table(f"test split — {result.out}", result.rows, CHILD_COLUMNS))
     parent, ensemble = result.rows[0], result.rows[-1]
@@ -160,3 +180,4 @@ def _render(result) -> None:
     if d.get("disagreement") is not None:
         console.print(f"children disagree on {d['disagreement']:.1%} of test samples (mean pairwise); "
                       f"total time {result.seconds:.0f}s", highlight=False)
+    _validation_line(result.validation)

@@ -1,0 +1,143 @@
+"""One training budget, split between a parent and its children by a stated rule.
+
+A budget is given in epochs over the training split, in optimizer steps or in training FLOPs
+(``budget: {epochs: 48}`` in a run config, :class:`BudgetConfig` in Python). It is converted
+to *parent epochs* — one pass of the dense network over the training split — and allocated:
+
+1. the parent gets ``parent_share`` of it (rounded to whole epochs, at least one);
+2. the rest is shared by the children in whole epochs each. A child pass over a bagged share
+   of the data costs that share of an epoch, so bagged children get more epochs;
+3. a child needs optimizer steps to recover from its pruning: when the rest would give each
+   of the requested children fewer than ``min_child_steps`` steps, fewer children are made
+   (never fewer than two), each getting more steps;
+4. what whole epochs leave over goes back to the parent, so the parts add up to the budget
+   (up to one child pass of rounding).
+
+Masked children cost a dense step (their zeros are multiplied); physical children cost less,
+so a physical run spends less than its budget — the run's recorded cost says what it spent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pat.errors import PatError, check
+
+__all__ = ["BudgetConfig", "Allocation", "allocate_budget"]
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """A total training budget; exactly one of ``epochs``, ``steps`` and ``flops``."""
+
+    epochs: float | None = None  # passes of the dense parent over the training split
+    steps: int | None = None  # optimizer steps of batch_size samples
+    flops: float | None = None  # training FLOPs (3 x forward, pat.engine.cost)
+    parent_share: float = 0.5  # share of the budget the parent trains for
+    min_child_steps: int = 30  # fewer children, each with at least this many steps
+
+    def __post_init__(self) -> None:
+        given = {k: v for k, v in (("epochs", self.epochs), ("steps", self.steps), ("flops", self.flops))
+                 if v is not None}
+        check(len(given) == 1, "budget needs exactly one of epochs, steps, flops. Got "
+                               f"{', '.join(given) or 'none'}.")
+        (unit, value), = given.items()
+        check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+              f"budget.{unit} must be a positive number. Got {value!r}.")
+        check(0 < self.parent_share < 1, f"budget.parent_share must be in (0, 1). Got {self.parent_share}.")
+        check(isinstance(self.min_child_steps, int) and self.min_child_steps >= 1,
+              f"budget.min_child_steps must be a positive integer. Got {self.min_child_steps!r}.")
+
+    @property
+    def unit(self) -> str:
+        return "epochs" if self.epochs is not None else "steps" if self.steps is not None else "flops"
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """How a budget was spent: parent epochs, number of children and epochs per child."""
+
+    budget_epochs: float  # the budget, in parent epochs
+    parent_epochs: int
+    children: int
+    child_epochs: int
+    steps_per_epoch: int  # parent steps per epoch
+    child_steps_per_epoch: int  # a child's steps per epoch (fewer when bagged)
+
+    @property
+    def spent_epochs(self) -> float:
+        share = self.child_steps_per_epoch / self.steps_per_epoch
+        return self.parent_epochs + self.children * self.child_epochs * share
+
+    @property
+    def steps(self) -> int:
+        return self.parent_epochs * self.steps_per_epoch + self.children * self.child_epochs * self.child_steps_per_epoch
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"budget_epochs": self.budget_epochs, "parent_epochs": self.parent_epochs,
+                "children": self.children, "child_epochs": self.child_epochs,
+                "steps": self.steps, "spent_epochs": round(self.spent_epochs, 4)}
+
+    def describe(self) -> str:
+        return (f"budget {self.budget_epochs:g} epochs → parent {self.parent_epochs} + "
+                f"{self.children} children × {self.child_epochs} "
+                f"({self.steps} optimizer steps, {self.child_epochs * self.child_steps_per_epoch} a child)")
+
+
+def allocate_budget(
+    budget: BudgetConfig,
+    *,
+    train_size: int,
+    batch_size: int,
+    children: int,
+    bagging: float | None = None,
+    flops_per_sample: float | None = None,
+) -> Allocation:
+    """Split ``budget`` between a parent and at most ``children`` children (see the module doc).
+
+    Args:
+        train_size: samples in the training split.
+        batch_size: samples per optimizer step.
+        children: children asked for; fewer are made if they would not get
+            ``budget.min_child_steps`` steps each.
+        bagging: each child's share of the training split (``None``: all of it).
+        flops_per_sample: training FLOPs of one sample through the dense model, needed for a
+            budget in FLOPs (:func:`pat.engine.cost.forward_flops` x 3).
+    """
+    check(train_size > 0 and batch_size > 0, f"train_size and batch_size must be positive. Got {train_size}, {batch_size}.")
+    check(children >= 1, f"children must be at least 1. Got {children}.")
+    steps_per_epoch = math.ceil(train_size / batch_size)
+    child_samples = round(bagging * train_size) if bagging is not None and bagging < 1 else train_size
+    child_steps_per_epoch = math.ceil(child_samples / batch_size)
+    if budget.epochs is not None:
+        total = float(budget.epochs)
+    elif budget.steps is not None:
+        total = budget.steps / steps_per_epoch
+    else:
+        if not flops_per_sample:
+            raise PatError("a budget in flops needs the model's FLOPs per sample; give epochs or steps instead.")
+        total = float(budget.flops) / (flops_per_sample * train_size)
+    parent = max(1, round(total * budget.parent_share))
+    rest = (total - parent) * steps_per_epoch  # in steps
+    if rest < child_steps_per_epoch:
+        raise PatError(f"budget {budget_text(budget)} leaves no child a single epoch after the parent's "
+                       f"{parent}; raise the budget or lower parent_share.")
+    m = children
+    per_child = int(rest // (m * child_steps_per_epoch))
+    if per_child * child_steps_per_epoch < budget.min_child_steps and m > 2:
+        affordable = int(rest // (max(budget.min_child_steps, child_steps_per_epoch)))
+        m = max(2, min(m, affordable))
+        per_child = int(rest // (m * child_steps_per_epoch))
+    if per_child < 1:
+        m = max(1, int(rest // child_steps_per_epoch))
+        per_child = 1
+    leftover = rest - m * per_child * child_steps_per_epoch
+    parent += int(leftover // steps_per_epoch)
+    return Allocation(budget_epochs=round(total, 4), parent_epochs=parent, children=m, child_epochs=per_child,
+                      steps_per_epoch=steps_per_epoch, child_steps_per_epoch=child_steps_per_epoch)
+
+
+def budget_text(budget: BudgetConfig) -> str:
+    value = getattr(budget, budget.unit)
+    return f"{value:g} {budget.unit}"

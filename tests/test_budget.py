@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from pat.budget import BudgetConfig, allocate_budget
+from pat.config import DataConfig, RunConfig, SplitConfig, TrainConfig, TuneConfig, from_dict, load_yaml
+from pat.errors import PatError
+from pat.pipeline import resolve_budget, run
+
+
+@pytest.mark.parametrize("epochs", [3, 8, 16, 17, 48, 100, 301])
+@pytest.mark.parametrize("children", [1, 2, 6, 9])
+@pytest.mark.parametrize("bagging", [None, 0.8])
+def test_allocation_adds_up_to_the_budget(epochs, children, bagging):
+    a = allocate_budget(BudgetConfig(epochs=epochs), train_size=1295, batch_size=128, children=children,
+                        bagging=bagging)
+    child_pass = a.child_steps_per_epoch / a.steps_per_epoch
+    assert a.parent_epochs >= 1 and a.child_epochs >= 1 and 1 <= a.children <= children
+    # never more than the budget, and less by at most one parent epoch (whole-epoch rounding)
+    assert a.spent_epochs <= epochs + 1e-9
+    assert a.spent_epochs > epochs - 1 - child_pass
+    assert a.steps == a.parent_epochs * a.steps_per_epoch + a.children * a.child_epochs * a.child_steps_per_epoch
+
+
+def test_children_that_would_not_recover_are_not_made():
+    # 8 child epochs of 11 steps for 6 children: 11 steps each, below 30 -> 2 children of 44
+    a = allocate_budget(BudgetConfig(epochs=16), train_size=1295, batch_size=128, children=6)
+    assert (a.parent_epochs, a.children, a.child_epochs) == (8, 2, 4)
+    # a large budget keeps every child asked for
+    b = allocate_budget(BudgetConfig(epochs=48), train_size=1295, batch_size=128, children=6)
+    assert (b.parent_epochs, b.children, b.child_epochs) == (24, 6, 4)
+    # a larger data set: one epoch is plenty of steps, all six children, whole epochs each
+    c = allocate_budget(BudgetConfig(epochs=16), train_size=50_000, batch_size=128, children=6)
+    assert (c.children, c.child_epochs) == (6, 1) and c.parent_epochs == 10
+
+
+def test_steps_and_flops_budgets_are_converted_to_epochs():
+    by_steps = allocate_budget(BudgetConfig(steps=176), train_size=1295, batch_size=128, children=2)
+    by_epochs = allocate_budget(BudgetConfig(epochs=16), train_size=1295, batch_size=128, children=2)
+    assert by_steps == by_epochs
+    by_flops = allocate_budget(BudgetConfig(flops=16 * 1295 * 1000.0), train_size=1295, batch_size=128,
+                               children=2, flops_per_sample=1000.0)
+    assert by_flops == by_epochs
+    with pytest.raises(PatError, match="FLOPs per sample"):
+        allocate_budget(BudgetConfig(flops=1e9), train_size=1295, batch_size=128, children=2)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({}, "exactly one of epochs, steps, flops. Got none"),
+    ({"epochs": 4, "steps": 10}, "Got epochs, steps"),
+    ({"epochs": -1}, "budget.epochs must be a positive number. Got -1"),
+    ({"steps": "ten"}, "budget.steps must be a positive number. Got 'ten'"),
+    ({"epochs": 8, "parent_share": 1.0}, "parent_share must be in (0, 1). Got 1.0"),
+    ({"epochs": 8, "min_child_steps": 0}, "min_child_steps must be a positive integer. Got 0"),
+])  # fmt: skip
+def test_bad_budgets_are_refused_with_the_argument(kwargs, words):
+    with pytest.raises(PatError) as e:
+        BudgetConfig(**kwargs)
+    assert words in str(e.value)
+
+
+def test_budget_too_small_for_one_child_epoch():
+    with pytest.raises(PatError, match="leaves no child a single epoch"):
+        allocate_budget(BudgetConfig(epochs=1), train_size=1295, batch_size=128, children=2)
+
+
+def test_run_config_reads_a_budget_and_resolves_it(digits):
+    config = from_dict(RunConfig, {"budget": {"epochs": 48}, "split": {"children": 6}})
+    assert config.budget == BudgetConfig(epochs=48)
+    resolved, allocation = resolve_budget(config, digits)
+    assert (resolved.parent.epochs, resolved.split.children, resolved.tune.epochs) == (24, 6, 4)
+    assert resolved.budget == config.budget and allocation.children == 6
+    assert resolve_budget(resolved, digits)[0] == resolved  # resolving twice changes nothing
+    with pytest.raises(PatError, match="config.budget has unknown keys"):
+        from_dict(RunConfig, {"budget": {"epoch": 48}})
+    two_batches = RunConfig(tune=TuneConfig(data=DataConfig(batch_size=32)), budget=BudgetConfig(epochs=8))
+    with pytest.raises(PatError, match="one batch size for parent and children"):
+        resolve_budget(two_batches, digits)
+
+
+@pytest.mark.slow
+def test_run_with_a_budget_writes_the_allocation_and_the_validation_check(tmp_path):
+    data = DataConfig(dataset="digits", batch_size=128)
+    config = RunConfig(parent=TrainConfig(epochs=1, lr=0.05, data=data), split=SplitConfig(children=6),
+                       tune=TuneConfig(epochs=1, max_lr=0.05, data=data), budget=BudgetConfig(epochs=6),
+                       out=str(tmp_path / "run"))
+    lines = []
+    result = run(config, announce=lines.append)
+    a = result.allocation
+    assert lines == [a.describe()] and a.parent_epochs + a.children * a.child_epochs == 6
+    saved = load_yaml(tmp_path / "run" / "config.yaml")
+    assert (saved["parent"]["epochs"], saved["split"]["children"], saved["tune"]["epochs"]) == (
+        a.parent_epochs, a.children, a.child_epochs)
+    text = (tmp_path / "run" / "config.yaml").read_text()
+    assert json.loads(text.splitlines()[1].removeprefix("# allocation: ")) == a.as_dict()
+    assert from_dict(RunConfig, yaml.safe_load(text)) == resolve_budget(config, result_data())[0]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["allocation"] == a.as_dict()
+    check = metrics["validation"]
+    assert check["members"] == a.children
+    assert check["worse"] == (check["ensemble"]["accuracy"] < check["parent"]["accuracy"]
+                              or check["ensemble"]["nll"] > check["parent"]["nll"])
+    run(config)  # a rerun of the same budgeted config continues the same run
+
+
+def result_data():
+    from pat.data import load_dataset
+
+    return load_dataset("digits")
