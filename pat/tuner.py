@@ -28,6 +28,7 @@ from pat.engine.loop import final_metrics, fit, resolve_device
 from pat.engine.optim import create_optimizer
 from pat.engine.schedules import create_schedule
 from pat.engine.steps import create_step
+from pat.ensemble.soups import recalibrate_bn
 from pat.ensemble.store import EnsembleDir
 from pat.errors import PatError, check
 from pat.masks.apply import MaskEnforcer
@@ -66,10 +67,20 @@ def tune_child(
     scheduler = create_schedule(config.schedule, optimizer, config.epochs * len(train), **options)
     evals = {"val": data.loader("val", batch_size=512, device=device)} if len(data.val.y) else {}
     enforcer = [MaskEnforcer(masks)] if masks else []
+    bn_samples = 0
+    if config.recompute_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in child.modules()):
+        # pruning shifts every layer's activation statistics: BN's running averages are the
+        # parent's until recomputed (one forward pass over the child's training data)
+        recalibrate_bn(child, data.loader("train", batch_size=config.data.batch_size, device=device,
+                                          augment=False, shuffle=False, indices=indices))
+        bn_samples = len(indices) if indices is not None else len(data.train.y)
     state = fit(child, train, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler,
                 step=create_step(config.step), eval_data=evals, callbacks=[*enforcer, *callbacks],
                 amp=config.amp, device=device)
     child.pat_cost = fit_cost(state, example_input(data, device))
+    if bn_samples:  # forward passes only: a third of a training pass each
+        child.pat_cost["flops"] += child.pat_cost["forward_flops_per_sample"] * bn_samples
+        child.pat_cost["bn_samples"] = bn_samples
     train_samples = len(indices) if indices is not None else len(data.train.y)
     return {"train_samples": train_samples, **final_metrics(child, data, device=device, amp=config.amp)}
 

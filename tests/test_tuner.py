@@ -143,3 +143,35 @@ def test_missing_directory_and_bad_manifest(tmp_path, digits, children_dir):
     (broken / "ensemble.json").write_text('{"format_version": 1, "members": "x"}')
     with pytest.raises(PatError, match="'members' must be a list"):
         tune_directory(str(broken), digits, FAST)
+
+
+class StartBN(Callback):
+    """The first BatchNorm's running mean when tuning starts."""
+
+    def on_fit_start(self, state):
+        bn = next(m for m in state.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        self.mean = bn.running_mean.clone()
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_batchnorm_statistics_are_the_childs_own_when_tuning_starts(digits, recompute):
+    torch.manual_seed(0)
+    parent = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+    parent[1].running_mean.fill_(5.0)  # the parent's statistics, wrong for any child
+    child = split(parent, 2, sparsity=0.5)[0]
+    start = StartBN()
+    config = TuneConfig(epochs=1, max_lr=0.01, recompute_bn=recompute, data=DataConfig(batch_size=64))
+    tune([child], digits, config, callbacks=lambda i: [start])
+    if not recompute:
+        assert torch.equal(start.mean, torch.full((8,), 5.0))
+        assert "bn_samples" not in child.pat_cost
+        return
+    # the pruned conv's output means over the (unaugmented) training batches, averaged
+    conv = split(parent, 2, sparsity=0.5)[0][0]
+    with torch.no_grad():
+        means = [conv(x).mean(dim=(0, 2, 3)) for x, _ in
+                 digits.loader("train", batch_size=64, augment=False, shuffle=False)]
+    expected = torch.stack(means).mean(0)
+    assert torch.allclose(start.mean, expected, atol=1e-4)
+    assert child.pat_cost["bn_samples"] == len(digits.train.y)

@@ -61,13 +61,15 @@ def split(parent, children, method, anti_random, sparsity, level, scope, physica
 @click.option("--max-lr", default=0.1, type=float, help="One-cycle peak LR.")
 @click.option("--lr", default=0.01, type=float, help="LR of the constant schedule.")
 @click.option("--bagging", default=None, type=float, help="Each child trains on its own seeded share (e.g. 0.9).")
+@click.option("--recompute-bn/--keep-bn", default=True,
+              help="Recompute BatchNorm statistics on each child's data before tuning [default: recompute].")
 @click.option("--cycle-momentum", is_flag=True, help="Cycle momentum 0.95→0.85 with the one-cycle LR.")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd")
 @click.option("--step", default="sgd", help="Step rule: sgd, sam, ...")
 @click.option("--seed", default=0, type=int, help="Bagging and shuffling seed.")
 @data_options
 @device_options
-def tune(children_dir, epochs, schedule, max_lr, lr, bagging, cycle_momentum, optimizer, step, seed,
+def tune(children_dir, epochs, schedule, max_lr, lr, bagging, recompute_bn, cycle_momentum, optimizer, step, seed,
          dataset, data_dir, batch_size, val_fraction, data_seed, device, amp) -> None:
     """Tune the children that are not tuned yet.
 
@@ -85,6 +87,7 @@ def tune(children_dir, epochs, schedule, max_lr, lr, bagging, cycle_momentum, op
     data_cfg = DataConfig(dataset=dataset, data_dir=data_dir, val_fraction=val_fraction,
                           batch_size=batch_size, seed=data_seed)
     config = TuneConfig(epochs=epochs, schedule=schedule, max_lr=max_lr, lr=lr, bagging=bagging,
+                        recompute_bn=recompute_bn,
                         cycle_momentum=cycle_momentum, optimizer=optimizer, step=step, seed=seed,
                         device=device, amp=amp, data=data_cfg)
     ranks = init_ranks()
