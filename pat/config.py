@@ -133,6 +133,9 @@ class RunConfig:
     # a total budget ({epochs: N} | {steps: N} | {flops: N}) that pat.budget allocates: it sets
     # parent.epochs, split.children (at most the given number) and tune.epochs
     budget: BudgetConfig | None = None
+    # also train one model (the parent's recipe) for the run's whole budget: the model the
+    # ensemble has to beat, shown next to it
+    baseline: bool = False
 
 
 def _dataclass_of(hint: Any) -> Any:

@@ -1,7 +1,8 @@
 """End to end: parent → split → tune → evaluate. The function behind ``pat run`` and ``pat demo``.
 
 An output directory holds ``config.yaml`` (the resolved config), ``parent.pt``, ``children/``
-(an ensemble directory) and ``metrics.json``. Every stage is skipped when its output is already
+(an ensemble directory), ``metrics.json`` and, with ``baseline``, ``independent.pt`` (one
+model trained for the whole budget). Every stage is skipped when its output is already
 there, so an interrupted run continues where it stopped when started again.
 """
 
@@ -146,7 +147,8 @@ def _claim_output(config: RunConfig, force: bool, allocation: Allocation | None 
         raise PatError(f"out {str(out)!r} holds a run with a different config; pass --force to "
                        "replace it or choose another directory.")
     if force and out.exists():
-        for name in ("parent.pt", "parent.pt.partial", "children", "metrics.json"):
+        for name in ("parent.pt", "parent.pt.partial", "independent.pt", "independent.pt.partial", "children",
+                     "metrics.json"):
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -155,12 +157,20 @@ def _claim_output(config: RunConfig, force: bool, allocation: Allocation | None 
     return out
 
 
+def run_epochs(config: RunConfig) -> int:
+    """The run's whole budget in parent epochs (a bagged child epoch costs its share of one)."""
+    share = config.tune.bagging if config.tune.bagging is not None else 1.0
+    return max(1, round(config.parent.epochs + config.split.children * config.tune.epochs * share))
+
+
 def evaluate_run(children_dir: Path, data: Dataset, *, parent_path: Path | None = None,
-                 device: str = "auto", split: str = "test") -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                 device: str = "auto", split: str = "test",
+                 baseline: tuple[str, Path] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Metrics of the parent (if given), every child and the children's softmax average.
 
     Each child row also has ``ensemble_acc``: the accuracy of the average of children 1..i,
-    i.e. what the ensemble reached as children were added.
+    i.e. what the ensemble reached as children were added. ``baseline`` (name, checkpoint)
+    adds a last row for a model to compare the ensemble with.
     """
     dev = resolve_device(device)
     ensemble = Ensemble.load(children_dir, device=dev)
@@ -175,6 +185,11 @@ def evaluate_run(children_dir: Path, data: Dataset, *, parent_path: Path | None 
     for name, m, acc in zip(ensemble.names, report["members"], running, strict=True):
         rows.append({"name": name, **{k: v for k, v in m.items() if k != "index"}, "ensemble_acc": acc})
     rows.append({"name": f"ensemble ({len(children)})", **report["ensemble"]})
+    if baseline is not None:
+        name, path = baseline
+        model = load_model(path, device=dev, argument="baseline")[0]
+        probs, labels = collect_probs([model], data.loader(split, batch_size=512, device=dev))
+        rows.append({"name": name, **classification_metrics(probs[0], labels)})
     return rows, report["diversity"]
 
 
@@ -229,7 +244,15 @@ def run(config: RunConfig, *, force: bool = False, progress: Progress = lambda s
     if not (children_dir / "ensemble.json").exists():
         split_to_directory(parent_path, children_dir, config.split)
     tune_directory(children_dir, data, config.tune, callbacks=progress)
-    rows, diversity = evaluate_run(children_dir, data, parent_path=parent_path, device=config.tune.device)
+    baseline = None
+    if config.baseline:
+        epochs = run_epochs(config)
+        baseline = (f"independent ({epochs} ep)", out / "independent.pt")
+        if not baseline[1].exists():
+            train_parent(dataclasses.replace(config.parent, epochs=epochs), data=data,
+                         callbacks=progress("independent"), out=baseline[1])
+    rows, diversity = evaluate_run(children_dir, data, parent_path=parent_path, device=config.tune.device,
+                                   baseline=baseline)
     validation = parent_check(children_dir, data, parent_path=parent_path, device=config.tune.device)
     seconds = time.perf_counter() - start
     record = {"test": rows, "diversity": diversity, "validation": validation, "seconds": seconds,

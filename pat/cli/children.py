@@ -166,19 +166,22 @@ def _validation_line(check: dict) -> None:
     e, p = check["ensemble"], check["parent"]
     console.print(f"validation: ensemble of {check['members']} accuracy {e['accuracy']:.2%}, NLL {e['nll']:.4f} "
                   f"vs parent {p['accuracy']:.2%}, NLL {p['nll']:.4f} "
-                  f"({e['accuracy'] - p['accuracy']:+.2%}, {e['nll'] - p['nll']:+.4f})", highlight=False)
+                  f"({e['accuracy'] - p['accuracy']:+.2%}, {e['nll'] - p['nll']:+.4f})", highlight=False, soft_wrap=True)
     if check["worse"]:
         console.print("[yellow]warning:[/] the ensemble is worse than its parent on validation: give each "
                       "child more tuning steps (more epochs, fewer children) or keep more of the parent "
-                      "(lower sparsity); see docs/tuning.md", highlight=False)
+                      "(lower sparsity); see docs/tuning.md", highlight=False, soft_wrap=True)
 
 
 def _render(result) -> None:
     console.print(metrics_table(f"test split — {result.out}", result.rows, CHILD_COLUMNS))
-    parent, ensemble = result.rows[0], result.rows[-1]
-    console.print(f"{ensemble['name']} vs parent: accuracy {ensemble['accuracy'] - parent['accuracy']:+.2%}, "
-                  f"NLL {ensemble['nll'] - parent['nll']:+.4f}, ECE {ensemble['ece'] - parent['ece']:+.4f}",
-                  highlight=False)
+    parent = result.rows[0]
+    ensemble = next(r for r in result.rows if r["name"].startswith("ensemble"))
+    others = [parent, *(r for r in result.rows if r["name"].startswith("independent"))]
+    for other in others:
+        console.print(f"{ensemble['name']} vs {other['name']}: accuracy {ensemble['accuracy'] - other['accuracy']:+.2%}, "
+                      f"NLL {ensemble['nll'] - other['nll']:+.4f}, ECE {ensemble['ece'] - other['ece']:+.4f}",
+                      highlight=False)
     d = result.diversity
     if d.get("disagreement") is not None:
         console.print(f"children disagree on {d['disagreement']:.1%} of test samples (mean pairwise); "
