@@ -96,7 +96,8 @@ class SplitConfig:
 class TuneConfig:
     epochs: int = 10  # passes over the (bagged) training split, per child
     schedule: str = "one-cycle"  # one-cycle | constant
-    max_lr: float = 0.1  # one-cycle peak, per batch of data.batch_size
+    max_lr: float | None = None  # one-cycle peak per batch of data.batch_size; None: max_lr_share x parent's LR
+    max_lr_share: float = 0.2  # the peak as a share of the LR the parent trained at (docs/tuning.md)
     lr: float = 0.01  # the fixed LR of the constant ("fine-tune") schedule
     optimizer: str = "sgd"  # sgd (Nesterov) | adam
     momentum: float = 0.9
@@ -114,7 +115,8 @@ class TuneConfig:
         check(self.epochs > 0, f"epochs must be positive. Got {self.epochs}.")
         check(self.schedule in ("one-cycle", "constant"),
               f"schedule must be 'one-cycle' or 'constant'. Got {self.schedule!r}.")
-        check(self.max_lr > 0, f"max_lr must be positive. Got {self.max_lr}.")
+        check(self.max_lr is None or self.max_lr > 0, f"max_lr must be positive. Got {self.max_lr}.")
+        check(self.max_lr_share > 0, f"max_lr_share must be positive. Got {self.max_lr_share}.")
         check(self.lr > 0, f"lr must be positive. Got {self.lr}.")
         check(self.optimizer in OPTIMIZERS,
               f"optimizer {self.optimizer!r} is unknown; choose one of: {', '.join(OPTIMIZERS)}.")

@@ -33,7 +33,41 @@ from pat.ensemble.store import EnsembleDir
 from pat.errors import PatError, check
 from pat.masks.apply import MaskEnforcer
 
-__all__ = ["TuneConfig", "tune", "tune_child", "tune_directory"]
+__all__ = ["TuneConfig", "tune", "tune_child", "tune_directory", "resolve_max_lr"]
+
+
+def resolve_max_lr(config: TuneConfig, parent_lr: float | None = None) -> TuneConfig:
+    """``config`` with its one-cycle peak made explicit.
+
+    An unset ``max_lr`` is ``max_lr_share`` x the LR the parent trained at (``parent_lr``; when
+    it is unknown, pat's default parent LR, ``TrainConfig().lr``). A child starts from a
+    converged parent: a peak at the parent's own LR throws away what it learned, and a short
+    tuning has no steps to learn it again (docs/benchmarks.md, "Equal budget").
+    """
+    if config.max_lr is not None:
+        return config
+    from dataclasses import replace
+
+    from pat.config import TrainConfig
+
+    base = parent_lr if parent_lr is not None else TrainConfig().lr
+    return replace(config, max_lr=config.max_lr_share * base)
+
+
+def parent_lr_of(record: dict[str, Any] | None) -> float | None:
+    """The LR a pat-trained parent used, from its checkpoint (``None`` if unknown)."""
+    from pathlib import Path
+
+    from pat.engine.checkpoint import load_checkpoint
+
+    path = (record or {}).get("file")
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        lr = (load_checkpoint(path, mmap=True).get("config") or {}).get("lr")
+    except PatError:
+        return None
+    return float(lr) if isinstance(lr, (int, float)) else None
 
 
 def tune_child(
@@ -52,6 +86,7 @@ def tune_child(
     ``index`` is the child's position in the ensemble: it seeds the child's bagged subset and
     shuffling, so a child tuned alone, in a rerun or on another rank sees the same batches.
     """
+    config = resolve_max_lr(config)
     device = resolve_device(config.device)
     child.to(device)
     torch.manual_seed(config.seed * 100_003 + index)  # dropout etc.; distinct per child
@@ -92,6 +127,7 @@ def tune(
     *,
     masks: Sequence[dict[str, torch.Tensor] | None] | None = None,
     callbacks: Callable[[int], Iterable[Callback]] = lambda i: (),
+    parent_lr: float | None = None,
 ) -> list[nn.Module]:
     """Tune every child in place (Python API); returns the same modules.
 
@@ -99,8 +135,10 @@ def tune(
         children: models from :func:`pat.split` (each carries its mask as ``pat_masks``) or
             any models, with ``masks`` given explicitly (``None`` entries are tuned densely).
         callbacks: ``index -> callbacks`` for that child's run (progress, logging).
+        parent_lr: the LR the parent trained at; an unset ``config.max_lr`` is
+            ``config.max_lr_share`` times it (:func:`resolve_max_lr`).
     """
-    config = config if config is not None else TuneConfig()
+    config = resolve_max_lr(config if config is not None else TuneConfig(), parent_lr)
     masks = masks if masks is not None else [getattr(c, "pat_masks", None) for c in children]
     check(len(masks) == len(children), f"masks must have one entry per child. Got {len(masks)} for {len(children)}.")
     for i, (child, mask) in enumerate(zip(children, masks, strict=True)):
@@ -135,6 +173,8 @@ def tune_directory(
         raise PatError(f"--dataset {data.name!r} has {data.num_classes} classes but the children "
                        f"were made for {ens.manifest['num_classes']}.")
     todo = [(i, m) for i, m in enumerate(ens.members) if m["status"] == "split"]
+    if todo:
+        config = resolve_max_lr(config, parent_lr_of(ens.manifest.get("parent")))
     for index, record in ranks.shard(todo):
         file = ens.member_path(record)
         child = load_child(file)

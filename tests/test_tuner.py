@@ -175,3 +175,23 @@ def test_batchnorm_statistics_are_the_childs_own_when_tuning_starts(digits, reco
     expected = torch.stack(means).mean(0)
     assert torch.allclose(start.mean, expected, atol=1e-4)
     assert child.pat_cost["bn_samples"] == len(digits.train.y)
+
+
+def test_unset_peak_lr_is_a_share_of_the_parents_lr(children_dir, digits):
+    # digits_parent trained at lr 0.05: the children peak at 0.2 x 0.05 unless told otherwise
+    trace = LRTrace()
+    config = TuneConfig(epochs=1, data=DataConfig(batch_size=64))
+    tune_directory(children_dir, digits, config, callbacks=lambda name: [trace] if name == "child-0" else [])
+    assert max(trace.lrs) == pytest.approx(0.01, rel=2e-2)  # 21 steps: the peak falls between two
+    records = EnsembleDir.load(children_dir).members
+    assert {r["tune"]["max_lr"] for r in records} == {pytest.approx(0.01)}
+    # an explicit peak wins; without a known parent the share applies to pat's default parent LR
+    assert tune_max_lr(TuneConfig(max_lr=0.3)) == 0.3
+    assert tune_max_lr(TuneConfig(), parent_lr=None) == pytest.approx(0.2 * 0.1)
+    assert tune_max_lr(TuneConfig(max_lr_share=0.5), parent_lr=1e-3) == pytest.approx(5e-4)
+
+
+def tune_max_lr(config, parent_lr=None):
+    from pat.tuner import resolve_max_lr
+
+    return resolve_max_lr(config, parent_lr).max_lr

@@ -58,7 +58,8 @@ def split(parent, children, method, anti_random, sparsity, level, scope, physica
 @click.argument("children_dir", type=click.Path())
 @click.option("--epochs", default=10, type=int, help="Tuning epochs per child.")
 @click.option("--schedule", type=click.Choice(["one-cycle", "constant"]), default="one-cycle")
-@click.option("--max-lr", default=0.1, type=float, help="One-cycle peak LR.")
+@click.option("--max-lr", default=None, type=float,
+              help="One-cycle peak LR [default: 0.2 x the LR the parent trained at].")
 @click.option("--lr", default=0.01, type=float, help="LR of the constant schedule.")
 @click.option("--bagging", default=None, type=float, help="Each child trains on its own seeded share (e.g. 0.9).")
 @click.option("--recompute-bn/--keep-bn", default=True,
