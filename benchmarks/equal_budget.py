@@ -33,26 +33,27 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from pat.budget import BudgetConfig, allocate_budget
 from pat.children import split
-from pat.config import DataConfig, TrainConfig, TuneConfig
+from pat.config import DataConfig, SplitConfig, TrainConfig, TuneConfig
 from pat.data import Dataset, load_dataset
 from pat.engine.callbacks import Callback, FitState
 from pat.engine.cost import example_input, fit_cost, sum_costs
 from pat.engine.loop import fit, resolve_device
 from pat.engine.optim import create_optimizer
 from pat.engine.schedules import create_schedule
-from pat.ensemble.calibration import fit_temperature, size_curve, deep_ensemble_equivalent
+from pat.ensemble.calibration import deep_ensemble_equivalent, fit_temperature, size_curve
 from pat.ensemble.metrics import accuracy, brier, ece, nll
 from pat.ensemble.predict import collect_logits
 from pat.parent import train_parent
@@ -157,40 +158,70 @@ class Recipe:
     schedule: str = "one-cycle"
     bagging: float | None = None
     equal_flops: bool = False  # physical children: as many more epochs as their FLOPs allow
+    gradual: float = 0.0  # > 0: start dense, reach the mask over this share of the tuning steps
+    min_child_steps: int = 1  # the variants keep their number of children (pat's default: 30)
 
 
 VARIANTS: dict[str, Recipe] = {
-    "ar-0.5 x6": Recipe(),
-    "ar-0.5 x2": Recipe(children=2),
-    "ar-0.5 x4": Recipe(children=4),
-    "cyclic d0.7 x6": Recipe(method="cyclic", sparsity=0.3),
-    "cyclic d0.8 x6": Recipe(method="cyclic", sparsity=0.2),
-    "random s0.2 x6": Recipe(method="random", sparsity=0.2),
-    "random s0.1 x6": Recipe(method="random", sparsity=0.1),
-    "dense x6": Recipe(method="random", sparsity=0.0),
-    "share 0.25": Recipe(parent_share=0.25),
-    "share 0.75": Recipe(parent_share=0.75),
-    "lr x0.5": Recipe(lr_scale=0.5),
-    "lr x2": Recipe(lr_scale=2.0),
-    "constant lr": Recipe(schedule="constant"),
-    "bagging 0.8": Recipe(bagging=0.8),
-    "neuron partition x2": Recipe(children=2, method="partition", level="neuron", sparsity=None),
-    "neuron physical cyclic d0.7": Recipe(method="cyclic", sparsity=0.3, level="neuron",
-                                          physical=True, equal_flops=True),
+    # the paper's children (anti-random pairs at 0.5), their number and the children's peak LR
+    "ar-0.5 x6 lr1": Recipe(lr_scale=1.0),
+    "ar-0.5 x6 lr.5": Recipe(lr_scale=0.5),
+    "ar-0.5 x6 lr.3": Recipe(lr_scale=0.3),
+    "ar-0.5 x6 lr.2": Recipe(lr_scale=0.2),
+    "ar-0.5 x6 lr.1": Recipe(lr_scale=0.1),
+    "ar-0.5 x2 lr.2": Recipe(children=2, lr_scale=0.2),
+    "ar-0.5 x4 lr.2": Recipe(children=4, lr_scale=0.2),
+    "ar-0.5 x8 lr.2": Recipe(children=8, lr_scale=0.2),
+    # how much each child keeps
+    "cyclic d0.8 x6 lr.2": Recipe(method="cyclic", sparsity=0.2, lr_scale=0.2),
+    "random s0.2 x6 lr.2": Recipe(method="random", sparsity=0.2, lr_scale=0.2),
+    "dense x6 lr.2": Recipe(method="random", sparsity=0.0, lr_scale=0.2),
+    # schedule, data, pruning all at once or gradually, the parent's share
+    "constant lr.1": Recipe(schedule="constant", lr_scale=1.0),  # constant at 0.1 x the parent's LR
+    "bagging 0.8 lr.2": Recipe(bagging=0.8, lr_scale=0.2),
+    "gradual 0.5 lr.2": Recipe(gradual=0.5, lr_scale=0.2),
+    "share 0.75 lr.2": Recipe(parent_share=0.75, lr_scale=0.2),
+    "share 0.25 lr.2": Recipe(parent_share=0.25, lr_scale=0.2),
+    # neuron-level physical children: cheaper steps, so more of them for the same FLOPs
+    "physical cyclic d0.7 lr.2": Recipe(method="cyclic", sparsity=0.3, level="neuron", physical=True,
+                                        equal_flops=True, lr_scale=0.2),
+    "neuron partition x2 lr.2": Recipe(children=2, method="partition", level="neuron", sparsity=None,
+                                       lr_scale=0.2),
 }
 
 
-def allocation(budget: int, recipe: Recipe) -> tuple[int, int]:
-    """(parent epochs, epochs per child): children get whole epochs, the remainder goes to the parent."""
-    child = max(1, round(budget * (1 - recipe.parent_share)) // recipe.children)
-    return budget - child * recipe.children, child
+class GradualMask(Callback):
+    """Prune a growing random share of the mask's pruned entries (cubic schedule, Zhu & Gupta 2017).
+
+    After ``ramp`` steps every pruned entry is zero and stays zero: the child ends exactly masked.
+    """
+
+    def __init__(self, masks: dict[str, Tensor], ramp: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.masks, self.ramp = masks, max(1, ramp)
+        self.rank = {k: torch.rand(m.shape, generator=g).to(m.device) for k, m in masks.items()}
+
+    def on_step_end(self, state: FitState) -> None:
+        frac = 1 - (1 - min(1.0, state.step / self.ramp)) ** 3
+        params = dict(state.model.named_parameters())
+        with torch.no_grad():
+            for name, mask in self.masks.items():
+                params[name].mul_(mask | (self.rank[name] >= frac))
+
+
+def allocation(args: argparse.Namespace, data: Dataset, budget: int, recipe: Recipe) -> tuple[int, int, int]:
+    """(parent epochs, children, epochs per child) by :func:`pat.budget.allocate_budget`."""
+    config = BudgetConfig(epochs=budget, parent_share=recipe.parent_share, min_child_steps=recipe.min_child_steps)
+    a = allocate_budget(config, train_size=len(data.train.y), batch_size=args.batch_size,
+                        children=recipe.children, bagging=recipe.bagging)
+    return a.parent_epochs, a.children, a.child_epochs
 
 
 def pat_members(args: argparse.Namespace, data: Dataset, budget: int, recipe: Recipe, seed: int,
                 cache: dict) -> tuple[list[nn.Module], dict[str, Any], nn.Module, dict[str, Any]]:
-    parent_epochs, child_epochs = allocation(budget, recipe)
+    parent_epochs, children, child_epochs = allocation(args, data, budget, recipe)
     parent, parent_cost, chosen = train_best(args, data, parent_epochs, seed, cache)
-    kids = split(parent, recipe.children, method=recipe.method, sparsity=recipe.sparsity,
+    kids = split(parent, children, method=recipe.method, sparsity=recipe.sparsity,
                  level=recipe.level, physical=recipe.physical, seed=seed,
                  example_inputs=example_input(data, resolve_device(args.device)))
     epochs = child_epochs
@@ -203,9 +234,19 @@ def pat_members(args: argparse.Namespace, data: Dataset, budget: int, recipe: Re
                         device=args.device,
                         data=DataConfig(dataset=args.dataset, data_dir=args.data_dir,
                                         batch_size=args.batch_size, seed=seed))
-    kids = tune(kids, data, config)
+    if recipe.gradual > 0:
+        masks = [k.pat_masks for k in kids]
+        dense = [copy.deepcopy(parent) for _ in kids]
+        steps = epochs * len(data.loader("train", batch_size=args.batch_size))
+        kids = tune(dense, data, config, masks=[None] * len(kids),
+                    callbacks=lambda i: [GradualMask(masks[i], round(recipe.gradual * steps), seed * 100 + i)])
+        for kid, mask in zip(kids, masks, strict=True):  # exactly masked at the end
+            params = dict(kid.named_parameters())
+            assert all(int(params[n][~m].count_nonzero()) == 0 for n, m in mask.items())
+    else:
+        kids = tune(kids, data, config)
     cost = sum_costs([parent_cost, *(k.pat_cost for k in kids)])
-    info = {"parent_epochs": parent_epochs, "child_epochs": epochs, **chosen}
+    info = {"parent_epochs": parent_epochs, "children": children, "child_epochs": epochs, **chosen}
     return kids, cost, parent, {"cost": parent_cost, **info}
 
 
@@ -244,13 +285,16 @@ def logits_of(models: list[nn.Module], data: Dataset, split_name: str) -> tuple[
     return collect_logits(models, data.loader(split_name, batch_size=512))
 
 
-def arm_row(members: list[nn.Module], cost: dict[str, Any], data: Dataset, *, epochs: float,
-            steps_per_epoch: int, curve: Tensor | None) -> tuple[Row, Tensor, Tensor]:
+def arm_row(members: list[nn.Module], cost: dict[str, Any], data: Dataset, *, curve: Tensor | None) -> tuple[Row, Tensor, Tensor]:
     """Test metrics of the members' softmax mean, raw and temperature-scaled on validation."""
     val, vy = logits_of(members, data, "val")
     test, ty = logits_of(members, data, "test")
-    val_lp = val.log_softmax(-1).exp().mean(0).log()
-    test_lp = test.log_softmax(-1).exp().mean(0).log()
+    val_lp = torch.logsumexp(val.log_softmax(-1), 0) - math.log(len(members))  # log of the mean softmax
+    test_lp = torch.logsumexp(test.log_softmax(-1), 0) - math.log(len(members))
+    if not (torch.isfinite(val_lp).all() and torch.isfinite(test_lp).all()):  # a member diverged
+        nan = {k: math.nan for k in ("acc", "nll", "nll_ts", "ece_ts", "brier_ts", "T", "member_acc", "dee")}
+        return ({**nan, "members": len(members), "epochs": cost["samples"] / len(data.train.y), "steps": cost["steps"],
+                 "flops": cost["flops"], "seconds": cost["seconds"]}, val.softmax(-1), test.softmax(-1))
     t = fit_temperature(val_lp, vy, kind="logits")
     cal = (test_lp / t).softmax(-1)
     raw = test_lp.exp()
@@ -258,14 +302,14 @@ def arm_row(members: list[nn.Module], cost: dict[str, Any], data: Dataset, *, ep
         "acc": accuracy(raw, ty), "nll": nll(raw, ty), "nll_ts": nll(cal, ty), "ece_ts": ece(cal, ty),
         "brier_ts": brier(cal, ty), "T": t, "members": len(members),
         "member_acc": statistics.fmean(accuracy(p, ty) for p in test.softmax(-1)),
-        "epochs": epochs, "steps": cost["steps"], "flops": cost["flops"], "seconds": cost["seconds"],
+        "epochs": cost["samples"] / len(data.train.y), "steps": cost["steps"], "flops": cost["flops"], "seconds": cost["seconds"],
     }
     row["dee"] = deep_ensemble_equivalent(row["nll_ts"], curve)[0] if curve is not None else math.nan
     return row, val.softmax(-1), test.softmax(-1)
 
 
 def run_seed(args: argparse.Namespace, data: Dataset, seed: int, variants: list[str]) -> dict[str, Row]:
-    budget, steps = args.budget, len(data.loader("train", batch_size=args.batch_size))
+    budget = args.budget
     cache: dict = {}
     rows: dict[str, Row] = {}
     model, cost, chosen = train_best(args, data, budget, seed, cache)
@@ -275,35 +319,34 @@ def run_seed(args: argparse.Namespace, data: Dataset, seed: int, variants: list[
     deep_models = [m for m, _ in deep]
     curve = None
     if args.deep > 1:
-        row, vp, tp = arm_row(deep_models, sum_costs([c for _, c in deep]), data,
-                              epochs=budget * len(deep), steps_per_epoch=steps, curve=None)
+        row, vp, tp = arm_row(deep_models, sum_costs([c for _, c in deep]), data, curve=None)
         curve = size_curve(vp, data.val.y, tp, data.test.y)
         row["dee"] = float(len(deep))
         rows[f"deep ({args.deep}x budget)"] = row
-    rows["independent"], _, _ = arm_row([model], cost, data, epochs=budget, steps_per_epoch=steps, curve=curve)
+    rows["independent"], _, _ = arm_row([model], cost, data, curve=curve)
     rows["independent"].update({"lr": chosen["lr"], "best_epoch": chosen["best_epoch"]})
     members, cost = snapshot_members(args, data, budget, args.snapshots, chosen["lr"], seed)
-    rows[f"snapshot ({args.snapshots} cycles)"], _, _ = arm_row(members, cost, data, epochs=budget,
-                                                                steps_per_epoch=steps, curve=curve)
+    rows[f"snapshot ({args.snapshots} cycles)"], _, _ = arm_row(members, cost, data, curve=curve)
     for name in ["default", *variants]:
         recipe = default_recipe() if name == "default" else VARIANTS[name]
         kids, cost, parent, info = pat_members(args, data, budget, recipe, seed, cache)
         label = f"pat {name}"
-        rows[label], _, _ = arm_row(kids, cost, data, epochs=budget, steps_per_epoch=steps, curve=curve)
-        rows[label].update({k: info[k] for k in ("parent_epochs", "child_epochs")})
+        rows[label], _, _ = arm_row(kids, cost, data, curve=curve)
+        rows[label].update({k: info[k] for k in ("parent_epochs", "children", "child_epochs")})
         if name == "default":
-            rows["parent (pat default)"], _, _ = arm_row([parent], info["cost"], data,
-                                                         epochs=info["parent_epochs"],
-                                                         steps_per_epoch=steps, curve=curve)
+            rows["parent (pat default)"], _, _ = arm_row([parent], info["cost"], data, curve=curve)
     if args.paper:
         for name, (members, cost) in paper_arms(args, data, budget, seed).items():
-            rows[name], _, _ = arm_row(members, cost, data, epochs=budget, steps_per_epoch=steps, curve=curve)
+            rows[name], _, _ = arm_row(members, cost, data, curve=curve)
     return rows
 
 
 def default_recipe() -> Recipe:
-    """pat's default recipe, as :func:`pat.allocate_budget` and :class:`pat.TuneConfig` resolve it."""
-    return Recipe()
+    """pat's default recipe: the defaults of the split, tuning and budget configs."""
+    sp, tu, bu = SplitConfig(), TuneConfig(), BudgetConfig(epochs=1)
+    return Recipe(parent_share=bu.parent_share, children=sp.children, method=sp.method, sparsity=sp.sparsity,
+                  level=sp.level, physical=sp.physical, lr_scale=tu.max_lr_share, schedule=tu.schedule,
+                  bagging=tu.bagging, min_child_steps=bu.min_child_steps)
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -369,6 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--deep", type=int, default=5, help="members of the deep-ensemble reference (0: none)")
     p.add_argument("--snapshots", type=int, default=4, help="cycles of the snapshot ensemble")
     p.add_argument("--paper", action="store_true", help="add the paper's small-budget arms (Adam 1e-3)")
+    p.add_argument("--save", default=None, help="JSON file the per-seed rows are written to after each seed")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -377,6 +421,8 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         p.error(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
+    if args.paper and args.budget < 16:
+        p.error(f"--paper splits the budget into a parent and 8 children of whole epochs: it needs --budget >= 16. Got {args.budget}.")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     data = load_dataset(args.dataset, data_dir=args.data_dir, seed=0)
@@ -388,6 +434,9 @@ def main(argv: list[str] | None = None) -> None:
     for seed in range(args.seeds):
         results.append(run_seed(args, data, seed, variants))
         print(f"seed {seed} done ({time.perf_counter() - start:.0f} s)", flush=True)
+        if args.save:  # every finished seed is kept: a crash or a kill loses only the seed running
+            with open(args.save, "w") as f:
+                json.dump(results, f)
     print("\n".join(summarize(results)))
     print("independent: chosen LR per seed", [r["independent"]["lr"] for r in results],
           "best epoch", [r["independent"]["best_epoch"] for r in results])

@@ -6,9 +6,9 @@ Units are given in comments; LRs are per batch of ``batch_size`` samples.
 from __future__ import annotations
 
 import dataclasses
+import types
 from dataclasses import dataclass, fields
 from pathlib import Path
-import types
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml

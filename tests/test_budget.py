@@ -6,7 +6,15 @@ import pytest
 import yaml
 
 from pat.budget import BudgetConfig, allocate_budget
-from pat.config import DataConfig, RunConfig, SplitConfig, TrainConfig, TuneConfig, from_dict, load_yaml
+from pat.config import (
+    DataConfig,
+    RunConfig,
+    SplitConfig,
+    TrainConfig,
+    TuneConfig,
+    from_dict,
+    load_yaml,
+)
 from pat.errors import PatError
 from pat.pipeline import resolve_budget, run
 

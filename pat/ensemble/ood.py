@@ -134,7 +134,7 @@ def ood_report(logits_in: Tensor, logits_out: Tensor) -> dict[str, Any]:
     check(c == c_out, f"logits_out must have the classes of logits_in ({c}). Got {c_out}.")
     ens_in, ens_out = ood_scores(logits_in), ood_scores(logits_out)
     members = []
-    for z_in, z_out in zip(logits_in, logits_out):
+    for z_in, z_out in zip(logits_in, logits_out, strict=True):
         s_in, s_out = member_ood_scores(z_in), member_ood_scores(z_out)
         members.append({k: ood_metrics(s_in[k], s_out[k]) for k in s_in})
     return {"ensemble": {k: ood_metrics(ens_in[k], ens_out[k]) for k in ens_in}, "members": members}

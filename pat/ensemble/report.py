@@ -18,7 +18,12 @@ from torch import Tensor
 from pat.data import Dataset, DeviceLoader
 from pat.engine.checkpoint import atomic_write, ensure_writable, save_model
 from pat.engine.loop import resolve_device
-from pat.ensemble.calibration import apply_temperature, deep_ensemble_equivalent, fit_temperature, size_curve
+from pat.ensemble.calibration import (
+    apply_temperature,
+    deep_ensemble_equivalent,
+    fit_temperature,
+    size_curve,
+)
 from pat.ensemble.corruptions import corrupt_split, list_corruptions, load_cifar_c
 from pat.ensemble.ensemble import Ensemble
 from pat.ensemble.metrics import accuracy, classification_metrics, evaluate
