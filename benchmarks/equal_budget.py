@@ -183,6 +183,15 @@ VARIANTS: dict[str, Recipe] = {
     "share 0.75 lr.2": Recipe(parent_share=0.75, lr_scale=0.2),
     "share 0.25 lr.2": Recipe(parent_share=0.25, lr_scale=0.2),
     # neuron-level physical children: cheaper steps, so more of them for the same FLOPs
+    # around pat's default (random masks at 0.2, peak 0.2 x the parent's LR, 6 children)
+    "random s0.1 x6 lr.2": Recipe(method="random", sparsity=0.1, lr_scale=0.2),
+    "random s0.3 x6 lr.2": Recipe(method="random", sparsity=0.3, lr_scale=0.2),
+    "random s0.2 x2 lr.2": Recipe(method="random", sparsity=0.2, children=2, lr_scale=0.2),
+    "random s0.2 x4 lr.2": Recipe(method="random", sparsity=0.2, children=4, lr_scale=0.2),
+    "random s0.2 x8 lr.2": Recipe(method="random", sparsity=0.2, children=8, lr_scale=0.2),
+    "random s0.2 x6 lr.1": Recipe(method="random", sparsity=0.2, lr_scale=0.1),
+    "random s0.2 x6 lr.3": Recipe(method="random", sparsity=0.2, lr_scale=0.3),
+    "random s0.2 share 0.75": Recipe(method="random", sparsity=0.2, parent_share=0.75, lr_scale=0.2),
     "physical cyclic d0.7 lr.2": Recipe(method="cyclic", sparsity=0.3, level="neuron", physical=True,
                                         equal_flops=True, lr_scale=0.2),
     "neuron partition x2 lr.2": Recipe(children=2, method="partition", level="neuron", sparsity=None,
@@ -403,6 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budget", type=int, default=48, help="total training epochs of every arm")
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed+seeds-1")
     p.add_argument("--model", default="lenet-s")
     p.add_argument("--dataset", default="digits")
     p.add_argument("--data-dir", default="./data")
@@ -431,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.model}, batch {args.batch_size} ({steps} steps/epoch); budget {args.budget} epochs; "
           f"{args.seeds} seeds; {torch.get_num_threads()} threads", flush=True)
     results = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         results.append(run_seed(args, data, seed, variants))
         print(f"seed {seed} done ({time.perf_counter() - start:.0f} s)", flush=True)
         if args.save:  # every finished seed is kept: a crash or a kill loses only the seed running

@@ -35,7 +35,7 @@ class BudgetConfig:
     steps: int | None = None  # optimizer steps of batch_size samples
     flops: float | None = None  # training FLOPs (3 x forward, pat.engine.cost)
     parent_share: float = 0.5  # share of the budget the parent trains for
-    min_child_steps: int = 30  # fewer children, each with at least this many steps
+    min_child_steps: int = 10  # fewer children, each with at least this many steps
 
     def __post_init__(self) -> None:
         given = {k: v for k, v in (("epochs", self.epochs), ("steps", self.steps), ("flops", self.flops))

@@ -35,8 +35,14 @@ def test_allocation_adds_up_to_the_budget(epochs, children, bagging):
 
 def test_children_that_would_not_recover_are_not_made():
     # 8 child epochs of 11 steps for 6 children: 11 steps each, below 30 -> 2 children of 44
-    a = allocate_budget(BudgetConfig(epochs=16), train_size=1295, batch_size=128, children=6)
+    a = allocate_budget(BudgetConfig(epochs=16, min_child_steps=30), train_size=1295, batch_size=128, children=6)
     assert (a.parent_epochs, a.children, a.child_epochs) == (8, 2, 4)
+    # at the default minimum (10 steps) an epoch of 11 steps is enough for each of the six
+    d = allocate_budget(BudgetConfig(epochs=16), train_size=1295, batch_size=128, children=6)
+    assert (d.parent_epochs, d.children, d.child_epochs) == (10, 6, 1)
+    # batch 256: 6 steps an epoch; 8 epochs for the children buy 4 children of 2 epochs (12 steps)
+    e = allocate_budget(BudgetConfig(epochs=16), train_size=1295, batch_size=256, children=6)
+    assert (e.parent_epochs, e.children, e.child_epochs) == (8, 4, 2)
     # a large budget keeps every child asked for
     b = allocate_budget(BudgetConfig(epochs=48), train_size=1295, batch_size=128, children=6)
     assert (b.parent_epochs, b.children, b.child_epochs) == (24, 6, 4)

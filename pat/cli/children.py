@@ -18,10 +18,10 @@ def _progress(stage: str):
 @click.option("--parent", required=True, type=click.Path(dir_okay=False), help="Parent checkpoint (pat train --out).")
 @click.option("--children", default=6, type=int, help="Number of children M.")
 @click.option("--method", type=click.Choice(["random", "anti-random", "partition", "cyclic"]), default=None,
-              help="Mask method [default: anti-random].")
+              help="Mask method [default: random].")
 @click.option("--anti-random", "anti_random", is_flag=True, help="Shorthand for --method anti-random.")
 @click.option("--sparsity", default=None, type=float,
-              help="Share of units pruned [default: 0.5; implied 1-1/M for partition].")
+              help="Share of units pruned [default: 0.2; 0.5 for anti-random; implied 1-1/M for partition].")
 @click.option("--level", type=click.Choice(["connection", "neuron"]), default="connection")
 @click.option("--scope", type=click.Choice(["layer", "global"]), default="layer")
 @click.option("--physical", is_flag=True, help="Neuron level: remove pruned channels (thinner, faster children).")
@@ -42,9 +42,9 @@ def split(parent, children, method, anti_random, sparsity, level, scope, physica
 
     if anti_random and method not in (None, "anti-random"):
         raise PatError(f"--anti-random conflicts with --method {method}.")
-    method = method or "anti-random"
+    method = "anti-random" if anti_random else method or SplitConfig().method
     if sparsity is None and method != "partition":
-        sparsity = 0.5
+        sparsity = 0.5 if method == "anti-random" else SplitConfig().sparsity
     config = SplitConfig(children=children, method=method, sparsity=sparsity, level=level, scope=scope,
                          physical=physical, seed=seed, include_first=not exclude_first,
                          include_classifier=include_classifier, rescale=rescale)
