@@ -159,7 +159,8 @@ class Recipe:
     bagging: float | None = None
     equal_flops: bool = False  # physical children: as many more epochs as their FLOPs allow
     gradual: float = 0.0  # > 0: start dense, reach the mask over this share of the tuning steps
-    min_child_steps: int = 1  # the variants keep their number of children (pat's default: 30)
+    min_child_steps: int = 1  # the variants keep their number of children (pat's default: 10)
+    trunk: bool = False  # the parent trains at a constant LR (the chosen one); children anneal from it
 
 
 VARIANTS: dict[str, Recipe] = {
@@ -192,6 +193,16 @@ VARIANTS: dict[str, Recipe] = {
     "random s0.2 x6 lr.1": Recipe(method="random", sparsity=0.2, lr_scale=0.1),
     "random s0.2 x6 lr.3": Recipe(method="random", sparsity=0.2, lr_scale=0.3),
     "random s0.2 share 0.75": Recipe(method="random", sparsity=0.2, parent_share=0.75, lr_scale=0.2),
+    # the parent as a trunk: trained at a constant LR, the children anneal from it (one-cycle
+    # peaking at the parent's LR) -- pat's default with a budget
+    "annealed parent s0.2 x6 lr.2": Recipe(method="random", sparsity=0.2, lr_scale=0.2, min_child_steps=10),
+    "trunk s0.2 x4": Recipe(method="random", sparsity=0.2, children=4, trunk=True),
+    "trunk s0.2 x8": Recipe(method="random", sparsity=0.2, children=8, trunk=True),
+    "trunk s0.2 lr.5": Recipe(method="random", sparsity=0.2, lr_scale=0.5, trunk=True),
+    "trunk s0.2 share 0.75": Recipe(method="random", sparsity=0.2, parent_share=0.75, trunk=True),
+    "trunk ar-0.5 x6": Recipe(trunk=True),
+    "trunk cyclic d0.8 x6": Recipe(method="cyclic", sparsity=0.2, trunk=True),
+    "trunk dense x6": Recipe(method="random", sparsity=0.0, trunk=True),
     "physical cyclic d0.7 lr.2": Recipe(method="cyclic", sparsity=0.3, level="neuron", physical=True,
                                         equal_flops=True, lr_scale=0.2),
     "neuron partition x2 lr.2": Recipe(children=2, method="partition", level="neuron", sparsity=None,
@@ -230,6 +241,12 @@ def pat_members(args: argparse.Namespace, data: Dataset, budget: int, recipe: Re
                 cache: dict) -> tuple[list[nn.Module], dict[str, Any], nn.Module, dict[str, Any]]:
     parent_epochs, children, child_epochs = allocation(args, data, budget, recipe)
     parent, parent_cost, chosen = train_best(args, data, parent_epochs, seed, cache)
+    if recipe.trunk:  # same LR as the chosen parent, held constant: the children do the annealing
+        key = ("trunk", parent_epochs, seed)
+        if key not in cache:
+            result = train_parent(train_config(args, parent_epochs, chosen["lr"], "constant", seed), data=data)
+            cache[key] = (result.model, result.cost)
+        parent, parent_cost = copy.deepcopy(cache[key][0]), cache[key][1]
     kids = split(parent, children, method=recipe.method, sparsity=recipe.sparsity,
                  level=recipe.level, physical=recipe.physical, seed=seed,
                  example_inputs=example_input(data, resolve_device(args.device)))
@@ -354,8 +371,9 @@ def default_recipe() -> Recipe:
     """pat's default recipe: the defaults of the split, tuning and budget configs."""
     sp, tu, bu = SplitConfig(), TuneConfig(), BudgetConfig(epochs=1)
     return Recipe(parent_share=bu.parent_share, children=sp.children, method=sp.method, sparsity=sp.sparsity,
-                  level=sp.level, physical=sp.physical, lr_scale=tu.max_lr_share, schedule=tu.schedule,
-                  bagging=tu.bagging, min_child_steps=bu.min_child_steps)
+                  level=sp.level, physical=sp.physical, lr_scale=1.0 if bu.trunk else tu.max_lr_share, schedule=tu.schedule,
+                  bagging=tu.bagging, min_child_steps=bu.min_child_steps, trunk=bu.trunk)
+    # with a trunk parent (pat.pipeline.resolve_budget) the children peak at the parent's LR
 
 
 # -- report -------------------------------------------------------------------------------------

@@ -13,6 +13,12 @@ to *parent epochs* — one pass of the dense network over the training split —
 4. what whole epochs leave over goes back to the parent, so the parts add up to the budget
    (up to one child pass of rounding).
 
+With ``trunk`` (the default) the parent is a *trunk*: it trains at its LR held constant and
+each child does the annealing, a one-cycle schedule peaking at the parent's LR, so every
+child converges on its own way down from the same high-LR point. Measured on digits, this
+is what lets the children beat one model trained for the whole budget (docs/benchmarks.md);
+an annealed parent's children stay at its minimum and average to little more than it.
+
 Masked children cost a dense step (their zeros are multiplied); physical children cost less,
 so a physical run spends less than its budget — the run's recorded cost says what it spent.
 """
@@ -36,6 +42,9 @@ class BudgetConfig:
     flops: float | None = None  # training FLOPs (3 x forward, pat.engine.cost)
     parent_share: float = 0.5  # share of the budget the parent trains for
     min_child_steps: int = 10  # fewer children, each with at least this many steps
+    # the parent trains at a constant LR (its share of the budget is all exploration) and
+    # every child anneals from it: a one-cycle peaking at the parent's LR (docs/benchmarks.md)
+    trunk: bool = True
 
     def __post_init__(self) -> None:
         given = {k: v for k, v in (("epochs", self.epochs), ("steps", self.steps), ("flops", self.flops))
@@ -46,6 +55,7 @@ class BudgetConfig:
         check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
               f"budget.{unit} must be a positive number. Got {value!r}.")
         check(0 < self.parent_share < 1, f"budget.parent_share must be in (0, 1). Got {self.parent_share}.")
+        check(isinstance(self.trunk, bool), f"budget.trunk must be true or false. Got {self.trunk!r}.")
         check(isinstance(self.min_child_steps, int) and self.min_child_steps >= 1,
               f"budget.min_child_steps must be a positive integer. Got {self.min_child_steps!r}.")
 

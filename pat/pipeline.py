@@ -57,17 +57,22 @@ class RunResult:
 
 
 def demo_config(out: str = "runs/demo") -> RunConfig:
-    """The ``pat demo`` run: digits, a LeNet-S parent, 6 anti-random children, one-cycle tuning.
+    """The ``pat demo`` run: digits, LeNet-S, a 48-epoch budget, and the model it must beat.
 
-    Digits has ~1.3k training images: at the paper's batch of 128 an epoch is 10 steps, too
-    few for a half-pruned child to recover, so the demo uses batch 32 (41 steps an epoch):
-    a 5-epoch parent, then 4 epochs per child (see docs/decisions.md).
+    pat's defaults throughout — the budget split half to the parent and half to 6 children
+    (random masks at sparsity 0.2, one-cycle peak at 0.2x the parent's LR) — plus an
+    independent LeNet-S trained for the whole 48 epochs with the parent's recipe, so the
+    ensemble is shown against its parent and against one model of the same budget.
     """
-    data = DataConfig(dataset="digits", batch_size=32)
+    from pat.budget import BudgetConfig
+
+    data = DataConfig(dataset="digits", batch_size=128)
     return RunConfig(
-        parent=TrainConfig(model="lenet-s", epochs=5, lr=0.05, data=data),
-        split=SplitConfig(children=6, method="anti-random", sparsity=0.5),
-        tune=TuneConfig(epochs=4, schedule="one-cycle", max_lr=0.05, data=data),
+        parent=TrainConfig(model="lenet-s", lr=0.05, data=data),
+        split=SplitConfig(),
+        tune=TuneConfig(data=data),
+        budget=BudgetConfig(epochs=48),
+        baseline=True,
         out=out,
     )
 
@@ -131,11 +136,14 @@ def resolve_budget(config: RunConfig, data: Dataset) -> tuple[RunConfig, Allocat
     check(config.parent.data.batch_size == config.tune.data.batch_size,
           f"a budget needs one batch size for parent and children. Got parent.data.batch_size="
           f"{config.parent.data.batch_size} and tune.data.batch_size={config.tune.data.batch_size}.")
-    resolved = dataclasses.replace(
-        config,
-        parent=dataclasses.replace(config.parent, epochs=allocation.parent_epochs),
-        split=dataclasses.replace(config.split, children=allocation.children),
-        tune=dataclasses.replace(config.tune, epochs=allocation.child_epochs))
+    parent = dataclasses.replace(config.parent, epochs=allocation.parent_epochs)
+    tune = dataclasses.replace(config.tune, epochs=allocation.child_epochs)
+    if config.budget.trunk:  # the parent explores at a constant LR; each child anneals from there
+        parent = dataclasses.replace(parent, schedule="constant")
+        if tune.max_lr is None:
+            tune = dataclasses.replace(tune, max_lr=parent.lr)
+    resolved = dataclasses.replace(config, parent=parent, tune=tune,
+                                   split=dataclasses.replace(config.split, children=allocation.children))
     return resolved, allocation
 
 
@@ -225,7 +233,8 @@ def run(config: RunConfig, *, force: bool = False, progress: Progress = lambda s
     """Run (or continue) the whole Prune-and-Tune pipeline described by ``config``.
 
     With ``config.budget`` the stages' lengths and the number of children come from
-    :func:`pat.budget.allocate_budget`; the resolved config is what ``config.yaml`` keeps.
+    :func:`pat.budget.allocate_budget` (and, with ``budget.trunk``, the parent trains at a
+    constant LR and the children peak at it); the resolved config is what ``config.yaml`` keeps.
     ``announce`` receives one line describing the allocation before training starts.
 
     One process: to spread children over GPUs, run the stages separately and tune with
@@ -234,6 +243,7 @@ def run(config: RunConfig, *, force: bool = False, progress: Progress = lambda s
     start = time.perf_counter()
     pdata = config.parent.data
     data = load_dataset(pdata.dataset, data_dir=pdata.data_dir, val_fraction=pdata.val_fraction, seed=pdata.seed)
+    recipe = config.parent  # the baseline trains with the user's recipe, not the trunk's constant LR
     config, allocation = resolve_budget(config, data)
     if allocation is not None:
         announce(allocation.describe())
@@ -249,7 +259,7 @@ def run(config: RunConfig, *, force: bool = False, progress: Progress = lambda s
         epochs = run_epochs(config)
         baseline = (f"independent ({epochs} ep)", out / "independent.pt")
         if not baseline[1].exists():
-            train_parent(dataclasses.replace(config.parent, epochs=epochs), data=data,
+            train_parent(dataclasses.replace(recipe, epochs=epochs), data=data,
                          callbacks=progress("independent"), out=baseline[1])
     rows, diversity = evaluate_run(children_dir, data, parent_path=parent_path, device=config.tune.device,
                                    baseline=baseline)

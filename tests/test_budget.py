@@ -15,6 +15,7 @@ from pat.config import (
     from_dict,
     load_yaml,
 )
+from pat.engine.checkpoint import load_checkpoint
 from pat.errors import PatError
 from pat.pipeline import resolve_budget, run
 
@@ -86,6 +87,12 @@ def test_run_config_reads_a_budget_and_resolves_it(digits):
     assert config.budget == BudgetConfig(epochs=48)
     resolved, allocation = resolve_budget(config, digits)
     assert (resolved.parent.epochs, resolved.split.children, resolved.tune.epochs) == (24, 6, 4)
+    # the parent is a trunk at a constant LR and the children peak at that LR
+    assert resolved.parent.schedule == "constant" and resolved.tune.max_lr == resolved.parent.lr
+    annealed, _ = resolve_budget(from_dict(RunConfig, {"budget": {"epochs": 48, "trunk": False}}), digits)
+    assert annealed.parent.schedule == RunConfig().parent.schedule and annealed.tune.max_lr is None
+    explicit, _ = resolve_budget(from_dict(RunConfig, {"budget": {"epochs": 48}, "tune": {"max_lr": 0.3}}), digits)
+    assert explicit.tune.max_lr == 0.3
     assert resolved.budget == config.budget and allocation.children == 6
     assert resolve_budget(resolved, digits)[0] == resolved  # resolving twice changes nothing
     with pytest.raises(PatError, match="config.budget has unknown keys"):
@@ -100,7 +107,7 @@ def test_run_with_a_budget_writes_the_allocation_and_the_validation_check(tmp_pa
     data = DataConfig(dataset="digits", batch_size=128)
     config = RunConfig(parent=TrainConfig(epochs=1, lr=0.05, data=data), split=SplitConfig(children=6),
                        tune=TuneConfig(epochs=1, max_lr=0.05, data=data), budget=BudgetConfig(epochs=6),
-                       out=str(tmp_path / "run"))
+                       baseline=True, out=str(tmp_path / "run"))
     lines = []
     result = run(config, announce=lines.append)
     a = result.allocation
@@ -117,6 +124,10 @@ def test_run_with_a_budget_writes_the_allocation_and_the_validation_check(tmp_pa
     assert check["members"] == a.children
     assert check["worse"] == (check["ensemble"]["accuracy"] < check["parent"]["accuracy"]
                               or check["ensemble"]["nll"] > check["parent"]["nll"])
+    # the baseline is the parent's recipe as configured for the whole budget, not the trunk's
+    baseline = load_checkpoint(tmp_path / "run" / "independent.pt")["config"]
+    assert baseline["epochs"] == 6 and baseline["schedule"] == config.parent.schedule
+    assert result.rows[-1]["name"] == "independent (6 ep)"
     run(config)  # a rerun of the same budgeted config continues the same run
 
 

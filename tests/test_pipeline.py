@@ -7,21 +7,23 @@ import yaml
 
 from pat.config import RunConfig, from_dict, to_dict
 from pat.errors import PatError
-from pat.pipeline import demo_config, run
+from pat.pipeline import demo_config, resolve_budget, run
 
 
 @pytest.mark.slow
-def test_demo_ensemble_beats_its_parent_on_digits_test_split(tmp_path):
+def test_demo_ensemble_beats_its_parent_on_digits_test_split(tmp_path, digits):
     result = run(demo_config(str(tmp_path / "demo")))
-    parent, ensemble = result.rows[0], result.rows[-1]
-    assert parent["name"] == "parent" and ensemble["name"].startswith("ensemble (6)")
+    parent, ensemble, independent = result.rows[0], result.rows[-2], result.rows[-1]
+    assert parent["name"] == "parent" and ensemble["name"] == "ensemble (6)"
+    assert independent["name"] == "independent (48 ep)"
     assert ensemble["nll"] < parent["nll"]
     assert ensemble["accuracy"] >= parent["accuracy"]
+    assert not result.validation["worse"]  # and on validation too, where the run checks it
     saved = json.loads((tmp_path / "demo" / "metrics.json").read_text())
-    assert saved["test"][-1]["accuracy"] == ensemble["accuracy"]
+    assert saved["test"][-2]["accuracy"] == ensemble["accuracy"]
     # the resolved config is saved with the outputs and reads back to the same run
     config = yaml.safe_load((tmp_path / "demo" / "config.yaml").read_text())
-    assert from_dict(RunConfig, config) == demo_config(str(tmp_path / "demo"))
+    assert from_dict(RunConfig, config) == resolve_budget(demo_config(str(tmp_path / "demo")), digits)[0]
 
 
 def test_output_holding_another_run_is_refused(tmp_path):
