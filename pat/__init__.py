@@ -28,7 +28,8 @@ _API = {
     "create_model": "pat.models", "list_models": "pat.models", "get_classifier": "pat.models",
     # configs
     "DataConfig": "pat.config", "TrainConfig": "pat.config", "SplitConfig": "pat.config",
-    "TuneConfig": "pat.config", "RunConfig": "pat.config",
+    "TuneConfig": "pat.config", "RunConfig": "pat.config", "BudgetConfig": "pat.budget",
+    "allocate_budget": "pat.budget",
     # training
     "fit": "pat.engine.loop", "train_parent": "pat.parent",
     "save_model": "pat.engine.checkpoint", "load_model": "pat.engine.checkpoint",
@@ -64,6 +65,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # let type checkers and IDEs see the real objects
+    from pat.budget import BudgetConfig, allocate_budget
     from pat.children import load_child, save_child, split
     from pat.config import DataConfig, RunConfig, SplitConfig, TrainConfig, TuneConfig
     from pat.data import Dataset, DeviceLoader, list_datasets, load_dataset
