@@ -283,24 +283,33 @@ def fit_flops(model: nn.Module, data: Dataset, device: torch.device) -> int:
 
 
 def paper_arms(args: argparse.Namespace, data: Dataset, budget: int, seed: int) -> dict[str, tuple]:
-    """The paper's small-budget arms: Adam 1e-3, constant LR, half the budget to the parent."""
-    def adam(epochs: int) -> nn.Module:
+    """The paper's small-budget arms (Whitaker & Whitley 2022): Adam 1e-3, half the budget to
+    the parent; 8 random / anti-random children; the 2-child ablation of masks x schedules."""
+    def adam(epochs: int):
         cfg = replace(train_config(args, epochs, 1e-3, "constant", seed), optimizer="adam", weight_decay=0.0)
         return train_parent(cfg, data=data)
+
+    def children(parent: nn.Module, n: int, method: str, epochs: int, schedule: str) -> list[nn.Module]:
+        kids = split(parent, n, method=method, sparsity=0.5, seed=seed, rescale=args.rescale)
+        cfg = TuneConfig(epochs=epochs, schedule=schedule, max_lr=1e-3, lr=1e-3, optimizer="adam",
+                         weight_decay=0.0, seed=seed, device=args.device,
+                         data=DataConfig(dataset=args.dataset, batch_size=args.batch_size, seed=seed))
+        return tune(kids, data, cfg)
 
     arms = {}
     half = budget // 2
     parent = adam(half)
     for method in ("random", "anti-random"):
-        kids = split(parent.model, 8, method=method, sparsity=0.5, seed=seed)
-        n = max(1, half // 8)
-        cfg = TuneConfig(epochs=n, schedule="one-cycle", max_lr=1e-3, optimizer="adam", weight_decay=0.0,
-                         seed=seed, device=args.device,
-                         data=DataConfig(dataset=args.dataset, batch_size=args.batch_size, seed=seed))
-        kids = tune(kids, data, cfg)
-        arms[f"paper {method} (8x{n} ep)"] = (kids, sum_costs([parent.cost, *(k.pat_cost for k in kids)]))
+        kids = children(parent.model, 8, method, half // 8, "one-cycle")
+        arms[f"paper {method} (8x{half // 8} ep)"] = (kids, sum_costs([parent.cost, *(k.pat_cost for k in kids)]))
+    for method in ("random", "anti-random"):
+        for schedule in ("constant", "one-cycle"):
+            kids = children(parent.model, 2, method, half // 2, schedule)
+            arms[f"paper ablation {method} {schedule} (2x{half // 2} ep)"] = (
+                kids, sum_costs([parent.cost, *(k.pat_cost for k in kids)]))
     full = adam(budget)
     arms["paper independent (adam)"] = ([full.model], full.cost)
+    arms["paper parent (adam)"] = ([parent.model], parent.cost)
     return arms
 
 
@@ -440,6 +449,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--deep", type=int, default=5, help="members of the deep-ensemble reference (0: none)")
     p.add_argument("--snapshots", type=int, default=4, help="cycles of the snapshot ensemble")
     p.add_argument("--paper", action="store_true", help="add the paper's small-budget arms (Adam 1e-3)")
+    p.add_argument("--no-rescale", dest="rescale", action="store_false",
+                   help="--paper children keep the parent's values on kept weights (the paper; pat rescales)")
     p.add_argument("--save", default=None, help="JSON file the per-seed rows are written to after each seed")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=2)
