@@ -389,6 +389,8 @@ def default_recipe() -> Recipe:
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
+    if not all(math.isfinite(v) for v in values):  # a diverged run: say so rather than average it
+        return math.nan, math.nan
     mean = statistics.fmean(values)
     se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
     return mean, se
@@ -452,10 +454,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-rescale", dest="rescale", action="store_false",
                    help="--paper children keep the parent's values on kept weights (the paper; pat rescales)")
     p.add_argument("--save", default=None, help="JSON file the per-seed rows are written to after each seed")
+    p.add_argument("--report", default=None, help="print the tables of a --save file and exit")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     args.lrs = [float(v) for v in args.lrs.split(",")]
+    if args.report:
+        with open(args.report) as f:
+            report(json.load(f))
+        return
     variants = list(VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -476,13 +483,17 @@ def main(argv: list[str] | None = None) -> None:
         if args.save:  # every finished seed is kept: a crash or a kill loses only the seed running
             with open(args.save, "w") as f:
                 json.dump(results, f)
+    report(results)
+    print(f"total {time.perf_counter() - start:.0f} s")
+
+
+def report(results: list[dict[str, Row]]) -> None:
     print("\n".join(summarize(results)))
     print("independent: chosen LR per seed", [r["independent"]["lr"] for r in results],
           "best epoch", [r["independent"]["best_epoch"] for r in results])
     print("\n".join(paired(results, "pat default", "independent")))
     print("\n".join(paired(results, "pat default", "parent (pat default)")))
-    print(f"mean ± standard error over {args.seeds} seeds; TS = temperature-scaled on validation; "
-          f"total {time.perf_counter() - start:.0f} s")
+    print(f"mean ± standard error over {len(results)} seeds; TS = temperature-scaled on validation")
 
 
 if __name__ == "__main__":
