@@ -31,7 +31,7 @@ def test_every_arm_spends_the_budget_and_the_report_reads_back(tmp_path, capsys)
     assert len(results) == 2
     for rows in results:
         steps = rows["independent"]["steps"]
-        for arm in ("snapshot (2 cycles)", "pat default", "pat trunk dense x6"):
+        for arm in ("independent (last epoch)", "snapshot (2 cycles)", "pat default", "pat trunk dense x6"):
             assert rows[arm]["steps"] == steps, arm  # equal budget, in optimizer steps
         assert rows["deep (2x budget)"]["steps"] == 2 * steps
         assert rows["parent (pat default)"]["steps"] < steps
