@@ -141,6 +141,11 @@ class RunConfig:
     # ensemble has to beat, shown next to it
     baseline: bool = False
 
+    def __post_init__(self) -> None:
+        check(self.budget is None or isinstance(self.budget, BudgetConfig),
+              f"budget must be a mapping such as {{epochs: 48}}. Got {self.budget!r}.")
+        check(isinstance(self.baseline, bool), f"baseline must be true or false. Got {self.baseline!r}.")
+
 
 def _dataclass_of(hint: Any) -> Any:
     """``X`` for a hint ``X``, ``X | None`` or ``Optional[X]`` naming a dataclass, else None."""

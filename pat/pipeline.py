@@ -122,6 +122,9 @@ def resolve_budget(config: RunConfig, data: Dataset) -> tuple[RunConfig, Allocat
     """
     if config.budget is None:
         return config, None
+    check(config.parent.data.batch_size == config.tune.data.batch_size,
+          f"a budget needs one batch size for parent and children. Got parent.data.batch_size="
+          f"{config.parent.data.batch_size} and tune.data.batch_size={config.tune.data.batch_size}.")
     flops = None
     if config.budget.flops is not None:
         from pat.engine.cost import TRAIN_FLOPS_PER_FORWARD, example_input, forward_flops
@@ -133,9 +136,6 @@ def resolve_budget(config: RunConfig, data: Dataset) -> tuple[RunConfig, Allocat
     allocation = allocate_budget(config.budget, train_size=len(data.train.y),
                                  batch_size=config.tune.data.batch_size, children=config.split.children,
                                  bagging=config.tune.bagging, flops_per_sample=flops)
-    check(config.parent.data.batch_size == config.tune.data.batch_size,
-          f"a budget needs one batch size for parent and children. Got parent.data.batch_size="
-          f"{config.parent.data.batch_size} and tune.data.batch_size={config.tune.data.batch_size}.")
     parent = dataclasses.replace(config.parent, epochs=allocation.parent_epochs)
     tune = dataclasses.replace(config.tune, epochs=allocation.child_epochs)
     if config.budget.trunk:  # the parent explores at a constant LR; each child anneals from there

@@ -97,6 +97,10 @@ def test_run_config_reads_a_budget_and_resolves_it(digits):
     assert resolve_budget(resolved, digits)[0] == resolved  # resolving twice changes nothing
     with pytest.raises(PatError, match="config.budget has unknown keys"):
         from_dict(RunConfig, {"budget": {"epoch": 48}})
+    with pytest.raises(PatError, match=r"budget must be a mapping such as \{epochs: 48\}. Got 48"):
+        from_dict(RunConfig, {"budget": 48})
+    with pytest.raises(PatError, match="baseline must be true or false. Got 'yes'"):
+        from_dict(RunConfig, {"baseline": "yes"})
     two_batches = RunConfig(tune=TuneConfig(data=DataConfig(batch_size=32)), budget=BudgetConfig(epochs=8))
     with pytest.raises(PatError, match="one batch size for parent and children"):
         resolve_budget(two_batches, digits)
