@@ -162,3 +162,18 @@ def test_soup_of_physical_children_is_refused(tmp_path, digits_parent, scope):
     assert result.exit_code == 0, result.output
     assert "different channels kept" in one_error_line(run("soup", out, "--out", tmp_path / "s.pt"))
     assert not (tmp_path / "s.pt").exists()
+
+
+def test_tune_uses_the_dataset_the_children_were_made_for(tmp_path, digits_parent):
+    out = tmp_path / "children"
+    assert run("split", "--parent", digits_parent, "--children", 2, "--out", out).exit_code == 0
+    manifest = json.loads((out / "ensemble.json").read_text())
+    assert manifest["dataset"] == "digits"
+    # a manifest naming another dataset is what tune loads: never digits by default
+    manifest["dataset"] = "no-such-dataset"
+    (out / "ensemble.json").write_text(json.dumps(manifest))
+    line = one_error_line(run("tune", out, "--epochs", 1))
+    assert "no-such-dataset" in line
+    manifest.pop("dataset")
+    (out / "ensemble.json").write_text(json.dumps(manifest))
+    assert "records no dataset; pass --dataset" in one_error_line(run("tune", out, "--epochs", 1))

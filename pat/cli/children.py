@@ -68,7 +68,7 @@ def split(parent, children, method, anti_random, sparsity, level, scope, physica
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd")
 @click.option("--step", default="sgd", help="Step rule: sgd, sam, ...")
 @click.option("--seed", default=0, type=int, help="Bagging and shuffling seed.")
-@data_options
+@data_options(from_manifest=True)
 @device_options
 def tune(children_dir, epochs, schedule, max_lr, lr, bagging, recompute_bn, cycle_momentum, optimizer, step, seed,
          dataset, data_dir, batch_size, val_fraction, data_seed, device, amp) -> None:
@@ -81,10 +81,14 @@ def tune(children_dir, epochs, schedule, max_lr, lr, bagging, recompute_bn, cycl
     from pat.data import load_dataset
     from pat.engine.distributed import init_ranks
     from pat.ensemble.store import EnsembleDir
+    from pat.errors import PatError
     from pat.pipeline import evaluate_run, parent_check
     from pat.tuner import tune_directory
 
-    EnsembleDir.load(children_dir, argument="CHILDREN_DIR")  # validate before any work
+    ens = EnsembleDir.load(children_dir, argument="CHILDREN_DIR")  # validate before any work
+    dataset = dataset or ens.manifest.get("dataset")
+    if dataset is None:
+        raise PatError(f"CHILDREN_DIR {children_dir!r} records no dataset; pass --dataset.")
     data_cfg = DataConfig(dataset=dataset, data_dir=data_dir, val_fraction=val_fraction,
                           batch_size=batch_size, seed=data_seed)
     config = TuneConfig(epochs=epochs, schedule=schedule, max_lr=max_lr, lr=lr, bagging=bagging,

@@ -10,10 +10,19 @@ import click
 F = Callable[..., Any]
 
 
-def data_options(func: F) -> F:
-    """--dataset, --data-dir, --batch-size, --val-fraction, --data-seed."""
+def data_options(func: F | None = None, *, from_manifest: bool = False) -> F:
+    """--dataset, --data-dir, --batch-size, --val-fraction, --data-seed.
+
+    With ``from_manifest`` (commands that work on an ensemble directory) ``--dataset``
+    defaults to the dataset the directory records, never to another one.
+    """
+    if func is None:
+        return lambda f: data_options(f, from_manifest=from_manifest)  # type: ignore[return-value]
+    dataset = (click.option("--dataset", default=None, help="Dataset [default: the one recorded in the manifest].")
+               if from_manifest else
+               click.option("--dataset", default="digits", help="Dataset name (see docs/data.md); digits needs no download."))
     for deco in reversed([
-        click.option("--dataset", default="digits", help="Dataset name (see docs/data.md); digits needs no download."),
+        dataset,
         click.option("--data-dir", default="./data", type=click.Path(file_okay=False), help="Where downloadable datasets live."),
         click.option("--batch-size", default=128, type=int, help="Samples per optimizer step."),
         click.option("--val-fraction", default=0.1, type=float, help="Share of training data held out for validation."),
