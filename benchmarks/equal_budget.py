@@ -12,8 +12,8 @@ row also shows optimizer steps, training FLOPs and seconds) unless marked:
 - ``deep (Mx)``: M independent models, B epochs each: M x the budget. The upper reference; its
   calibrated-NLL-vs-size curve gives every arm's deep-ensemble equivalent (DEE).
 - ``pat ...``: :func:`pat.allocate_budget` splits B between a parent and its children; the
-  parent's LR is chosen on validation with the same grid at its own length; children are
-  split from it and tuned with :func:`pat.tune`. ``pat default`` is the library's default
+  parent's LR is chosen on validation with the same grid at its own length (a trunk parent's
+  at the constant LR it trains at); children are split from it and tuned with :func:`pat.tune`. ``pat default`` is the library's default
   recipe; the other ``pat`` rows are the recovery variants studied in issue 11 (``--variants``).
 - ``parent``: the PAT default's parent alone (its share of the budget), the floor the
   ensemble must not fall below.
@@ -85,17 +85,17 @@ def train_config(args: argparse.Namespace, epochs: int, lr: float, schedule: str
                        device=args.device, data=data)
 
 
-def train_best(args: argparse.Namespace, data: Dataset, epochs: int, seed: int,
-               cache: dict) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+def train_best(args: argparse.Namespace, data: Dataset, epochs: int, seed: int, cache: dict,
+               schedules: tuple[str, ...] = ("parent", "cosine")) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """The best of the LR x schedule grid on validation, at its best validation epoch.
 
     Returns the model, its cost (the chosen run only: the grid search is the same care the
     PAT parent gets) and what was chosen.
     """
-    key = (epochs, seed)
+    key = (epochs, seed, schedules)
     if key not in cache:
         best = None
-        for schedule in ("parent", "cosine"):
+        for schedule in schedules:
             for lr in args.lrs:
                 keeper = BestOnVal()
                 result = train_parent(train_config(args, epochs, lr, schedule, seed), data=data,
@@ -246,13 +246,12 @@ def allocation(args: argparse.Namespace, data: Dataset, budget: int, recipe: Rec
 def pat_members(args: argparse.Namespace, data: Dataset, budget: int, recipe: Recipe, seed: int,
                 cache: dict) -> tuple[list[nn.Module], dict[str, Any], nn.Module, dict[str, Any]]:
     parent_epochs, children, child_epochs = allocation(args, data, budget, recipe)
-    parent, parent_cost, chosen = train_best(args, data, parent_epochs, seed, cache)
-    if recipe.trunk:  # same LR as the chosen parent, held constant: the children do the annealing
-        key = ("trunk", parent_epochs, seed)
-        if key not in cache:
-            result = train_parent(train_config(args, parent_epochs, chosen["lr"], "constant", seed), data=data)
-            cache[key] = (result.model, result.cost)
-        parent, parent_cost = copy.deepcopy(cache[key][0]), cache[key][1]
+    # a trunk's LR is chosen on validation at the constant LR it trains at (an LR that converges
+    # only when annealed can diverge when held); the children peak at it and do the annealing
+    schedules = ("constant",) if recipe.trunk else ("parent", "cosine")
+    parent, parent_cost, chosen = train_best(args, data, parent_epochs, seed, cache, schedules)
+    if recipe.trunk:
+        parent.load_state_dict(chosen["last"].state_dict())  # the trunk as trained, not an earlier epoch
     kids = split(parent, children, method=recipe.method, sparsity=recipe.sparsity,
                  level=recipe.level, physical=recipe.physical, seed=seed,
                  example_inputs=example_input(data, resolve_device(args.device)))
