@@ -1,3 +1,13 @@
+# measured 2026-12-02: digits, lenet-s, batch 128, SGD, 2 CPU cores (two runs side by side,
+# --threads 1); test accuracy % / TS-NLL, mean ± standard error; docs/benchmarks.md has every table.
+#   --budget 48 --deep 0, seeds 300-309 (two runs of 5, ~1000 s each):
+#     independent (best val epoch) 98.66±0.24 / 0.050±0.006   independent (last epoch) 99.19±0.11 / 0.038±0.003
+#     snapshot (4 cycles)          99.03±0.14 / 0.047±0.004   pat default               99.05±0.14 / 0.042±0.003
+#     parent (pat default, trunk)  97.24±0.46 / 0.093±0.013
+#     pat - independent: +0.39±0.30 pts (p 0.23), -0.0074±0.0057 (p 0.23); vs last epoch: -0.14±0.11 (p 0.24), +0.0044±0.0033 (p 0.21)
+#   --budget 16 --deep 4, seeds 300-304 (~500 s): independent 97.72±0.28 / 0.069±0.004,
+#     pat default 96.21±1.52 / 0.140±0.039, its parent 87.02±4.91 / 0.352±0.116
+# Verdict on digits: at 48 epochs pat's default ties one model trained for the whole budget; at 16 it loses.
 """Equal-budget benchmark: does a pat ensemble beat one model trained for the whole budget?
 
 Every arm spends the same total training budget B (in epochs over the training split; each
