@@ -16,8 +16,9 @@ to *parent epochs* — one pass of the dense network over the training split —
 With ``trunk`` (the default) the parent is a *trunk*: it trains at its LR held constant and
 each child does the annealing, a one-cycle schedule peaking at the parent's LR, so every
 child converges on its own way down from the same high-LR point. Measured on digits, this
-is what lets the children beat one model trained for the whole budget (docs/benchmarks.md);
-an annealed parent's children stay at its minimum and average to little more than it.
+is what brought the ensemble level with one model trained for the whole budget (a tie over
+10 seeds at 48 epochs; docs/benchmarks.md); an annealed parent's children stay at its
+minimum and average to little more than it.
 
 Masked children cost a dense step (their zeros are multiplied); physical children cost less,
 so a physical run spends less than its budget — the run's recorded cost says what it spent.
