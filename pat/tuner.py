@@ -14,12 +14,14 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from pat.config import TuneConfig, to_dict
+from pat.config import TrainConfig, TuneConfig, to_dict
 from pat.data import Dataset, bagging_indices
 from pat.engine.callbacks import Callback
 from pat.engine.cost import example_input, fit_cost
@@ -46,18 +48,12 @@ def resolve_max_lr(config: TuneConfig, parent_lr: float | None = None) -> TuneCo
     """
     if config.max_lr is not None:
         return config
-    from dataclasses import replace
-
-    from pat.config import TrainConfig
-
     base = parent_lr if parent_lr is not None else TrainConfig().lr
     return replace(config, max_lr=config.max_lr_share * base)
 
 
 def parent_lr_of(record: dict[str, Any] | None) -> float | None:
     """The LR a pat-trained parent used, from its checkpoint (``None`` if unknown)."""
-    from pathlib import Path
-
     from pat.engine.checkpoint import load_checkpoint
 
     path = (record or {}).get("file")
