@@ -207,8 +207,9 @@ def parent_check(children_dir: str | Path, data: Dataset, *, parent_path: str | 
 
     ``parent_path`` defaults to the parent recorded in the ensemble's manifest. Returns
     ``{}`` when there is no validation split or no parent file to compare with; otherwise
-    ``{"parent": {...}, "ensemble": {...}, "worse": bool}``, ``worse`` meaning a lower accuracy
-    or a higher NLL than the parent's.
+    ``{"parent": {...}, "ensemble": {...}, "worse": bool, "parent_at_chance": bool}``, ``worse``
+    meaning a lower accuracy or a higher NLL than the parent's, ``parent_at_chance`` a parent
+    within 1.5x of chance accuracy.
     """
     if not len(data.val.y):
         return {}
@@ -225,7 +226,9 @@ def parent_check(children_dir: str | Path, data: Dataset, *, parent_path: str | 
     keys = ("accuracy", "nll", "ece")
     return {"parent": {k: p[k] for k in keys}, "ensemble": {k: e[k] for k in keys},
             "members": len(ensemble.members),
-            "worse": e["accuracy"] < p["accuracy"] or e["nll"] > p["nll"]}
+            "worse": e["accuracy"] < p["accuracy"] or e["nll"] > p["nll"],
+            # a parent that learnt nothing (a trunk diverged at its constant LR, say)
+            "parent_at_chance": p["accuracy"] <= 1.5 / data.num_classes}
 
 
 def run(config: RunConfig, *, force: bool = False, progress: Progress = lambda stage: (),

@@ -128,6 +128,7 @@ def test_run_with_a_budget_writes_the_allocation_and_the_validation_check(tmp_pa
     assert check["members"] == a.children
     assert check["worse"] == (check["ensemble"]["accuracy"] < check["parent"]["accuracy"]
                               or check["ensemble"]["nll"] > check["parent"]["nll"])
+    assert check["parent_at_chance"] == (check["parent"]["accuracy"] <= 1.5 / 10)
     # the baseline is the parent's recipe as configured for the whole budget, not the trunk's
     baseline = load_checkpoint(tmp_path / "run" / "independent.pt")["config"]
     assert baseline["epochs"] == 6 and baseline["schedule"] == config.parent.schedule

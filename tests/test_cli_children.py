@@ -177,3 +177,22 @@ def test_tune_uses_the_dataset_the_children_were_made_for(tmp_path, digits_paren
     manifest.pop("dataset")
     (out / "ensemble.json").write_text(json.dumps(manifest))
     assert "records no dataset; pass --dataset" in one_error_line(run("tune", out, "--epochs", 1))
+
+
+@pytest.mark.parametrize("parent_acc, ens_acc, words", [
+    (0.10, 0.10, ["the parent is at chance on validation (10.00%)"]),
+    (0.95, 0.90, ["warning: the ensemble is worse than its parent"]),
+    (0.95, 0.97, []),
+])  # fmt: skip
+def test_validation_line_warns_when_the_ensemble_or_its_parent_fails(parent_acc, ens_acc, words):
+    from pat.cli.children import _validation_line
+    from pat.cli.render import console
+
+    check = {"parent": {"accuracy": parent_acc, "nll": 0.2}, "ensemble": {"accuracy": ens_acc, "nll": 0.2},
+             "members": 6, "worse": ens_acc < parent_acc, "parent_at_chance": parent_acc <= 0.15}
+    with console.capture() as captured:
+        _validation_line(check)
+    text = captured.get()
+    assert text.startswith("validation: ensemble of 6")
+    assert all(w in text for w in words)
+    assert ("warning" in text) == bool(words)

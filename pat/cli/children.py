@@ -172,6 +172,10 @@ def _validation_line(check: dict) -> None:
     console.print(f"validation: ensemble of {check['members']} accuracy {e['accuracy']:.2%}, NLL {e['nll']:.4f} "
                   f"vs parent {p['accuracy']:.2%}, NLL {p['nll']:.4f} "
                   f"({e['accuracy'] - p['accuracy']:+.2%}, {e['nll'] - p['nll']:+.4f})", highlight=False, soft_wrap=True)
+    if check.get("parent_at_chance"):
+        console.print(f"[yellow]warning:[/] the parent is at chance on validation ({p['accuracy']:.2%}): it did "
+                      "not learn — with budget.trunk its LR is held constant; lower parent.lr or set "
+                      "budget.trunk: false", highlight=False, soft_wrap=True)
     if check["worse"]:
         console.print("[yellow]warning:[/] the ensemble is worse than its parent on validation: give each "
                       "child more tuning steps (more epochs, fewer children) or keep more of the parent "
