@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from pat.cli.options import data_options, device_options, force_option
+from pat.cli.options import data_options, device_options, force_option, manifest_dataset
 from pat.cli.render import EpochProgress, console, metrics_table
 
 CHILD_COLUMNS = ["name", "accuracy", "nll", "ece", "brier", "ensemble_acc"]
@@ -81,14 +81,11 @@ def tune(children_dir, epochs, schedule, max_lr, lr, bagging, recompute_bn, cycl
     from pat.data import load_dataset
     from pat.engine.distributed import init_ranks
     from pat.ensemble.store import EnsembleDir
-    from pat.errors import PatError
     from pat.pipeline import evaluate_run, parent_check
     from pat.tuner import tune_directory
 
-    ens = EnsembleDir.load(children_dir, argument="CHILDREN_DIR")  # validate before any work
-    dataset = dataset or ens.manifest.get("dataset")
-    if dataset is None:
-        raise PatError(f"CHILDREN_DIR {children_dir!r} records no dataset; pass --dataset.")
+    EnsembleDir.load(children_dir, argument="CHILDREN_DIR")  # validate before any work
+    dataset = manifest_dataset(children_dir, dataset, argument="CHILDREN_DIR")
     data_cfg = DataConfig(dataset=dataset, data_dir=data_dir, val_fraction=val_fraction,
                           batch_size=batch_size, seed=data_seed)
     config = TuneConfig(epochs=epochs, schedule=schedule, max_lr=max_lr, lr=lr, bagging=bagging,

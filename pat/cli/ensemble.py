@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from pat.cli.options import force_option
+from pat.cli.options import force_option, manifest_dataset
 from pat.cli.render import console, fmt, metrics_table
 
 METRICS = ["accuracy", "nll", "ece", "brier"]
@@ -13,13 +13,8 @@ METRICS = ["accuracy", "nll", "ece", "brier"]
 def _data(ensemble_dir: str, dataset: str | None, data_dir: str, val_fraction: float, data_seed: int):
     """The dataset named on the command line, else the one recorded in the manifest."""
     from pat.data import load_dataset
-    from pat.ensemble.store import EnsembleDir
-    from pat.errors import PatError
 
-    ens = EnsembleDir.load(ensemble_dir)
-    name = dataset or ens.manifest.get("dataset")
-    if name is None:
-        raise PatError(f"ENSEMBLE_DIR {ensemble_dir!r} records no dataset; pass --dataset.")
+    name = manifest_dataset(ensemble_dir, dataset)
     return load_dataset(name, data_dir=data_dir, val_fraction=val_fraction, seed=data_seed)
 
 

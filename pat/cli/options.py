@@ -32,6 +32,17 @@ def data_options(func: F | None = None, *, from_manifest: bool = False) -> F:
     return func
 
 
+def manifest_dataset(ensemble_dir: str, dataset: str | None, *, argument: str = "ENSEMBLE_DIR") -> str:
+    """The dataset named on the command line, else the one the ensemble directory records."""
+    from pat.ensemble.store import EnsembleDir
+    from pat.errors import PatError
+
+    name = dataset or EnsembleDir.load(ensemble_dir, argument=argument).manifest.get("dataset")
+    if name is None:
+        raise PatError(f"{argument} {ensemble_dir!r} records no dataset; pass --dataset.")
+    return name
+
+
 def device_options(func: F) -> F:
     """--device, --amp/--no-amp."""
     func = click.option("--amp/--no-amp", default=None, help="bf16 autocast (default: on for CUDA only).")(func)
