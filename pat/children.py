@@ -37,7 +37,7 @@ from pat.masks.apply import (
     require_example_inputs,
 )
 from pat.masks.generate import check_recipe, generate_masks
-from pat.masks.physical import channel_groups, kept_channels, slim
+from pat.masks.physical import channel_groups, check_runs, kept_channels, parent_outputs, slim
 from pat.masks.rescale import normalized_layers, rescale_kept_
 
 __all__ = ["split", "save_child", "load_child"]
@@ -134,6 +134,7 @@ def split(
     recipe = {"method": method, "sparsity": float(1 - d), "level": level, "scope": scope,
               "seed": seed, "physical": bool(physical), "children": children,
               "rescale": rescale}  # fmt: skip
+    expected = parent_outputs(model, example_inputs) if physical else None
     out = []
     for index, mask in enumerate(masks):
         child = copy.deepcopy(model)
@@ -141,6 +142,7 @@ def split(
         if physical:
             child.pat_kept = kept_channels(groups, mask)
             slim(child, child.pat_kept, example_inputs)
+            check_runs(child, example_inputs, expected, model_name=type(model).__name__)
             child.pat_masks = {}
             child.pat_recipe["input_shape"] = input_shape
         else:
