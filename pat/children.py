@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -37,7 +38,15 @@ from pat.masks.apply import (
     require_example_inputs,
 )
 from pat.masks.generate import check_recipe, generate_masks
-from pat.masks.physical import channel_groups, check_runs, kept_channels, parent_outputs, slim
+from pat.masks.limits import LIMITS
+from pat.masks.physical import (
+    ChildDoesNotRun,
+    channel_groups,
+    check_runs,
+    kept_channels,
+    parent_outputs,
+    slim,
+)
 from pat.masks.rescale import normalized_layers, rescale_kept_
 
 __all__ = ["split", "save_child", "load_child"]
@@ -126,10 +135,16 @@ def split(
             input_shape = _input_shape(model, example_inputs)
         roots = [name.rpartition(".")[0] for name in params]
         groups = channel_groups(model, example_inputs, roots=roots)
-    masks = generate_masks(
-        model if level == "neuron" else params, children=children, method=method,
-        sparsity=sparsity, level=level, scope=scope, seed=seed, groups=groups,
-    )  # fmt: skip
+    def masks_of(groups: Any) -> list[Any]:
+        return generate_masks(
+            model if level == "neuron" else params, children=children, method=method,
+            sparsity=sparsity, level=level, scope=scope, seed=seed, groups=groups,
+        )  # fmt: skip
+
+    masks = masks_of(groups)
+    first = None
+    if physical:
+        groups, masks, first = _runnable(model, groups, masks, masks_of, example_inputs)
     normalized = normalized_layers(model, example_inputs) if rescale else set()
     recipe = {"method": method, "sparsity": float(1 - d), "level": level, "scope": scope,
               "seed": seed, "physical": bool(physical), "children": children,
@@ -137,12 +152,13 @@ def split(
     expected = parent_outputs(model, example_inputs) if physical else None
     out = []
     for index, mask in enumerate(masks):
-        child = copy.deepcopy(model)
+        child = first if index == 0 and first is not None else copy.deepcopy(model)
         child.pat_recipe = {**recipe, "index": index}
         if physical:
             child.pat_kept = kept_channels(groups, mask)
-            slim(child, child.pat_kept, example_inputs)
-            check_runs(child, example_inputs, expected, model_name=type(model).__name__)
+            if child is not first:
+                slim(child, child.pat_kept, example_inputs)
+                check_runs(child, example_inputs, expected, model_name=type(model).__name__)
             child.pat_masks = {}
             child.pat_recipe["input_shape"] = input_shape
         else:
@@ -152,6 +168,56 @@ def split(
             child.pat_masks = mask
         out.append(child)
     return out
+
+
+_RETRIES = 16  # layers whose channel groups may be left whole before a model is refused
+
+
+def _runnable(
+    model: nn.Module, groups: list[Any], masks: list[Any], masks_of: Any, example_inputs: Any
+) -> tuple[list[Any], list[Any], nn.Module]:
+    """Slim the first child; while it fails at a layer, leave that layer's groups whole.
+
+    torch-pruning maps channels through most reshapes and splits, not all; a group it
+    mis-maps gives a child that fails at a layer of that group. Leaving those groups whole
+    keeps the rest of the model physical instead of refusing it.
+
+    Returns:
+        The groups and masks to use, and the first child, already slimmed and checked.
+    """
+    expected = parent_outputs(model, example_inputs)
+    failed: dict[str, int] = {}  # failing layer -> how many times
+    error: ChildDoesNotRun | None = None
+    t0 = time.monotonic()
+    for _ in range(_RETRIES + 1):
+        if failed and time.monotonic() - t0 > LIMITS.seconds:
+            raise PatError(
+                f"the physical child of {type(model).__name__} still does not run after "
+                f"{LIMITS.seconds:g} s of leaving layers whole ({error}); use physical=False."
+            )
+        child = copy.deepcopy(model)
+        slim(child, kept_channels(groups, masks[0]), example_inputs)
+        try:
+            check_runs(child, example_inputs, expected, model_name=type(model).__name__)
+            return groups, masks, child
+        except ChildDoesNotRun as e:
+            error = e
+            if not e.layer:
+                raise
+            # The layer's own groups first; if it fails again, those of its enclosing block.
+            failed[e.layer] = failed.get(e.layer, -1) + 1
+            parts = e.layer.split(".")
+            scope = ".".join(parts[: max(len(parts) - failed[e.layer], 1)])
+            kept = [g for g in groups if not any(_within(m, scope) for m in g.modules)]
+            if not kept or len(kept) == len(groups) and scope == parts[0]:
+                raise
+            if len(kept) < len(groups):
+                groups, masks = kept, masks_of(kept)
+    raise error  # type: ignore[misc]
+
+
+def _within(name: str, scope: str) -> bool:
+    return name == scope or name.startswith(scope + ".")
 
 
 def _input_shape(model: nn.Module, example_inputs: Any) -> list[int]:

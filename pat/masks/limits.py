@@ -94,6 +94,12 @@ def bounded(
         yield
         with lock:
             state["done"] = True
+    except MemoryError:
+        state["why"] = state["why"] or "it ran out of memory"
+        raise PatError(
+            f"{what} stopped: {state['why']}; pat.masks.limits.LIMITS sets the bounds, "
+            "or use level='connection'."
+        ) from None
     except KeyboardInterrupt:
         if state["why"] is None:
             raise

@@ -33,6 +33,7 @@ __all__ = [
     "kept_channels",
     "slim",
     "check_runs",
+    "ChildDoesNotRun",
     "parent_outputs",
     "rebuild_physical",
 ]
@@ -62,6 +63,7 @@ class ChannelGroup:
     channels: int
     params: tuple[tuple[str, int, tuple[int, ...], tuple[int, ...]], ...]
     repeat: int = 1
+    modules: tuple[str, ...] = ()  # every layer the group touches, inputs included
 
 
 def _first_line(e: BaseException) -> str:
@@ -159,11 +161,19 @@ def parent_outputs(model: nn.Module, example_inputs: Any) -> Any:
             m.training = mode
 
 
+class ChildDoesNotRun(PatError):
+    """A slimmed child fails on the example input; ``layer`` is where (may be empty)."""
+
+    def __init__(self, message: str, layer: str = "") -> None:
+        super().__init__(message)
+        self.layer = layer
+
+
 def check_runs(child: nn.Module, example_inputs: Any, expected: Any, *, model_name: str) -> None:
     """Run a slimmed child once; refuse it unless its outputs have ``expected``'s shapes.
 
     Raises:
-        PatError: names the model and the first layer that failed.
+        ChildDoesNotRun: names the model and the first layer that failed.
     """
     modes = {m: m.training for m in child.modules()}
     child.eval()
@@ -172,16 +182,17 @@ def check_runs(child: nn.Module, example_inputs: Any, expected: Any, *, model_na
             try:
                 out = _forward(child, _as_args(example_inputs))
             except Exception as e:  # noqa: BLE001 - any shape error from any layer
-                raise PatError(
+                raise ChildDoesNotRun(
                     f"the physical child of {model_name} does not run{_at(running)} "
-                    f"({_first_line(e)}); use physical=False or exclude that layer."
+                    f"({_first_line(e)}); use physical=False or exclude that layer.",
+                    running[-1] if running else "",
                 ) from None
     finally:
         for m, mode in modes.items():
             m.training = mode
     got, want = _shapes(out), _shapes(expected)
     if got != want:
-        raise PatError(
+        raise ChildDoesNotRun(
             f"the physical child of {model_name} returns shape {got}, the parent {want}; "
             "use physical=False."
         )
@@ -281,9 +292,15 @@ def channel_groups(
                 continue  # not evenly split, one unit, or positions torch-pruning mis-mapped
             if _packed_qkv(model, names[root], n):
                 continue
+            touched = tuple(dict.fromkeys(
+                names[t] if t in names else pnames[t].rpartition(".")[0]
+                for t in (i.dep.target.module for i in group)
+                if t in names or t in pnames
+            ))  # fmt: skip
             groups.append(
                 ChannelGroup(
-                    root=names[root], channels=n // repeat, params=tuple(members), repeat=repeat
+                    root=names[root], channels=n // repeat, params=tuple(members), repeat=repeat,
+                    modules=touched,
                 )
             )
     return groups
