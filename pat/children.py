@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -40,7 +40,7 @@ from pat.masks.generate import check_recipe, generate_masks
 from pat.masks.physical import channel_groups, kept_channels, slim
 from pat.masks.rescale import normalized_layers, rescale_kept_
 
-__all__ = ["split", "save_child", "load_child"]
+__all__ = ["split", "iter_split", "save_child", "load_child"]
 
 
 def _patterns(value: Sequence[str] | str, argument: str) -> tuple[str, ...]:
@@ -70,6 +70,9 @@ def split(
 ) -> list[nn.Module]:
     """Clone ``model`` into ``children`` pruned copies, each with its own mask.
 
+    All children are held at once; :func:`iter_split` makes the same children one at a time
+    (what ``pat split`` uses, so that its memory does not grow with the number of children).
+
     Args:
         model: the trained parent, any ``nn.Module`` classifier; it is not modified.
         children: number of children N.
@@ -93,6 +96,36 @@ def split(
     Returns:
         N children, deep copies of ``model`` with ``pat_masks`` / ``pat_recipe`` (and
         ``pat_kept`` when physical) attributes.
+    """
+    return list(iter_split(
+        model, children, method=method, sparsity=sparsity, level=level, scope=scope, physical=physical,
+        seed=seed, example_inputs=example_inputs, include_first=include_first,
+        include_classifier=include_classifier, include=include, exclude=exclude, rescale=rescale,
+    ))  # fmt: skip
+
+
+def iter_split(
+    model: nn.Module,
+    children: int = 6,
+    *,
+    method: Literal["random", "anti-random", "partition", "cyclic"] = "anti-random",
+    sparsity: float | None = None,
+    level: Literal["connection", "neuron"] = "connection",
+    scope: Literal["layer", "global"] = "layer",
+    physical: bool = False,
+    seed: int = 0,
+    example_inputs: Any = None,
+    include_first: bool = True,
+    include_classifier: bool = False,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    rescale: bool | None = None,
+) -> Iterator[nn.Module]:
+    """:func:`split`, one child at a time (same arguments, same children, in order).
+
+    Every check runs and the masks are made before this returns; each child is copied from
+    the parent only when the iterator is advanced, so at most one child is in memory beside
+    the masks.
     """
     d = check_recipe(children, method, sparsity, None, level, scope, seed)
     if physical and level != "neuron":
@@ -134,8 +167,16 @@ def split(
     recipe = {"method": method, "sparsity": float(1 - d), "level": level, "scope": scope,
               "seed": seed, "physical": bool(physical), "children": children,
               "rescale": rescale}  # fmt: skip
-    out = []
-    for index, mask in enumerate(masks):
+    example = input_shape if physical else None
+    return _children(model, masks, recipe, groups, example_inputs, example, normalized if rescale else None)
+
+
+def _children(model: nn.Module, masks: list[dict[str, torch.Tensor]], recipe: dict[str, Any], groups: Any,
+              example_inputs: Any, input_shape: list[int] | None,
+              normalized: set[str] | None) -> Iterator[nn.Module]:
+    physical, rescale = input_shape is not None, normalized is not None
+    for index in range(len(masks)):
+        mask, masks[index] = masks[index], {}  # the list no longer holds a mask once it is a child's
         child = copy.deepcopy(model)
         child.pat_recipe = {**recipe, "index": index}
         if physical:
@@ -148,8 +189,7 @@ def split(
             if rescale:
                 rescale_kept_(child, mask, skip=normalized)
             child.pat_masks = mask
-        out.append(child)
-    return out
+        yield child
 
 
 def _input_shape(model: nn.Module, example_inputs: Any) -> list[int]:
