@@ -111,7 +111,7 @@ def split_to_directory(parent_path: str | Path, out: str | Path, config: SplitCo
                           level=config.level, scope=config.scope, physical=config.physical, seed=config.seed,
                           example_inputs=example, include_first=config.include_first,
                           include_classifier=config.include_classifier, rescale=config.rescale)
-    with directory_lock(ens.path, wait=wait, argument="--out"):
+    with directory_lock(ens.path, wait=wait, argument="--out", create=True):
         (ens.path / MANIFEST).unlink(missing_ok=True)  # a forced split's old manifest must not describe new files
         for child in children:
             index = child.pat_recipe["index"]

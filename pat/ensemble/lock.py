@@ -64,10 +64,12 @@ def _describe(info: dict | None) -> str:
 
 
 def acquire(path: str | os.PathLike, *, wait: bool | None = None, command: str | None = None,
-            argument: str = "ENSEMBLE_DIR") -> None:
-    """Take the lock of directory ``path`` (created if needed); pair with :func:`release`.
+            argument: str = "ENSEMBLE_DIR", create: bool = False) -> None:
+    """Take the lock of directory ``path``; pair with :func:`release`.
 
     Args:
+        create: make the directory if it is missing; otherwise a missing directory is not
+            locked (the caller's own check then names it).
         wait: block until the holder finishes; None: the enclosing :func:`lock_scope`'s choice
             (default False: refuse at once).
         command: recorded for the refusal message of a second writer; default ``sys.argv``.
@@ -82,7 +84,10 @@ def acquire(path: str | os.PathLike, *, wait: bool | None = None, command: str |
         _HELD[key].count += 1
         return
     wait = _wait.get() if wait is None else wait
-    key.mkdir(parents=True, exist_ok=True)
+    if create:
+        key.mkdir(parents=True, exist_ok=True)
+    elif not key.is_dir():
+        return
     file = key / LOCK_FILE
     while True:
         fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
@@ -129,9 +134,9 @@ def release(path: str | os.PathLike) -> None:
 
 @contextlib.contextmanager
 def directory_lock(path: str | os.PathLike, *, wait: bool | None = None, command: str | None = None,
-                   argument: str = "ENSEMBLE_DIR") -> Iterator[None]:
+                   argument: str = "ENSEMBLE_DIR", create: bool = False) -> Iterator[None]:
     """Hold the lock of directory ``path`` for the ``with`` block (see :func:`acquire`)."""
-    acquire(path, wait=wait, command=command, argument=argument)
+    acquire(path, wait=wait, command=command, argument=argument, create=create)
     try:
         yield
     finally:

@@ -127,7 +127,7 @@ def open_ensemble(
                                  config={"producer": producer, producer: cfg, **(extra or {})},
                                  dataset=config.data.dataset)
     if ranks.is_main:  # held until finalize(); the CLI's lock_scope gives it back on any failure
-        acquire(out, argument="--out")
+        acquire(out, argument="--out", create=True)
     if not resume:
         if ranks.is_main:
             if manifest.is_file():
