@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterable
@@ -87,8 +88,9 @@ def split_to_directory(parent_path: str | Path, out: str | Path, config: SplitCo
     holds an ensemble is refused unless ``force``, and so is a split whose children would
     not fit on the disk or in memory (:func:`split_footprint`). Children are made and
     written one at a time under the directory's lock (``wait``: queue behind another
-    writer), and the manifest is written last, so an interrupted split leaves no manifest
-    and a rerun starts it again. Each member's record holds its mask recipe and seed,
+    writer) into ``<out>/.split/``, and moved into place only when all are written, the
+    manifest last: a split that fails (a full disk) or is interrupted leaves an old ensemble
+    as it was and nothing half-written; a rerun starts it again. Each member's record holds its mask recipe and seed,
     ``stats`` (kept parameters, sparsity, MACs) and its file's size and sha256.
     """
     from pat.children import iter_split, save_child
@@ -111,22 +113,31 @@ def split_to_directory(parent_path: str | Path, out: str | Path, config: SplitCo
                           level=config.level, scope=config.scope, physical=config.physical, seed=config.seed,
                           example_inputs=example, include_first=config.include_first,
                           include_classifier=config.include_classifier, rescale=config.rescale)
+    staging = ens.path / ".split"  # children are written here, moved in once all are there
     with directory_lock(ens.path, wait=wait, argument="--out", create=True):
-        (ens.path / MANIFEST).unlink(missing_ok=True)  # a forced split's old manifest must not describe new files
-        for child in children:
-            index = child.pat_recipe["index"]
-            name, file = f"child-{index}", f"child-{index}.pt"
-            save_child(ens.path / file, child, arch=ckpt.get("arch"), status="split",
-                       dataset=ckpt.get("dataset"), num_classes=ckpt.get("num_classes"))
-            params, macs = count_params_macs(child, example) if example is not None else (None, None)
-            ens.upsert_member(ens.stamp({
-                "name": name, "file": file, "producer": "split", "status": "split",
-                "parent": str(Path(parent_path).resolve()), "recipe": dict(child.pat_recipe),
-                "stats": {"kept_params": params, "total_params": total_params,
-                          "sparsity": None if params is None else 1 - params / total_params, "macs": macs},
-            }))  # fmt: skip
-            del child
-        ens.save()
+        shutil.rmtree(staging, ignore_errors=True)  # left behind by a killed split
+        try:
+            for child in children:
+                index = child.pat_recipe["index"]
+                name, file = f"child-{index}", f"child-{index}.pt"
+                save_child(staging / file, child, arch=ckpt.get("arch"), status="split",
+                           dataset=ckpt.get("dataset"), num_classes=ckpt.get("num_classes"))
+                params, macs = count_params_macs(child, example) if example is not None else (None, None)
+                ens.upsert_member(ens.stamp({
+                    "name": name, "file": file, "producer": "split", "status": "split",
+                    "parent": str(Path(parent_path).resolve()), "recipe": dict(child.pat_recipe),
+                    "stats": {"kept_params": params, "total_params": total_params,
+                              "sparsity": None if params is None else 1 - params / total_params, "macs": macs},
+                }, file=staging / file))  # fmt: skip
+                del child
+            # Until here an old ensemble (--force) is untouched. No manifest while files move:
+            # an interrupted move leaves a directory that no command takes for an ensemble.
+            (ens.path / MANIFEST).unlink(missing_ok=True)
+            for record in ens.members:
+                os.replace(staging / record["file"], ens.path / record["file"])
+            ens.save()
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return ens
 
 

@@ -239,9 +239,12 @@ class EnsembleDir:
         return (ckpt.get("kind") == "child" and ckpt.get("status") == "tuned"
                 and ckpt.get("recipe") == member.get("recipe"))
 
-    def stamp(self, record: dict[str, Any]) -> dict[str, Any]:
-        """``record`` with the size and sha256 of its file as it is now (call right after writing it)."""
-        file = self.member_path(record)
+    def stamp(self, record: dict[str, Any], *, file: str | os.PathLike | None = None) -> dict[str, Any]:
+        """``record`` with the size and sha256 of its file as it is now (call right after writing it).
+
+        ``file``: where the member's file is now, if not yet at its place in the directory.
+        """
+        file = Path(file) if file is not None else self.member_path(record)
         return {**record, "size": file.stat().st_size, "sha256": file_digest(file)}
 
     def upsert_member(self, record: dict[str, Any]) -> None:
