@@ -345,6 +345,11 @@ def test_sigint_during_split_leaves_no_partial_ensemble_and_rerun_completes(tmp_
     assert result.exit_code == 0, result.output
     ens = EnsembleDir.load(out)
     assert len(ens) == 60 and temp_files(out) == []
+    # an interrupted --force split leaves the ensemble it was replacing as it was
+    before = snapshot(out)
+    proc = start("split", "--parent", digits_parent, "--children", 60, "--seed", 1, "--force", "--out", out)
+    interrupt_when(proc, lambda: any((out / ".split").glob("child-*.pt")))
+    assert snapshot(out) == before
 
 
 @pytest.mark.slow
@@ -368,7 +373,7 @@ def test_sigint_during_tune_keeps_finished_children_and_rerun_continues(ens_dir)
 @pytest.mark.slow
 def test_sigint_during_pool_keeps_finished_members_and_rerun_continues(tmp_path):
     out = tmp_path / "pool"
-    args = ("pool", "--policies", "one-cycle", "--lrs", "0.1,0.05,0.02", "--epochs", 3, "--batch-size", 64,
+    args = ("pool", "--policies", "one-cycle", "--lrs", "0.1,0.05", "--epochs", 3, "--batch-size", 64,
             "--device", "cpu", "--out", out)
     proc = start(*args)
     interrupt_when(proc, lambda: (out / "one-cycle-lr0.1.pt").exists())
@@ -378,6 +383,6 @@ def test_sigint_during_pool_keeps_finished_members_and_rerun_continues(tmp_path)
     result = run(*args)
     assert result.exit_code == 0, result.output
     ens = EnsembleDir.load(out)
-    assert [m["name"] for m in ens.members] == ["one-cycle-lr0.1", "one-cycle-lr0.05", "one-cycle-lr0.02"]
+    assert [m["name"] for m in ens.members] == ["one-cycle-lr0.1", "one-cycle-lr0.05"]
     assert sha256(out / "one-cycle-lr0.1.pt") == first and temp_files(out) == []
     assert "finished earlier, skipped" in result.output

@@ -74,8 +74,9 @@ def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
     Raises:
         PatError: the model cannot be traced; names the innermost layer that was running.
     """
-    import torch_pruning as tp
+    from pat.masks._tp import torch_pruning
 
+    tp = torch_pruning()
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)  # so torch-pruning does not unpack the batch
     names = {m: n for n, m in model.named_modules()}
