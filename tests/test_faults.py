@@ -235,14 +235,17 @@ def hold_lock(path: Path, seconds: float) -> subprocess.Popen:
 
 
 def test_second_writer_is_refused_naming_the_holder_and_readers_go_on(ens_dir, digits_parent):
+    before = snapshot(ens_dir)
     holder = hold_lock(ens_dir, 120)
     try:
         for args in (["tune", ens_dir, *FAST_TUNE], ["select", ens_dir, "--size", 2], ["calibrate", ens_dir],
-                     ["split", "--parent", digits_parent, "--children", 2, "--force", "--out", ens_dir]):
+                     ["split", "--parent", digits_parent, "--children", 2, "--force", "--out", ens_dir],
+                     ["pool", "--policies", "one-cycle", "--lrs", 0.05, "--epochs", 1, "--force", "--out", ens_dir]):
             line = one_error_line(run(*args))
             assert f"pid {holder.pid}" in line and socket.gethostname() in line, line
             assert "pat tune elsewhere" in line and "since" in line and "--wait" in line
-        assert EnsembleDir.load(ens_dir).members[0]["status"] == "split"
+        after = snapshot(ens_dir)
+        assert {k: v for k, v in after.items() if k != LOCK_FILE} == before  # no writer touched a thing
         assert run("eval", ens_dir).exit_code == 0  # readers take no lock
     finally:
         holder.kill()  # SIGKILL: no clean-up at all, yet the kernel drops its flock
