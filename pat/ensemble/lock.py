@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import json
 import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from pat.errors import PatError
 
@@ -32,9 +34,10 @@ try:
 except ImportError:  # pragma: no cover - not on POSIX: no locking
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["LOCK_FILE", "directory_lock", "acquire", "release", "lock_scope", "holder"]
+__all__ = ["LOCK_FILE", "directory_lock", "acquire", "release", "lock_scope", "holder", "writes_directory"]
 
 LOCK_FILE = "ensemble.lock"
+F = TypeVar("F", bound=Callable[..., Any])
 _wait: contextvars.ContextVar[bool] = contextvars.ContextVar("pat_lock_wait", default=False)
 _scope: contextvars.ContextVar[list[Path] | None] = contextvars.ContextVar("pat_lock_scope", default=None)
 
@@ -157,3 +160,15 @@ def lock_scope(*, wait: bool = False) -> Iterator[None]:
         for key in taken:
             while key in _HELD:
                 release(key)
+
+
+def writes_directory(func: F) -> F:
+    """Decorate a function whose first argument is an ensemble directory it rewrites
+    (load, change, save): it runs holding that directory's lock, so no update is lost."""
+
+    @functools.wraps(func)
+    def wrapper(path: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        with directory_lock(path):
+            return func(path, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
