@@ -37,7 +37,7 @@ from pat.masks.apply import (
     require_example_inputs,
 )
 from pat.masks.generate import check_recipe, generate_masks
-from pat.masks.physical import channel_groups, kept_channels, slim
+from pat.masks.physical import channel_groups, check_runs, kept_channels, parent_outputs, slim
 from pat.masks.rescale import normalized_layers, rescale_kept_
 
 __all__ = ["split", "iter_split", "save_child", "load_child"]
@@ -168,11 +168,13 @@ def iter_split(
               "seed": seed, "physical": bool(physical), "children": children,
               "rescale": rescale}  # fmt: skip
     example = input_shape if physical else None
-    return _children(model, masks, recipe, groups, example_inputs, example, normalized if rescale else None)
+    expected = parent_outputs(model, example_inputs) if physical else None
+    return _children(model, masks, recipe, groups, example_inputs, example, expected,
+                     normalized if rescale else None)
 
 
 def _children(model: nn.Module, masks: list[dict[str, torch.Tensor]], recipe: dict[str, Any], groups: Any,
-              example_inputs: Any, input_shape: list[int] | None,
+              example_inputs: Any, input_shape: list[int] | None, expected: Any,
               normalized: set[str] | None) -> Iterator[nn.Module]:
     physical, rescale = input_shape is not None, normalized is not None
     for index in range(len(masks)):
@@ -182,6 +184,7 @@ def _children(model: nn.Module, masks: list[dict[str, torch.Tensor]], recipe: di
         if physical:
             child.pat_kept = kept_channels(groups, mask)
             slim(child, child.pat_kept, example_inputs)
+            check_runs(child, example_inputs, expected, model_name=type(model).__name__)
             child.pat_masks = {}
             child.pat_recipe["input_shape"] = input_shape
         else:

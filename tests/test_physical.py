@@ -123,7 +123,14 @@ def test_partition_with_too_few_channels_is_refused():
         neuron_masks(TinyRes(c=2), children=4, method="partition")
 
 
-MODELS = {"residual": TinyRes, "concat": TinyDense, "depthwise-se": mobilenet}
+def resnext() -> nn.Module:
+    """Grouped 3x3 convolutions: every conv group must keep the same channels."""
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    return ResNet(Bottleneck, [1, 1, 1, 1], groups=4, width_per_group=4, num_classes=5)
+
+
+MODELS = {"residual": TinyRes, "concat": TinyDense, "depthwise-se": mobilenet, "grouped": resnext}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

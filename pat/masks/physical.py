@@ -15,7 +15,8 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from pat.errors import PatError
+from pat.masks.limits import LIMITS, bounded, memory_limit
 
 __all__ = [
     "ChannelGroup",
@@ -30,6 +32,8 @@ __all__ = [
     "channel_groups",
     "kept_channels",
     "slim",
+    "check_runs",
+    "parent_outputs",
     "rebuild_physical",
 ]
 
@@ -41,9 +45,12 @@ class ChannelGroup:
     """Output channels that are kept or removed together.
 
     Attributes:
-        root: module name of the group's root Conv/Linear (its output channels are the
-            group's ``channels`` units).
-        channels: number of units n.
+        root: module name of the group's root Conv/Linear.
+        channels: number of units n, the decisions a mask makes for the group.
+        repeat: how many channels one unit stands for. A group through a grouped
+            convolution (ResNeXt, RegNet) must keep the same channels in every conv group,
+            so unit ``u`` is the root's channels ``u, u + n, ..., u + (repeat - 1) n``
+            (what torch-pruning's own pruners do); 1 otherwise.
         params: what a pruned unit zeroes in a masked child, as
             ``(parameter name, dim, positions along dim, root unit of each position)``:
             the output rows and biases of every coupled layer and the entries of the
@@ -54,6 +61,7 @@ class ChannelGroup:
     root: str
     channels: int
     params: tuple[tuple[str, int, tuple[int, ...], tuple[int, ...]], ...]
+    repeat: int = 1
 
 
 def _first_line(e: BaseException) -> str:
@@ -66,52 +74,128 @@ def _forward(model: nn.Module, example_inputs: Any) -> Any:
     return model(*example_inputs)
 
 
-def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
-    """torch-pruning's ``DependencyGraph`` of ``model``, traced on ``example_inputs``.
-
-    The model's train/eval modes are restored afterwards (tracing switches to eval).
-
-    Raises:
-        PatError: the model cannot be traced; names the innermost layer that was running.
-    """
-    from pat.masks._tp import torch_pruning
-
-    tp = torch_pruning()
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)  # so torch-pruning does not unpack the batch
+@contextmanager
+def _innermost_layer(model: nn.Module) -> Iterator[list[str]]:
+    """Yield a list whose last entry is the module whose forward is running (hooks)."""
     names = {m: n for n, m in model.named_modules()}
     running: list[str] = []  # names of the modules whose forward has not returned yet
 
     def enter(module: nn.Module, _inputs: Any) -> None:
-        running.append(names[module])
+        running.append(names.get(module, ""))
 
     def leave(_module: nn.Module, _inputs: Any, _output: Any) -> None:
-        running.pop()
+        if running:
+            running.pop()
 
     hooks = [
         h
         for m in model.modules()
         for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))
     ]
-    modes = {m: m.training for m in model.modules()}
     try:
-        with torch.enable_grad():
-            # Our own forward_fn: torch-pruning's default retries a failed call with other
-            # argument packing, which hides the first (informative) error.
-            return tp.DependencyGraph().build_dependency(
-                model, example_inputs, forward_fn=_forward, verbose=False
-            )
-    except Exception as e:  # noqa: BLE001 - torch-pruning raises anything from assert to KeyError
-        where = f" at layer {running[-1]!r}" if running and running[-1] else ""
-        raise PatError(
-            f"torch-pruning cannot trace {type(model).__name__}{where} ({_first_line(e)}); "
-            "use level='connection' or exclude that layer."
-        ) from None
+        yield running
     finally:
         for h in hooks:
             h.remove()
+
+
+def _at(running: list[str]) -> str:
+    return f" at layer {running[-1]!r}" if running and running[-1] else ""
+
+
+def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
+    """torch-pruning's ``DependencyGraph`` of ``model``, traced on ``example_inputs``.
+
+    The model's train/eval modes are restored afterwards (tracing switches to eval). The
+    trace runs within :data:`pat.masks.limits.LIMITS`.
+
+    Raises:
+        PatError: the model cannot be traced (names the innermost layer that was
+            running), or tracing outgrew its memory or time bound.
+    """
+    from pat.masks._tp import torch_pruning
+
+    tp = torch_pruning()
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)  # so torch-pruning does not unpack the batch
+    modes = {m: m.training for m in model.modules()}
+    what = f"tracing {type(model).__name__} with torch-pruning"
+    try:
+        with (
+            bounded(what, max_bytes=memory_limit(model), max_seconds=LIMITS.seconds),
+            _innermost_layer(model) as running,
+            torch.enable_grad(),
+        ):
+            try:
+                # Our own forward_fn: torch-pruning's default retries a failed call with
+                # other argument packing, which hides the first (informative) error.
+                return tp.DependencyGraph().build_dependency(
+                    model, example_inputs, forward_fn=_forward, verbose=False
+                )
+            except (KeyboardInterrupt, PatError):
+                raise
+            except Exception as e:  # noqa: BLE001 - torch-pruning raises anything from assert to KeyError
+                raise PatError(
+                    f"torch-pruning cannot trace {type(model).__name__}{_at(running)} "
+                    f"({_first_line(e)}); use level='connection' or exclude that layer."
+                ) from None
+    finally:
         for m, mode in modes.items():
             m.training = mode
+
+
+def _as_args(example_inputs: Any) -> Any:
+    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+
+
+def parent_outputs(model: nn.Module, example_inputs: Any) -> Any:
+    """The parent's eval-mode outputs on ``example_inputs``, for :func:`check_runs`."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _forward(model, _as_args(example_inputs))
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def check_runs(child: nn.Module, example_inputs: Any, expected: Any, *, model_name: str) -> None:
+    """Run a slimmed child once; refuse it unless its outputs have ``expected``'s shapes.
+
+    Raises:
+        PatError: names the model and the first layer that failed.
+    """
+    modes = {m: m.training for m in child.modules()}
+    child.eval()
+    try:
+        with _innermost_layer(child) as running, torch.no_grad():
+            try:
+                out = _forward(child, _as_args(example_inputs))
+            except Exception as e:  # noqa: BLE001 - any shape error from any layer
+                raise PatError(
+                    f"the physical child of {model_name} does not run{_at(running)} "
+                    f"({_first_line(e)}); use physical=False or exclude that layer."
+                ) from None
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    got, want = _shapes(out), _shapes(expected)
+    if got != want:
+        raise PatError(
+            f"the physical child of {model_name} returns shape {got}, the parent {want}; "
+            "use physical=False."
+        )
+
+
+def _shapes(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if isinstance(out, Mapping):
+        return {k: _shapes(v) for k, v in out.items()}
+    if isinstance(out, (tuple, list)):
+        return [_shapes(v) for v in out]
+    return type(out).__name__
 
 
 def _unit_params(module: Any, out_side: bool) -> list[tuple[str, int]] | None:
@@ -157,15 +241,31 @@ def channel_groups(
     graph = dependency_graph(model, example_inputs)
     allowed = set(roots)
     names = {m: n for n, m in model.named_modules()}
+    pnames = {p: n for n, p in model.named_parameters()}
+    params = dict(model.named_parameters())
     ignored = [
         m for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES) and n not in allowed
     ]
+    what = f"grouping the coupled channels of {type(model).__name__}"
+    with bounded(what, max_bytes=memory_limit(model), max_seconds=LIMITS.seconds):
+        found = list(graph.get_all_groups(ignored_layers=ignored, root_module_types=PRUNABLE_TYPES))
     groups = []
-    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=PRUNABLE_TYPES):
+    for group in found:
         root = group[0].dep.target.module
         members: list[tuple[str, int, tuple[int, ...], tuple[int, ...]]] = []
         for item in group:
             target = item.dep.target.module
+            if isinstance(target, nn.MultiheadAttention):
+                spec = _attention_params(names[target], target, item.idxs, item.root_idxs)
+                if spec is None:
+                    members = []
+                    break
+                members += spec
+                continue
+            if isinstance(target, nn.Parameter):  # a bare parameter (layer scale, class token)
+                dim = item.dep.target.pruning_dim % target.dim()
+                members.append((pnames[target], dim, tuple(item.idxs), tuple(item.root_idxs)))
+                continue
             spec = _unit_params(target, graph.is_out_channel_pruning_fn(item.dep.handler))
             if spec is None:
                 members = []
@@ -176,9 +276,73 @@ def channel_groups(
                     dim = dim % getattr(target, pname).dim()
                     members.append((full, dim, tuple(item.idxs), tuple(item.root_idxs)))
         if members:
-            n = graph.get_pruner_of_module(root).get_out_channels(root)
-            groups.append(ChannelGroup(root=names[root], channels=int(n), params=tuple(members)))
+            n = int(graph.get_pruner_of_module(root).get_out_channels(root))
+            repeat = _conv_groups(group)
+            if n % repeat or n // repeat < 2 or not _in_bounds(members, n, params):
+                continue  # not evenly split, one unit, or positions torch-pruning mis-mapped
+            if _packed_qkv(model, names[root], n):
+                continue
+            groups.append(
+                ChannelGroup(
+                    root=names[root], channels=n // repeat, params=tuple(members), repeat=repeat
+                )
+            )
     return groups
+
+
+def _conv_groups(group: Any) -> int:
+    """The conv groups (or attention heads) a channel group passes through (1 if none).
+
+    Depthwise convolutions (one channel per group) shrink with any choice and do not count.
+    An attention layer's embedding splits into ``num_heads`` heads: every head keeps the
+    same dimensions, so each keeps the same width and the heads stay whole.
+    """
+    counts = [1]
+    for item in group:
+        m = item.dep.target.module
+        if isinstance(m, nn.modules.conv._ConvNd) and 1 < m.groups != m.out_channels:
+            counts.append(m.groups)
+        if isinstance(m, nn.MultiheadAttention):
+            counts.append(m.num_heads)
+    return max(counts)
+
+
+def _packed_qkv(model: nn.Module, root: str, n: int) -> bool:
+    """Whether ``root`` is a packed q/k/v projection (timm's ``Attention.qkv``).
+
+    Its forward reshapes the attention output back to the *input* width, so its heads
+    cannot shrink on their own; the group is left whole (the MLPs still shrink).
+    """
+    owner, _, leaf = root.rpartition(".")
+    attn = model.get_submodule(owner) if owner else model
+    heads = getattr(attn, "num_heads", None)
+    return leaf == "qkv" and isinstance(heads, int) and n % (3 * heads) == 0
+
+
+def _in_bounds(members: Sequence[tuple[str, int, tuple[int, ...], tuple[int, ...]]], n: int,
+               params: Mapping[str, torch.Tensor]) -> bool:  # fmt: skip
+    for name, dim, pos, root in members:
+        if pos and max(pos) >= params[name].shape[dim] or root and max(root) >= n:
+            return False
+    return True
+
+
+def _attention_params(
+    name: str, attn: nn.MultiheadAttention, idxs: Sequence[int], root: Sequence[int]
+) -> list[tuple[str, int, tuple[int, ...], tuple[int, ...]]] | None:
+    """What a pruned embedding unit zeroes in ``nn.MultiheadAttention``: the q, k and v
+    rows of the packed input projection and the output projection's row (None: separate
+    q, k, v weights, which the group is left whole for)."""
+    if attn.in_proj_weight is None:
+        return None
+    d, idxs, root = attn.embed_dim, tuple(idxs), tuple(root)
+    qkv = tuple(i + k * d for k in range(3) for i in idxs)
+    out = [(f"{name}.in_proj_weight", 0, qkv, root * 3), (f"{name}.out_proj.weight", 0, idxs, root)]
+    if attn.in_proj_bias is not None:
+        out.append((f"{name}.in_proj_bias", 0, qkv, root * 3))
+    if attn.out_proj.bias is not None:
+        out.append((f"{name}.out_proj.bias", 0, idxs, root))
+    return out
 
 
 def expand_units(
@@ -195,6 +359,7 @@ def expand_units(
     """
     masks: dict[str, torch.Tensor] = {}
     for group, keep in zip(groups, keeps, strict=True):
+        keep = keep.repeat(group.repeat)  # unit u -> root channels u + k * channels
         for name, dim, pos, root in group.params:
             p = params[name]
             if name not in masks:
@@ -230,28 +395,39 @@ def slim(model: nn.Module, kept: Mapping[str, Sequence[int]], example_inputs: An
         ``model``, now thinner.
     """
     graph = dependency_graph(model, example_inputs)
-    for root, keep in kept.items():
-        try:
-            module = model.get_submodule(root)
-        except AttributeError:
-            raise PatError(f"kept names layer {root!r}, which the model does not have.") from None
-        pruner = graph.get_pruner_of_module(module)
-        n = pruner.get_out_channels(module) if pruner is not None else None
-        keep_set = set(int(i) for i in keep)
-        if n is None or not keep_set or not keep_set <= set(range(n)):
-            raise PatError(
-                f"kept channels for layer {root!r} must be a non-empty subset of range({n}). "
-                f"Got {sorted(keep_set)[:8]}{'...' if len(keep_set) > 8 else ''}."
-            )
-        drop = [i for i in range(n) if i not in keep_set]
-        if drop:
+    what = f"removing channels of {type(model).__name__}"
+    with bounded(what, max_bytes=memory_limit(model), max_seconds=LIMITS.seconds):
+        for root, keep in kept.items():
             try:
-                graph.get_pruning_group(module, pruner.prune_out_channels, drop).prune()
-            except Exception as e:  # noqa: BLE001
+                module = model.get_submodule(root)
+            except AttributeError:
+                raise PatError(f"kept names layer {root!r}, which the model does not have.") from None
+            pruner = graph.get_pruner_of_module(module)
+            n = pruner.get_out_channels(module) if pruner is not None else None
+            keep_set = set(int(i) for i in keep)
+            if n is None or not keep_set or not keep_set <= set(range(n)):
                 raise PatError(
-                    f"torch-pruning cannot remove channels of layer {root!r} ({_first_line(e)})."
-                ) from None
+                    f"kept channels for layer {root!r} must be a non-empty subset of range({n}). "
+                    f"Got {sorted(keep_set)[:8]}{'...' if len(keep_set) > 8 else ''}."
+                )
+            drop = [i for i in range(n) if i not in keep_set]
+            if drop:
+                try:
+                    graph.get_pruning_group(module, pruner.prune_out_channels, drop).prune()
+                except Exception as e:  # noqa: BLE001
+                    raise PatError(
+                        f"torch-pruning cannot remove channels of layer {root!r} ({_first_line(e)})."
+                    ) from None
+    _update_widths(model)
     return model
+
+
+def _update_widths(model: nn.Module) -> None:
+    """Set the width attributes that some forwards read instead of their layers' shapes."""
+    for m in model.modules():
+        proj = getattr(m, "conv_proj", None)  # torchvision VisionTransformer
+        if isinstance(getattr(m, "hidden_dim", None), int) and isinstance(proj, nn.Conv2d):
+            m.hidden_dim = proj.out_channels
 
 
 def rebuild_physical(

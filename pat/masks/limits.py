@@ -1,0 +1,108 @@
+"""A memory and time bound around work whose cost pat cannot predict (tracing, slimming).
+
+torch-pruning's graph search can recurse without end on some architectures (torchvision's
+Swin grew to 24 GB before the kernel killed it). :func:`bounded` watches the process's
+resident memory and the clock from a thread and, past either limit, interrupts the work
+and raises one :class:`~pat.errors.PatError` instead.
+
+The limits are :data:`LIMITS` (change its fields to raise them):
+
+* memory: ``memory_factor`` × the model's parameter bytes + ``memory_floor`` for
+  activations and the graph itself, counted as growth of the resident set from the start;
+* time: ``seconds`` of wall clock.
+
+Only the main thread can be interrupted; elsewhere the work runs unbounded.
+"""
+
+from __future__ import annotations
+
+import _thread
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from torch import nn
+
+from pat.errors import PatError
+
+__all__ = ["Limits", "LIMITS", "bounded", "memory_limit"]
+
+
+@dataclass
+class Limits:
+    memory_factor: float = 4.0
+    memory_floor: int = 1 << 30  # bytes
+    seconds: float = 120.0
+
+
+LIMITS = Limits()
+
+
+def memory_limit(model: nn.Module, limits: Limits | None = None) -> int:
+    """Bytes of growth allowed while working on ``model``."""
+    limits = limits or LIMITS
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return int(limits.memory_factor * nbytes + limits.memory_floor)
+
+
+def _rss() -> int | None:
+    """Resident set size in bytes (Linux), None where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@contextmanager
+def bounded(
+    what: str, *, max_bytes: int, max_seconds: float, poll: float = 0.05
+) -> Iterator[None]:
+    """Run the block; raise ``PatError`` naming ``what`` if it outgrows either limit.
+
+    A real Ctrl-C inside the block still raises ``KeyboardInterrupt``.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    start, t0 = _rss(), time.monotonic()
+    lock, state = threading.Lock(), {"done": False, "why": None}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(poll):
+            rss = _rss()
+            grown = 0 if rss is None or start is None else rss - start
+            why = None
+            if grown > max_bytes:
+                why = f"memory grew by {grown / 2**30:.1f} GiB (limit {max_bytes / 2**30:.1f} GiB)"
+            elif time.monotonic() - t0 > max_seconds:
+                why = f"it ran past {max_seconds:g} s"
+            if why:
+                with lock:
+                    if not state["done"]:
+                        state["why"] = why
+                        _thread.interrupt_main()
+                return
+
+    watcher = threading.Thread(target=watch, name="pat-bounded", daemon=True)
+    watcher.start()
+    try:
+        yield
+        with lock:
+            state["done"] = True
+    except KeyboardInterrupt:
+        if state["why"] is None:
+            raise
+        raise PatError(
+            f"{what} stopped: {state['why']}; pat.masks.limits.LIMITS sets the bounds, "
+            "or use level='connection'."
+        ) from None
+    finally:
+        with lock:
+            state["done"] = True
+        stop.set()
+        watcher.join()
