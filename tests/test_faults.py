@@ -382,7 +382,9 @@ def test_sigint_during_pool_keeps_finished_members_and_rerun_continues(tmp_path)
     interrupt_when(proc, lambda: (out / "one-cycle-lr0.1.pt").exists())
     assert temp_files(out) == []
     first = sha256(out / "one-cycle-lr0.1.pt")
-    assert [m["name"] for m in EnsembleDir.load(out).members][:1] == ["one-cycle-lr0.1"]
+    # the signal may land before the manifest lists the member whose file is there: a valid
+    # manifest that lists at most that one, and the rerun finds the file
+    assert [m["name"] for m in EnsembleDir.load(out).members] in ([], ["one-cycle-lr0.1"])
     result = run(*args)
     assert result.exit_code == 0, result.output
     ens = EnsembleDir.load(out)
