@@ -34,7 +34,8 @@ _API = {
     "fit": "pat.engine.loop", "train_parent": "pat.parent",
     "save_model": "pat.engine.checkpoint", "load_model": "pat.engine.checkpoint",
     # prune and tune
-    "split": "pat.children", "save_child": "pat.children", "load_child": "pat.children",
+    "split": "pat.children", "iter_split": "pat.children", "save_child": "pat.children",
+    "load_child": "pat.children",
     "generate_masks": "pat.masks", "MaskEnforcer": "pat.masks", "tune": "pat.tuner",
     "run": "pat.pipeline",
     # ensembles
@@ -66,7 +67,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # let type checkers and IDEs see the real objects
     from pat.budget import BudgetConfig, allocate_budget
-    from pat.children import load_child, save_child, split
+    from pat.children import iter_split, load_child, save_child, split
     from pat.config import DataConfig, RunConfig, SplitConfig, TrainConfig, TuneConfig
     from pat.data import Dataset, DeviceLoader, list_datasets, load_dataset
     from pat.engine.checkpoint import load_model, save_model

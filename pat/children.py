@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -49,7 +49,7 @@ from pat.masks.physical import (
 )
 from pat.masks.rescale import normalized_layers, rescale_kept_
 
-__all__ = ["split", "save_child", "load_child"]
+__all__ = ["split", "iter_split", "save_child", "load_child"]
 
 
 def _patterns(value: Sequence[str] | str, argument: str) -> tuple[str, ...]:
@@ -79,6 +79,9 @@ def split(
 ) -> list[nn.Module]:
     """Clone ``model`` into ``children`` pruned copies, each with its own mask.
 
+    All children are held at once; :func:`iter_split` makes the same children one at a time
+    (what ``pat split`` uses, so that its memory does not grow with the number of children).
+
     Args:
         model: the trained parent, any ``nn.Module`` classifier; it is not modified.
         children: number of children N.
@@ -102,6 +105,36 @@ def split(
     Returns:
         N children, deep copies of ``model`` with ``pat_masks`` / ``pat_recipe`` (and
         ``pat_kept`` when physical) attributes.
+    """
+    return list(iter_split(
+        model, children, method=method, sparsity=sparsity, level=level, scope=scope, physical=physical,
+        seed=seed, example_inputs=example_inputs, include_first=include_first,
+        include_classifier=include_classifier, include=include, exclude=exclude, rescale=rescale,
+    ))  # fmt: skip
+
+
+def iter_split(
+    model: nn.Module,
+    children: int = 6,
+    *,
+    method: Literal["random", "anti-random", "partition", "cyclic"] = "anti-random",
+    sparsity: float | None = None,
+    level: Literal["connection", "neuron"] = "connection",
+    scope: Literal["layer", "global"] = "layer",
+    physical: bool = False,
+    seed: int = 0,
+    example_inputs: Any = None,
+    include_first: bool = True,
+    include_classifier: bool = False,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    rescale: bool | None = None,
+) -> Iterator[nn.Module]:
+    """:func:`split`, one child at a time (same arguments, same children, in order).
+
+    Every check runs and the masks are made before this returns; each child is copied from
+    the parent only when the iterator is advanced, so at most one child is in memory beside
+    the masks.
     """
     d = check_recipe(children, method, sparsity, None, level, scope, seed)
     if physical and level != "neuron":
@@ -135,6 +168,7 @@ def split(
             input_shape = _input_shape(model, example_inputs)
         roots = [name.rpartition(".")[0] for name in params]
         groups = channel_groups(model, example_inputs, roots=roots)
+
     def masks_of(groups: Any) -> list[Any]:
         return generate_masks(
             model if level == "neuron" else params, children=children, method=method,
@@ -149,10 +183,21 @@ def split(
     recipe = {"method": method, "sparsity": float(1 - d), "level": level, "scope": scope,
               "seed": seed, "physical": bool(physical), "children": children,
               "rescale": rescale}  # fmt: skip
+    example = input_shape if physical else None
     expected = parent_outputs(model, example_inputs) if physical else None
-    out = []
-    for index, mask in enumerate(masks):
+    return _children(model, masks, recipe, groups, example_inputs, example, expected,
+                     normalized if rescale else None, first)
+
+
+def _children(model: nn.Module, masks: list[dict[str, torch.Tensor]], recipe: dict[str, Any], groups: Any,
+              example_inputs: Any, input_shape: list[int] | None, expected: Any,
+              normalized: set[str] | None, first: nn.Module | None = None) -> Iterator[nn.Module]:
+    """Make the children one at a time; ``first`` is child 0 already slimmed (physical)."""
+    physical, rescale = input_shape is not None, normalized is not None
+    for index in range(len(masks)):
+        mask, masks[index] = masks[index], {}  # the list no longer holds a mask once it is a child's
         child = first if index == 0 and first is not None else copy.deepcopy(model)
+        first = None
         child.pat_recipe = {**recipe, "index": index}
         if physical:
             child.pat_kept = kept_channels(groups, mask)
@@ -166,8 +211,7 @@ def split(
             if rescale:
                 rescale_kept_(child, mask, skip=normalized)
             child.pat_masks = mask
-        out.append(child)
-    return out
+        yield child
 
 
 _RETRIES = 16  # layers whose channel groups may be left whole before a model is refused

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from torch import nn
 
 from pat.budget import Allocation, allocate_budget
 from pat.config import (
@@ -35,13 +38,13 @@ from pat.engine.loop import resolve_device
 from pat.ensemble.ensemble import Ensemble
 from pat.ensemble.metrics import accuracy_vs_size, classification_metrics, evaluate
 from pat.ensemble.predict import collect_probs
-from pat.ensemble.store import EnsembleDir
+from pat.ensemble.store import MANIFEST, EnsembleDir
 from pat.errors import PatError, check
 from pat.parent import train_parent
 from pat.tuner import tune_directory
 
-__all__ = ["RunResult", "run", "demo_config", "evaluate_run", "split_to_directory", "resolve_budget",
-           "parent_check"]
+__all__ = ["RunResult", "run", "demo_config", "evaluate_run", "split_to_directory", "split_footprint",
+           "resolve_budget", "parent_check"]
 
 Progress = Callable[[str], Iterable[Callback]]
 
@@ -78,42 +81,77 @@ def demo_config(out: str = "runs/demo") -> RunConfig:
 
 
 def split_to_directory(parent_path: str | Path, out: str | Path, config: SplitConfig, *,
-                       force: bool = False) -> EnsembleDir:
+                       force: bool = False, wait: bool | None = None) -> EnsembleDir:
     """Split the parent checkpoint into children and write them as an ensemble directory.
 
     Everything is validated before anything is written: an output directory that already
-    holds an ensemble is refused unless ``force``; each member's manifest record holds its
-    mask recipe and seed plus ``stats`` (kept parameters, sparsity, MACs).
+    holds an ensemble is refused unless ``force``, and so is a split whose children would
+    not fit on the disk or in memory (:func:`split_footprint`). Children are made and
+    written one at a time under the directory's lock (``wait``: queue behind another
+    writer) into ``<out>/.split/``, and moved into place only when all are written, the
+    manifest last: a split that fails (a full disk) or is interrupted leaves an old ensemble
+    as it was and nothing half-written; a rerun starts it again. Each member's record holds its mask recipe and seed,
+    ``stats`` (kept parameters, sparsity, MACs) and its file's size and sha256.
     """
-    from pat.children import save_child, split
+    from pat.children import iter_split, save_child
+    from pat.engine.resources import check_fits
+    from pat.ensemble.lock import directory_lock
     from pat.masks.apply import count_params_macs, default_example_inputs
+    from pat.masks.generate import check_recipe
 
     parent, ckpt = load_model(parent_path, argument="--parent")
     ens = EnsembleDir.create(out, arch=ckpt.get("arch"), num_classes=ckpt.get("num_classes"),
                              parent={"file": str(Path(parent_path).resolve()), "metrics": ckpt.get("metrics", {})},
                              config={"split": to_dict(config)}, dataset=ckpt.get("dataset"), force=force)
+    check_recipe(config.children, config.method, config.sparsity, None, config.level, config.scope, config.seed)
+    disk, memory = split_footprint(parent, config.children)
+    check_fits(f"--children {config.children}", disk=disk, memory=memory, where=ens.path,
+               hint="use fewer children, or write them to a larger disk")
     example = default_example_inputs(parent)
     total_params = sum(p.numel() for p in parent.parameters())
-    children = split(parent, config.children, method=config.method, sparsity=config.sparsity,
-                     level=config.level, scope=config.scope, physical=config.physical, seed=config.seed,
-                     example_inputs=example, include_first=config.include_first,
-                     include_classifier=config.include_classifier, rescale=config.rescale)
-    for child in children:
-        index = child.pat_recipe["index"]
-        name, file = f"child-{index}", f"child-{index}.pt"
-        save_child(ens.path / file, child, arch=ckpt.get("arch"), status="split",
-                   dataset=ckpt.get("dataset"), num_classes=ckpt.get("num_classes"))
-        params, macs = count_params_macs(child, example) if example is not None else (None, None)
-        ens.upsert_member({
-            "name": name, "file": file, "producer": "split", "status": "split",
-            "parent": str(Path(parent_path).resolve()), "recipe": dict(child.pat_recipe),
-            "stats": {"kept_params": params, "total_params": total_params,
-                      "sparsity": None if params is None else 1 - params / total_params, "macs": macs},
-        })  # fmt: skip
-    ens.save()
+    children = iter_split(parent, config.children, method=config.method, sparsity=config.sparsity,
+                          level=config.level, scope=config.scope, physical=config.physical, seed=config.seed,
+                          example_inputs=example, include_first=config.include_first,
+                          include_classifier=config.include_classifier, rescale=config.rescale)
+    staging = ens.path / ".split"  # children are written here, moved in once all are there
+    with directory_lock(ens.path, wait=wait, argument="--out", create=True):
+        shutil.rmtree(staging, ignore_errors=True)  # left behind by a killed split
+        try:
+            for child in children:
+                index = child.pat_recipe["index"]
+                name, file = f"child-{index}", f"child-{index}.pt"
+                save_child(staging / file, child, arch=ckpt.get("arch"), status="split",
+                           dataset=ckpt.get("dataset"), num_classes=ckpt.get("num_classes"))
+                params, macs = count_params_macs(child, example) if example is not None else (None, None)
+                ens.upsert_member(ens.stamp({
+                    "name": name, "file": file, "producer": "split", "status": "split",
+                    "parent": str(Path(parent_path).resolve()), "recipe": dict(child.pat_recipe),
+                    "stats": {"kept_params": params, "total_params": total_params,
+                              "sparsity": None if params is None else 1 - params / total_params, "macs": macs},
+                }, file=staging / file))  # fmt: skip
+                del child
+            # Until here an old ensemble (--force) is untouched. No manifest while files move:
+            # an interrupted move leaves a directory that no command takes for an ensemble.
+            (ens.path / MANIFEST).unlink(missing_ok=True)
+            for record in ens.members:
+                os.replace(staging / record["file"], ens.path / record["file"])
+            ens.save()
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return ens
 
 
+def split_footprint(parent: nn.Module, children: int) -> tuple[int, int]:
+    """Upper bounds of what splitting ``parent`` into ``children`` needs: ``(disk, memory)`` bytes.
+
+    Disk: one checkpoint per child (the parent's tensors, masked entries stored as zeros, plus
+    a one-byte mask entry per parameter). Memory: every child's masks at once (they are drawn
+    together) plus the parent, the one child being written and the scores of one draw.
+    """
+    tensors = [*parent.parameters(), *parent.buffers()]
+    state = sum(t.numel() * t.element_size() for t in tensors)
+    mask = sum(p.numel() for p in parent.parameters())  # bool masks: one byte an entry
+    return children * (state + mask + 64 * 1024), children * mask + 4 * state + 8 * mask
 def resolve_budget(config: RunConfig, data: Dataset) -> tuple[RunConfig, Allocation | None]:
     """Apply ``config.budget`` (if any): parent epochs, number of children and child epochs.
 

@@ -13,6 +13,7 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -150,16 +151,29 @@ def tune_directory(
     ranks: Ranks | None = None,
     callbacks: Callable[[str], Iterable[Callback]] = lambda name: (),
     on_done: Callable[[dict[str, Any]], None] = lambda record: None,
+    wait: bool | None = None,
 ) -> EnsembleDir:
     """Tune the children in an ensemble directory that are not tuned yet.
 
     Each child is written (atomically) the moment it finishes and the manifest is updated, so
     an interrupted run loses at most the child in progress, which restarts from its split
     weights next time. Under torchrun each rank tunes its share and rank 0 writes the manifest.
+    Rank 0 holds the directory's lock (:mod:`pat.ensemble.lock`) throughout: a second tune of
+    the same directory is refused, or with ``wait`` queues behind the first.
     """
-    from pat.children import load_child, save_child
+    from pat.ensemble.lock import directory_lock
 
     ranks = ranks if ranks is not None else Ranks()
+    lock = directory_lock(path, wait=wait, argument="CHILDREN_DIR") if ranks.is_main else contextlib.nullcontext()
+    with lock:
+        return _tune_directory(path, data, config, ranks=ranks, callbacks=callbacks, on_done=on_done)
+
+
+def _tune_directory(path: str, data: Dataset, config: TuneConfig, *, ranks: Ranks,
+                    callbacks: Callable[[str], Iterable[Callback]],
+                    on_done: Callable[[dict[str, Any]], None]) -> EnsembleDir:
+    from pat.children import load_child, save_child
+
     ens = EnsembleDir.load(path)
     if ranks.is_main:
         _reconcile(ens)  # children finished by an earlier run that stopped before its manifest write
@@ -180,7 +194,7 @@ def tune_directory(
         record = {**record, "status": "tuned", "metrics": metrics, "tune": to_dict(config), "cost": cost}
         save_child(file, child, status="tuned", metrics=metrics, tune=to_dict(config), cost=cost)
         if not ranks.distributed:
-            ens.upsert_member(record)
+            ens.upsert_member(ens.stamp(record))
             ens.save()
         on_done(record)
     ranks.barrier()
@@ -199,8 +213,8 @@ def _reconcile(ens: EnsembleDir) -> None:
         if record["status"] == "split":
             ckpt = load_checkpoint(ens.member_path(record), mmap=True)
             if ckpt.get("status") == "tuned":
-                ens.upsert_member({**record, "status": "tuned", "metrics": ckpt.get("metrics", {}),
-                                   "tune": ckpt.get("tune", {}), "cost": ckpt.get("cost")})
+                ens.upsert_member(ens.stamp({**record, "status": "tuned", "metrics": ckpt.get("metrics", {}),
+                                             "tune": ckpt.get("tune", {}), "cost": ckpt.get("cost")}))
                 changed = True
     if changed:
         ens.save()

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import click
 
-from pat.cli.options import data_options, device_options, force_option, manifest_dataset
+from pat.cli.options import (
+    data_options,
+    device_options,
+    force_option,
+    lock_options,
+    manifest_dataset,
+)
 from pat.cli.render import EpochProgress, console, metrics_table
 
 CHILD_COLUMNS = ["name", "accuracy", "nll", "ece", "brier", "ensemble_acc"]
@@ -33,6 +39,7 @@ def _progress(stage: str):
                    "[default: on at connection level; layers that feed a norm layer are left alone].")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Ensemble directory to write.")
 @force_option
+@lock_options()
 def split(parent, children, method, anti_random, sparsity, level, scope, physical, seed, exclude_first,
           include_classifier, rescale, out, force) -> None:
     """Prune a parent into diverse children."""
@@ -70,6 +77,7 @@ def split(parent, children, method, anti_random, sparsity, level, scope, physica
 @click.option("--seed", default=0, type=int, help="Bagging and shuffling seed.")
 @data_options(from_manifest=True)
 @device_options
+@lock_options("children_dir")
 def tune(children_dir, epochs, schedule, max_lr, lr, bagging, recompute_bn, cycle_momentum, optimizer, step, seed,
          dataset, data_dir, batch_size, val_fraction, data_seed, device, amp) -> None:
     """Tune the children that are not tuned yet.

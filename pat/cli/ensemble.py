@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from pat.cli.options import force_option, manifest_dataset
+from pat.cli.options import force_option, lock_options, manifest_dataset
 from pat.cli.render import console, fmt, metrics_table
 
 METRICS = ["accuracy", "nll", "ece", "brier"]
@@ -131,6 +131,7 @@ def _print_cost(cost) -> None:
 @click.command()
 @click.argument("ensemble_dir", type=click.Path())
 @ensemble_data_options
+@lock_options("ensemble_dir")
 def calibrate(ensemble_dir, dataset, data_dir, val_fraction, data_seed, device) -> None:
     """Fit temperatures (members, ensemble, team) on the validation split."""
     from pat.ensemble.report import calibrate_directory
@@ -156,6 +157,7 @@ def calibrate(ensemble_dir, dataset, data_dir, val_fraction, data_seed, device) 
 @click.option("--measure", default=None, help="Focal diversity measure: generalized, kw, disagreement, kappa, q.")
 @click.option("--seed", default=None, type=int, help="Seed of the random selector.")
 @ensemble_data_options
+@lock_options("ensemble_dir")
 def select(ensemble_dir, method, size, metric, measure, seed, dataset, data_dir, val_fraction, data_seed, device) -> None:
     """Choose a team on the validation split."""
     from pat.ensemble.report import select_directory

@@ -52,3 +52,35 @@ def device_options(func: F) -> F:
 
 def force_option(func: F) -> F:
     return click.option("--force", is_flag=True, help="Overwrite an existing output.")(func)
+
+
+def lock_options(directory: str | None = None) -> Callable[[F], F]:
+    """--wait; the command runs in a :func:`pat.ensemble.lock.lock_scope`.
+
+    A command that writes an ensemble directory holds its lock (``ensemble.lock``): a second
+    writer is refused naming the holder, or with ``--wait`` queues behind it. ``directory``
+    names the command's parameter holding an existing directory to lock before any work (tune,
+    select, calibrate); commands that create their directory (split, the producers) are locked
+    by the library once their input is validated. Every lock is given back when the command
+    ends, however it ends.
+    """
+    import functools
+    import os
+    from pathlib import Path
+
+    def decorate(func: F) -> F:
+        @functools.wraps(func)
+        def wrapper(*args: Any, wait: bool, **kwargs: Any) -> Any:
+            from pat.ensemble.lock import acquire, lock_scope
+
+            with lock_scope(wait=wait):
+                target = kwargs.get(directory) if directory else None
+                if target is not None and Path(target).is_dir() and os.environ.get("RANK", "0") == "0":
+                    acquire(target, argument=directory.upper())
+                return func(*args, **kwargs)
+
+        option = click.option("--wait", is_flag=True,
+                              help="If another pat command is writing the directory, wait for it instead of refusing.")
+        return option(wrapper)  # type: ignore[return-value]
+
+    return decorate

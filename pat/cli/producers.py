@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from pat.cli.options import data_options, device_options, force_option
+from pat.cli.options import data_options, device_options, force_option, lock_options
 from pat.cli.render import EpochProgress, console, err_console, metrics_table
 
 __all__ = ["pool", "starsse", "sharpbalance", "sharpness"]
@@ -67,6 +67,7 @@ def _summary(title: str, ens: Any, extra: list[str]) -> None:
 @click.option("--plot-policies", "plot", default=None, type=click.Path(dir_okay=False),
               help="Also draw every member's LR policy into this PNG.")
 @force_option
+@lock_options()
 def pool(model, dataset, data_dir, batch_size, val_fraction, data_seed, epochs, policies, lrs,
          optimizer, weight_decay, seed, device, amp, out, plot, force) -> None:
     """Train a pool: one model per (LR policy, LR).
@@ -111,6 +112,7 @@ def pool(model, dataset, data_dir, batch_size, val_fraction, data_seed, epochs, 
 @device_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Ensemble directory to write.")
 @force_option
+@lock_options()
 def starsse(pretrained, model, dataset, data_dir, batch_size, val_fraction, data_seed, members, epochs,
             cycle_epochs, lr, cycle_lr_mult, sse, optimizer, weight_decay, seed, device, amp, out,
             force) -> None:
@@ -157,6 +159,7 @@ def starsse(pretrained, model, dataset, data_dir, batch_size, val_fraction, data
 @device_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Ensemble directory to write.")
 @force_option
+@lock_options()
 def sharpbalance(model, dataset, data_dir, batch_size, val_fraction, data_seed, members, epochs,
                  initial_epochs, rho, adaptive, flat_ratio, subset, mode, lr, schedule, weight_decay,
                  seed, device, amp, out, force) -> None:

@@ -12,6 +12,7 @@ pickled object (a module, a function) is refused rather than executed.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import tempfile
@@ -60,23 +61,49 @@ def _check_plain(obj: Any, where: str) -> None:
     )
 
 
+# torch.save reports a failed write (a full disk) as a RuntimeError from its zip writer
+_TORCH_WRITE_FAILED = ("file write failed", "PytorchStreamWriter failed", "enforce fail at inline_container")
+
+
 def atomic_write(path: str | os.PathLike, write: Any) -> None:
     """Call ``write(file_object)`` on a temporary file beside ``path``, then rename.
 
-    A crash leaves either the old file or the new one, never half of one.
+    A crash, an interrupt or a full disk leaves either the old file or the new one, never
+    half of one, and no temporary file. A write the file system refuses (no space left, no
+    permission) is a one-line :class:`PatError` naming the path.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and any(m in str(e) for m in _TORCH_WRITE_FAILED)):
+            raise _write_error(path, e) from None
         raise
+
+
+def _write_error(path: Path, e: BaseException) -> PatError:
+    from pat.engine.resources import free_disk, human_bytes
+
+    full = isinstance(e, RuntimeError) or getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+    if full:
+        try:
+            free = f", {human_bytes(free_disk(path.parent))} free"
+        except OSError:
+            free = ""
+        return PatError(f"cannot write {str(path)!r}: no space left on the device{free}; the previous "
+                        "file (if any) is unchanged. Free some space or write elsewhere.")
+    reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+    return PatError(f"cannot write {str(path)!r}: {reason}.")
 
 
 def ensure_writable(path: str | os.PathLike, *, force: bool, argument: str = "--out") -> Path:

@@ -26,6 +26,7 @@ from pat.ensemble.calibration import (
 )
 from pat.ensemble.corruptions import corrupt_split, list_corruptions, load_cifar_c
 from pat.ensemble.ensemble import Ensemble
+from pat.ensemble.lock import writes_directory
 from pat.ensemble.metrics import accuracy, classification_metrics, evaluate
 from pat.ensemble.predict import cached_logits, collect_logits, collect_probs, combine
 from pat.ensemble.select import create_selector
@@ -120,6 +121,7 @@ def _team_temperature(val_logits: Tensor, val_labels: Tensor, team: list[int], w
     return {"selected": names, "weights": weights, "temperature": t}
 
 
+@writes_directory
 def calibrate_directory(path: str | os.PathLike, data: Dataset, *, device: str = "auto") -> dict[str, Any]:
     """Fit one temperature per member, one for the whole ensemble and one for the recorded team,
     on the validation split, and store them in the manifest (``"calibration"``)."""
@@ -290,6 +292,7 @@ def _plots(probs: Tensor, labels: Tensor, out: Path) -> None:
     plots.disagreement_heatmap(pairwise_disagreement(probs), out / "disagreement.png")
 
 
+@writes_directory
 def select_directory(path: str | os.PathLike, data: Dataset, method: str, *, size: int | None = None,
                      device: str = "auto", **options: Any) -> dict[str, Any]:
     """Fit a selector on the validation split and record the team and weights in the manifest."""

@@ -8,15 +8,22 @@ Manifest (see ``docs/file-formats.md``)::
      "parent": {"file": "/abs/or/relative/parent.pt", ...} | null,
      "members": [{"name": "child-0", "file": "child-0.pt", "producer": "split",
                   "status": "split" | "tuned" | "trained", "parent": ..., "recipe": {...},
-                  "metrics": {...}}, ...],
+                  "metrics": {...}, "size": 123456, "sha256": "..."}, ...],
      "selection": {"method": ..., "selected": [...], "weights": [...]} | null,
      "config": {...}}
 
 Every reader validates the manifest and names what is wrong. Writes are atomic.
+
+Member files must lie inside the directory (no absolute names, no ``..``, no symlink out of
+it): a manifest is data from anyone, and following it must not read or overwrite a file
+elsewhere. Each member record written by pat carries the file's ``size`` and ``sha256``; a
+reader checks them, so a member truncated or replaced since pat wrote it is named instead
+of evaluated or tuned. Records without them (older manifests) are still read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -27,11 +34,28 @@ from typing import Any
 from pat.engine.checkpoint import atomic_write
 from pat.errors import PatError
 
-__all__ = ["MANIFEST", "FORMAT_VERSION", "EnsembleDir"]
+__all__ = ["MANIFEST", "FORMAT_VERSION", "EnsembleDir", "file_digest"]
 
 MANIFEST = "ensemble.json"
 FORMAT_VERSION = 1
 _STATUSES = {"split", "tuned", "trained"}
+# (path, size, mtime_ns, inode) -> sha256: one process hashes each member file once, however
+# often it loads the manifest; every rewrite (atomic_write: a new inode) misses the cache
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """The sha256 of a file (hex), cached per process on its path, size, mtime and inode."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
 
 
 @dataclass
@@ -100,8 +124,14 @@ class EnsembleDir:
         ens.validate(argument=argument)
         return ens
 
-    def validate(self, *, argument: str = "ENSEMBLE_DIR", check_files: bool = True) -> None:
-        """Raise :class:`PatError` naming the first thing wrong with the manifest."""
+    def validate(self, *, argument: str = "ENSEMBLE_DIR", check_files: bool = True,
+                 allow_missing: bool = False) -> None:
+        """Raise :class:`PatError` naming the first thing wrong with the manifest.
+
+        Member file names are always checked to stay inside the directory. With
+        ``check_files`` each member file must exist (unless ``allow_missing``: a resumable
+        producer trains a missing one again) and match its recorded size and sha256.
+        """
         m, where = self.manifest, f"{argument} {str(self.path / MANIFEST)!r}"
         if not isinstance(m, dict):
             raise PatError(f"{where}: manifest must be a JSON object.")
@@ -127,8 +157,13 @@ class EnsembleDir:
                     f"{where}: member {member['name']!r} has status {member.get('status')!r}; "
                     f"expected one of {sorted(_STATUSES)}."
                 )
-            if check_files and not (self.path / member["file"]).is_file():
-                raise PatError(f"{where}: member {member['name']!r} file {member['file']!r} is missing.")
+            file = self._inside(member, where)
+            if check_files:
+                if not file.is_file():
+                    if allow_missing:
+                        continue
+                    raise PatError(f"{where}: member {member['name']!r} file {member['file']!r} is missing.")
+                self._check_stamp(member, file, where)
         sel = m.get("selection")
         if sel is not None:
             unknown = [n for n in sel.get("selected", []) if n not in names]
@@ -153,9 +188,64 @@ class EnsembleDir:
         raise PatError(f"member {name!r} is not in {str(self.path)!r}; members: {[m['name'] for m in self.members]}.")
 
     def member_path(self, member: dict[str, Any] | str) -> Path:
+        """The member's file, refused (:class:`PatError`) if its name leads out of the directory."""
         if isinstance(member, str):
             member = self.member(member)
-        return self.path / member["file"]
+        return self._inside(member, f"ENSEMBLE_DIR {str(self.path / MANIFEST)!r}")
+
+    def _inside(self, member: dict[str, Any], where: str) -> Path:
+        """``path / member['file']``, which must name a file inside the directory."""
+        name = member["file"]
+        pure = Path(name)
+        if not name or pure.is_absolute() or ".." in pure.parts or pure.name in ("", ".", ".."):
+            raise PatError(f"{where}: member {member['name']!r} file {name!r} is not a plain name inside "
+                           "the directory (absolute paths and '..' are refused).")
+        file = self.path / pure
+        if not file.resolve().is_relative_to(self.path.resolve()):
+            raise PatError(f"{where}: member {member['name']!r} file {name!r} is a symlink that leads "
+                           f"out of the directory (to {str(file.resolve())!r}).")
+        return file
+
+    def _check_stamp(self, member: dict[str, Any], file: Path, where: str) -> None:
+        """Refuse a member file whose size or sha256 differ from what pat recorded."""
+        size, digest = member.get("size"), member.get("sha256")
+        if size is None and digest is None:
+            return  # written before pat recorded them
+        actual = file.stat().st_size
+        if (size is not None and actual != size) or (digest is not None and file_digest(file) != digest):
+            if self._unrecorded_tuning(member, file):
+                return
+            what = (f"is {actual} bytes, not the {size} recorded" if size is not None and actual != size
+                    else "has other contents (sha256) than recorded")
+            raise PatError(f"{where}: member {member['name']!r} file {member['file']!r} {what}: it was "
+                           "truncated or replaced after pat wrote it; restore it, or make it again "
+                           "(rerun with --force).")
+
+    @staticmethod
+    def _unrecorded_tuning(member: dict[str, Any], file: Path) -> bool:
+        """A split child whose file the tuner rewrote just before it was stopped (manifest not yet updated).
+
+        ``pat tune`` writes the tuned child, then the manifest; the file of the same child
+        (same recipe) saying ``tuned`` is that, and the next tune records it.
+        """
+        if member.get("status") != "split":
+            return False
+        from pat.engine.checkpoint import load_checkpoint
+
+        try:
+            ckpt = load_checkpoint(file, mmap=True)
+        except PatError:
+            return False
+        return (ckpt.get("kind") == "child" and ckpt.get("status") == "tuned"
+                and ckpt.get("recipe") == member.get("recipe"))
+
+    def stamp(self, record: dict[str, Any], *, file: str | os.PathLike | None = None) -> dict[str, Any]:
+        """``record`` with the size and sha256 of its file as it is now (call right after writing it).
+
+        ``file``: where the member's file is now, if not yet at its place in the directory.
+        """
+        file = Path(file) if file is not None else self.member_path(record)
+        return {**record, "size": file.stat().st_size, "sha256": file_digest(file)}
 
     def upsert_member(self, record: dict[str, Any]) -> None:
         """Add ``record`` or replace the member of the same name (then :meth:`save`)."""

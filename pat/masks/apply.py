@@ -333,8 +333,9 @@ def count_params_macs(
     the kept entries; the MACs stay dense, since masked zeros are still multiplied. A
     physical child is genuinely smaller in both.
     """
-    import torch_pruning as tp
+    from pat.masks._tp import torch_pruning
 
+    tp = torch_pruning()
     if not isinstance(example_inputs, (tuple, list, Mapping)):
         example_inputs = (example_inputs,)  # so torch-pruning does not unpack the batch
     macs, params = tp.utils.count_ops_and_params(model, example_inputs)

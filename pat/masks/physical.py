@@ -115,8 +115,9 @@ def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
         PatError: the model cannot be traced (names the innermost layer that was
             running), or tracing outgrew its memory or time bound.
     """
-    import torch_pruning as tp
+    from pat.masks._tp import torch_pruning
 
+    tp = torch_pruning()
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)  # so torch-pruning does not unpack the batch
     modes = {m: m.training for m in model.modules()}

@@ -26,6 +26,7 @@ from pat.engine.callbacks import Callback
 from pat.engine.checkpoint import load_checkpoint, save_model
 from pat.engine.distributed import Ranks
 from pat.engine.sam import IndexedBatches
+from pat.ensemble.lock import acquire, release
 from pat.ensemble.store import MANIFEST, EnsembleDir
 from pat.errors import PatError
 
@@ -98,7 +99,8 @@ def open_ensemble(
 
     An existing ensemble made by the same producer with the same config (device aside) is
     resumed; any other existing ensemble is refused unless ``force``, which deletes the old
-    member files first so that none of them is mistaken for a finished member.
+    member files first so that none of them is mistaken for a finished member. Rank 0 takes
+    the directory's lock (:mod:`pat.ensemble.lock`) here and :func:`finalize` gives it back.
     """
     out, cfg = Path(out), plain_config(config)
     manifest = out / MANIFEST
@@ -118,19 +120,32 @@ def open_ensemble(
         resume = True
     if resume:
         ens = EnsembleDir(out, json.loads(manifest.read_text()))
-        ens.validate(argument="--out", check_files=False)
+        # a member file that is there must be the one recorded; a missing one is trained again
+        ens.validate(argument="--out", allow_missing=True)
     else:
         ens = EnsembleDir.create(out, arch=arch, num_classes=num_classes, force=True,
                                  config={"producer": producer, producer: cfg, **(extra or {})},
                                  dataset=config.data.dataset)
+    if ranks.is_main:  # held until finalize(); the CLI's lock_scope gives it back on any failure
+        acquire(out, argument="--out", create=True)
+    if not resume:
         if ranks.is_main:
             if manifest.is_file():
-                for member in json.loads(manifest.read_text()).get("members", []):
-                    (out / member.get("file", "")).unlink(missing_ok=True)
+                _remove_members(EnsembleDir(out, json.loads(manifest.read_text())))
             shutil.rmtree(work_dir(ens), ignore_errors=True)  # partial states of the old run
             ens.save()
     ranks.barrier()
     return ens
+
+
+def _remove_members(old: EnsembleDir) -> None:
+    """Delete the member files an old manifest names, but never a file outside the directory."""
+    for member in old.manifest.get("members", []):
+        if isinstance(member, dict) and isinstance(member.get("file"), str):
+            try:
+                old.member_path(member).unlink(missing_ok=True)
+            except (PatError, KeyError):
+                continue
 
 
 def member_file(ens: EnsembleDir, name: str) -> Path:
@@ -158,7 +173,9 @@ def finished_record(ens: EnsembleDir, name: str, producer: str, config: Any) -> 
         return None  # unreadable: train it again
     if ckpt.get("producer") != producer or _recipe_of(ckpt.get("config") or {}) != _recipe_of(plain_config(config)):
         return None
-    return dict(ckpt["member"])
+    if (ckpt.get("member") or {}).get("name") != name:
+        return None  # another member's file copied over this one: train this one again
+    return ens.stamp(dict(ckpt["member"]))
 
 
 def save_member(
@@ -184,7 +201,7 @@ def save_member(
               "parent": parent, "recipe": dict(recipe), "metrics": dict(metrics), "cost": cost}
     save_model(member_file(ens, name), model, kind="member", member=record, producer=producer,
                config=plain_config(config), metrics=dict(metrics), history=list(history), cost=cost)
-    return record
+    return ens.stamp(record)
 
 
 def write_manifest(ens: EnsembleDir, records: Iterable[dict[str, Any] | None]) -> None:
@@ -200,6 +217,7 @@ def finalize(ens: EnsembleDir, names: Sequence[str], producer: str, config: Any,
         write_manifest(ens, final)
         if all(r is not None for r in final):
             shutil.rmtree(work_dir(ens), ignore_errors=True)  # resume states are spent
+        release(ens.path)  # taken by open_ensemble
 
 
 def gather_records(ens: EnsembleDir, names: Sequence[str], producer: str, config: Any,
