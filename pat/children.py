@@ -196,12 +196,13 @@ def _children(model: nn.Module, masks: list[dict[str, torch.Tensor]], recipe: di
     physical, rescale = input_shape is not None, normalized is not None
     for index in range(len(masks)):
         mask, masks[index] = masks[index], {}  # the list no longer holds a mask once it is a child's
-        child = first if index == 0 and first is not None else copy.deepcopy(model)
+        slimmed = index == 0 and first is not None
+        child = first if slimmed else copy.deepcopy(model)
         first = None
         child.pat_recipe = {**recipe, "index": index}
         if physical:
             child.pat_kept = kept_channels(groups, mask)
-            if child is not first:
+            if not slimmed:
                 slim(child, child.pat_kept, example_inputs)
                 check_runs(child, example_inputs, expected, model_name=type(model).__name__)
             child.pat_masks = {}
