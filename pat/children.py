@@ -19,6 +19,7 @@ masked weights stay zero; save and load it with :func:`save_child` / :func:`load
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
@@ -38,7 +39,7 @@ from pat.masks.apply import (
     require_example_inputs,
 )
 from pat.masks.generate import check_recipe, generate_masks
-from pat.masks.limits import LIMITS
+from pat.masks.limits import LIMITS, bounded, memory_limit
 from pat.masks.physical import (
     ChildDoesNotRun,
     channel_groups,
@@ -167,7 +168,6 @@ def iter_split(
         if physical:
             input_shape = _input_shape(model, example_inputs)
         roots = [name.rpartition(".")[0] for name in params]
-        groups = channel_groups(model, example_inputs, roots=roots)
 
     def masks_of(groups: Any) -> list[Any]:
         return generate_masks(
@@ -175,10 +175,15 @@ def iter_split(
             sparsity=sparsity, level=level, scope=scope, seed=seed, groups=groups,
         )  # fmt: skip
 
-    masks = masks_of(groups)
     first = None
-    if physical:
-        groups, masks, first = _runnable(model, groups, masks, masks_of, example_inputs)
+    what = f"choosing the channels of {type(model).__name__}'s physical children"
+    with bounded(what, max_bytes=2 * memory_limit(model), max_seconds=LIMITS.seconds) if physical \
+            else contextlib.nullcontext():  # fmt: skip
+        if level == "neuron":
+            groups = channel_groups(model, example_inputs, roots=roots)
+        masks = masks_of(groups)
+        if physical:
+            groups, masks, first = _runnable(model, groups, masks, masks_of, example_inputs)
     normalized = normalized_layers(model, example_inputs) if rescale else set()
     recipe = {"method": method, "sparsity": float(1 - d), "level": level, "scope": scope,
               "seed": seed, "physical": bool(physical), "children": children,

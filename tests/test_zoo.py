@@ -125,3 +125,14 @@ def test_a_physical_child_that_does_not_run_is_refused_by_name():
     with pytest.raises(PatError, match=r"physical child of Reshaper does not run at layer|returns shape"):
         pat.split(Reshaper(), 2, method="partition", level="neuron", physical=True,
                   example_inputs=torch.randn(2, 8), include_first=True)  # fmt: skip
+
+
+def test_an_inner_bound_ends_by_the_outer_deadline():
+    t0 = time.monotonic()
+    with pytest.raises(PatError, match="^inner stopped: it ran past"):
+        with limits.bounded("outer", max_bytes=1 << 40, max_seconds=0.5):
+            with limits.bounded("inner", max_bytes=1 << 40, max_seconds=60):
+                while True:
+                    time.sleep(0.01)
+    assert time.monotonic() - t0 < 5
+    assert limits._DEADLINES == []

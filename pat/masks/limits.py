@@ -9,7 +9,8 @@ The limits are :data:`LIMITS` (change its fields to raise them):
 
 * memory: ``memory_factor`` × the model's parameter bytes + ``memory_floor`` for
   activations and the graph itself, counted as growth of the resident set from the start;
-* time: ``seconds`` of wall clock.
+* time: ``seconds`` of wall clock; a block inside another ends by the outer one's
+  deadline too (``pat.split`` bounds its whole choice of channel groups this way).
 
 Only the main thread can be interrupted; elsewhere the work runs unbounded.
 """
@@ -39,6 +40,7 @@ class Limits:
 
 
 LIMITS = Limits()
+_DEADLINES: list[float] = []  # of the enclosing bounded blocks: an inner one ends by them too
 
 
 def memory_limit(model: nn.Module, limits: Limits | None = None) -> int:
@@ -69,6 +71,8 @@ def bounded(
         yield
         return
     start, t0 = _rss(), time.monotonic()
+    deadline = min([t0 + max_seconds, *_DEADLINES])
+    _DEADLINES.append(deadline)
     lock, state = threading.Lock(), {"done": False, "why": None}
     stop = threading.Event()
 
@@ -79,8 +83,8 @@ def bounded(
             why = None
             if grown > max_bytes:
                 why = f"memory grew by {grown / 2**30:.1f} GiB (limit {max_bytes / 2**30:.1f} GiB)"
-            elif time.monotonic() - t0 > max_seconds:
-                why = f"it ran past {max_seconds:g} s"
+            elif time.monotonic() > deadline:
+                why = f"it ran past {deadline - t0:.3g} s"
             if why:
                 with lock:
                     if not state["done"]:
@@ -112,3 +116,4 @@ def bounded(
             state["done"] = True
         stop.set()
         watcher.join()
+        _DEADLINES.pop()
