@@ -136,3 +136,10 @@ def test_an_inner_bound_ends_by_the_outer_deadline():
                     time.sleep(0.01)
     assert time.monotonic() - t0 < 5
     assert limits._DEADLINES == []
+
+
+def test_one_huge_allocation_is_a_refusal_not_the_oom_killer():
+    with pytest.raises(PatError, match="^slimming X stopped: it ran out of memory"):
+        with limits.bounded("slimming X", max_bytes=100 << 20, max_seconds=60):
+            torch.empty(64 << 30, dtype=torch.uint8)  # 64 GiB in one call
+    torch.empty(256 << 20, dtype=torch.uint8)  # the cap is lifted afterwards

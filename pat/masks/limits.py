@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import _thread
 import os
+import resource
 import threading
 import time
 from collections.abc import Iterator
@@ -59,6 +60,44 @@ def _rss() -> int | None:
         return None
 
 
+def _vm_size() -> int | None:
+    """Virtual memory size in bytes (Linux), None where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@contextmanager
+def _address_space(max_bytes: int) -> Iterator[None]:
+    """Cap the address space at its current size + ``max_bytes`` while the block runs.
+
+    One huge allocation never returns to the interpreter, so the watcher thread cannot
+    interrupt it; under the cap it fails at once with a MemoryError instead of waking the
+    kernel's OOM killer.
+    """
+    vm = _vm_size()
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    except (OSError, ValueError):
+        vm = None
+    if vm is None:
+        yield
+        return
+    cap = vm + max_bytes
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    if soft != resource.RLIM_INFINITY and soft <= cap:
+        yield  # already tighter
+        return
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 @contextmanager
 def bounded(
     what: str, *, max_bytes: int, max_seconds: float, poll: float = 0.05
@@ -95,10 +134,13 @@ def bounded(
     watcher = threading.Thread(target=watch, name="pat-bounded", daemon=True)
     watcher.start()
     try:
-        yield
+        with _address_space(max_bytes + (1 << 30)):  # + room for thread stacks and arenas
+            yield
         with lock:
             state["done"] = True
-    except MemoryError:
+    except (MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "can't allocate memory" not in str(e):
+            raise
         state["why"] = state["why"] or "it ran out of memory"
         raise PatError(
             f"{what} stopped: {state['why']}; pat.masks.limits.LIMITS sets the bounds, "
