@@ -49,6 +49,7 @@ __all__ = [
 CallbackFactory = Callable[[str], Iterable[Callback]]
 # settings that may change between a run and its resumption without changing any member
 _RUNTIME_KEYS = ("device", "amp")
+_LOCATION_KEYS = ("data_dir",)  # where the data lives, not what it is: the data may move
 
 
 def plain_config(config: Any) -> dict[str, Any]:
@@ -57,7 +58,10 @@ def plain_config(config: Any) -> dict[str, Any]:
 
 
 def _recipe_of(config: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in _RUNTIME_KEYS}
+    out = {k: v for k, v in config.items() if k not in _RUNTIME_KEYS}
+    if isinstance(out.get("data"), Mapping):
+        out["data"] = {k: v for k, v in out["data"].items() if k not in _LOCATION_KEYS}
+    return out
 
 
 def load_data(config: Any) -> Dataset:
@@ -93,6 +97,7 @@ def open_ensemble(
     force: bool,
     ranks: Ranks,
     extra: Mapping[str, Any] | None = None,
+    image_shape: Sequence[int] | None = None,
 ) -> EnsembleDir:
     """Open ``out`` for ``producer``: resume it, or start it (rank 0 writes the manifest).
 
@@ -122,7 +127,7 @@ def open_ensemble(
     else:
         ens = EnsembleDir.create(out, arch=arch, num_classes=num_classes, force=True,
                                  config={"producer": producer, producer: cfg, **(extra or {})},
-                                 dataset=config.data.dataset)
+                                 data=to_dict(config.data), image_shape=image_shape)
         if ranks.is_main:
             if manifest.is_file():
                 for member in json.loads(manifest.read_text()).get("members", []):
