@@ -107,7 +107,7 @@ def tune(children_dir, epochs, schedule, max_lr, lr, bagging, recompute_bn, cycl
     config = config if not ranks.distributed else _with_device(config, ranks.device(device))
     if ranks.is_main:
         console.print(f"[bold]pat tune[/] {children_dir} on {dataset} (data seed {d['seed']}, val fraction "
-                      f"{d['val_fraction']:g}): {describe_settings(settings, sources)}, {epochs} epochs",
+                      f"{d['val_fraction']:g}): {describe_settings(settings, sources)}, epochs {epochs}",
                       highlight=False, soft_wrap=True)
     done = lambda record: console.print(  # noqa: E731
         f"[green]✓[/] {record['name']}  val acc {record['metrics'].get('val_acc', float('nan')):.4f}"

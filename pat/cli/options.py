@@ -41,7 +41,9 @@ def data_options(func: F | None = None, *, from_manifest: bool = False, resumes:
              f"the dataset's recipe, else {BATCH_SIZE}")
     decos = [
         click.option("--dataset", default=None, show_default=False,
-                     help=f"Dataset name (see docs/data.md) [default: {pre}digits, which needs no download]."),
+                     help="Dataset name (see docs/data.md) [default: "
+                          + ("the one recorded in the ensemble directory]." if from_manifest else
+                             f"{pre}digits, which needs no download].")),
         click.option("--data-dir", default=None, show_default=False, type=click.Path(file_okay=False),
                      help=f"Where downloadable datasets live [default: {pre}./data]."),
         click.option("--val-fraction", default=None, show_default=False, type=float,
@@ -110,7 +112,9 @@ def resolve_data(given: Mapping[str, Any], recorded: Mapping[str, Any] | None, *
                 and not _same(key, value, old):
             raise PatError(f"{option} {value!r} conflicts with {old!r} recorded in {where}; leave it out to "
                            f"use the recorded one, or {remedy}.")
-        out[key] = value if value is not None else old if old is not None else DATA_DEFAULTS.get(key)
+        # a directory that names no dataset gets none: guessing one is how children were ruined
+        fallback = None if key == "dataset" else DATA_DEFAULTS[key]
+        out[key] = value if value is not None else old if old is not None else fallback
     if out["dataset"] is None:
         raise PatError(f"{where} records no dataset; pass --dataset.")
     return out
