@@ -72,6 +72,7 @@ def train_parent(
     cost = fit_cost(state, example_input(data, device))
     if out is not None:
         save_model(out, model, kind="model", config=to_dict(config), metrics=metrics,
-                   history=state.history, dataset=data.name, num_classes=data.num_classes, cost=cost)
+                   history=state.history, dataset=data.name, num_classes=data.num_classes, cost=cost,
+                   image_shape=[data.in_channels, data.image_size, data.image_size])
         resume.unlink(missing_ok=True)
     return TrainResult(model=model, history=state.history, metrics=metrics, cost=cost)

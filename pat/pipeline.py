@@ -102,7 +102,8 @@ def split_to_directory(parent_path: str | Path, out: str | Path, config: SplitCo
     parent, ckpt = load_model(parent_path, argument="--parent")
     ens = EnsembleDir.create(out, arch=ckpt.get("arch"), num_classes=ckpt.get("num_classes"),
                              parent={"file": str(Path(parent_path).resolve()), "metrics": ckpt.get("metrics", {})},
-                             config={"split": to_dict(config)}, dataset=ckpt.get("dataset"), force=force)
+                             config={"split": to_dict(config)}, dataset=ckpt.get("dataset"),
+                             data=_parent_data(ckpt), image_shape=ckpt.get("image_shape"), force=force)
     check_recipe(config.children, config.method, config.sparsity, None, config.level, config.scope, config.seed)
     disk, memory = split_footprint(parent, config.children)
     check_fits(f"--children {config.children}", disk=disk, memory=memory, where=ens.path,
@@ -152,6 +153,20 @@ def split_footprint(parent: nn.Module, children: int) -> tuple[int, int]:
     state = sum(t.numel() * t.element_size() for t in tensors)
     mask = sum(p.numel() for p in parent.parameters())  # bool masks: one byte an entry
     return children * (state + mask + 64 * 1024), children * mask + 4 * state + 8 * mask
+def _parent_data(ckpt: dict[str, Any]) -> dict[str, Any] | None:
+    """The data a parent checkpoint was trained on (its config's ``data``), for the children's manifest.
+
+    None for a checkpoint that names no dataset (a pretrained model saved by hand): the
+    children then record nothing and their commands need ``--dataset``.
+    """
+    if ckpt.get("dataset") is None:
+        return None
+    data = (ckpt.get("config") or {}).get("data") or {}
+    if str(data.get("dataset", ckpt["dataset"])).lower() != str(ckpt["dataset"]).lower():
+        data = {}  # a config that is not the one the weights came from: trust only the name
+    return {"dataset": ckpt["dataset"], **{k: data.get(k) for k in ("data_dir", "val_fraction", "seed")}}
+
+
 def resolve_budget(config: RunConfig, data: Dataset) -> tuple[RunConfig, Allocation | None]:
     """Apply ``config.budget`` (if any): parent epochs, number of children and child epochs.
 

@@ -168,13 +168,13 @@ def test_tune_uses_the_dataset_the_children_were_made_for(tmp_path, digits_paren
     out = tmp_path / "children"
     assert run("split", "--parent", digits_parent, "--children", 2, "--out", out).exit_code == 0
     manifest = json.loads((out / "ensemble.json").read_text())
-    assert manifest["dataset"] == "digits"
+    assert manifest["dataset"] == "digits" and manifest["data"]["dataset"] == "digits"
     # a manifest naming another dataset is what tune loads: never digits by default
-    manifest["dataset"] = "no-such-dataset"
+    manifest["data"]["dataset"] = "no-such-dataset"
     (out / "ensemble.json").write_text(json.dumps(manifest))
     line = one_error_line(run("tune", out, "--epochs", 1))
     assert "no-such-dataset" in line
-    manifest.pop("dataset")
+    manifest.pop("dataset"), manifest.pop("data")  # a manifest from before either was recorded
     (out / "ensemble.json").write_text(json.dumps(manifest))
     assert "records no dataset; pass --dataset" in one_error_line(run("tune", out, "--epochs", 1))
 

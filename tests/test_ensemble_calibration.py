@@ -137,7 +137,11 @@ def test_stale_calibration_is_refused(tmp_path, children):
 
 
 def test_calibrate_without_validation_split_is_one_line(children):
-    result = CliRunner().invoke(cli, ["calibrate", children, "--val-fraction", "0"])
+    # the members were made with a 10% validation split: another one is refused by name ...
+    refused = CliRunner().invoke(cli, ["calibrate", children, "--val-fraction", "0"])
+    assert refused.exit_code == 2 and "--val-fraction 0.0 conflicts with 0.1" in refused.output, refused.output
+    # ... and with --override-data it is taken, and has nothing to fit on
+    result = CliRunner().invoke(cli, ["calibrate", children, "--val-fraction", "0", "--override-data"])
     assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and "no validation split" in errors[0]

@@ -5,11 +5,15 @@ from __future__ import annotations
 import click
 
 from pat.cli.options import (
+    BATCH_SIZE,
     data_options,
+    describe_settings,
     device_options,
+    ensemble_data,
     force_option,
     lock_options,
-    manifest_dataset,
+    override_option,
+    recipe_settings,
 )
 from pat.cli.render import EpochProgress, console, metrics_table
 
@@ -76,33 +80,38 @@ def split(parent, children, method, anti_random, sparsity, level, scope, physica
 @click.option("--step", default="sgd", help="Step rule: sgd, sam, ...")
 @click.option("--seed", default=0, type=int, help="Bagging and shuffling seed.")
 @data_options(from_manifest=True)
+@override_option
 @device_options
 @lock_options("children_dir")
 def tune(children_dir, epochs, schedule, max_lr, lr, bagging, recompute_bn, cycle_momentum, optimizer, step, seed,
-         dataset, data_dir, batch_size, val_fraction, data_seed, device, amp) -> None:
+         dataset, data_dir, batch_size, val_fraction, data_seed, override_data, device, amp) -> None:
     """Tune the children that are not tuned yet.
 
     Each child is saved the moment it finishes, so a rerun skips finished children. Under torchrun (torchrun --nproc-per-node N -m pat tune ...) the children are sharded
     across ranks.
     """
     from pat.config import DataConfig, TuneConfig
-    from pat.data import load_dataset
     from pat.engine.distributed import init_ranks
-    from pat.ensemble.store import EnsembleDir
     from pat.pipeline import evaluate_run, parent_check
     from pat.tuner import tune_directory
 
-    EnsembleDir.load(children_dir, argument="CHILDREN_DIR")  # validate before any work
-    dataset = manifest_dataset(children_dir, dataset, argument="CHILDREN_DIR")
-    data_cfg = DataConfig(dataset=dataset, data_dir=data_dir, val_fraction=val_fraction,
-                          batch_size=batch_size, seed=data_seed)
+    # validate before any work: the data the children were made for, unless told otherwise
+    d, data = ensemble_data(children_dir, dataset=dataset, data_dir=data_dir, val_fraction=val_fraction,
+                            data_seed=data_seed, override=override_data, argument="CHILDREN_DIR")
+    dataset = d["dataset"]
+    settings, sources = recipe_settings(dataset, {"batch_size": batch_size}, {"batch_size": BATCH_SIZE})
+    data_cfg = DataConfig(dataset=dataset, data_dir=d["data_dir"], val_fraction=d["val_fraction"],
+                          batch_size=settings["batch_size"], seed=d["seed"])
     config = TuneConfig(epochs=epochs, schedule=schedule, max_lr=max_lr, lr=lr, bagging=bagging,
                         recompute_bn=recompute_bn,
                         cycle_momentum=cycle_momentum, optimizer=optimizer, step=step, seed=seed,
                         device=device, amp=amp, data=data_cfg)
     ranks = init_ranks()
     config = config if not ranks.distributed else _with_device(config, ranks.device(device))
-    data = load_dataset(dataset, data_dir=data_dir, val_fraction=val_fraction, seed=data_seed)
+    if ranks.is_main:
+        console.print(f"[bold]pat tune[/] {children_dir} on {dataset} (data seed {d['seed']}, val fraction "
+                      f"{d['val_fraction']:g}): {describe_settings(settings, sources)}, epochs {epochs}",
+                      highlight=False, soft_wrap=True)
     done = lambda record: console.print(  # noqa: E731
         f"[green]✓[/] {record['name']}  val acc {record['metrics'].get('val_acc', float('nan')):.4f}"
         f"  test acc {record['metrics'].get('test_acc', float('nan')):.4f}", highlight=False)

@@ -4,30 +4,23 @@ from __future__ import annotations
 
 import click
 
-from pat.cli.options import force_option, lock_options, manifest_dataset
+from pat.cli.options import data_options, ensemble_data, force_option, lock_options, override_option
 from pat.cli.render import console, fmt, metrics_table
 
 METRICS = ["accuracy", "nll", "ece", "brier"]
 
 
-def _data(ensemble_dir: str, dataset: str | None, data_dir: str, val_fraction: float, data_seed: int):
-    """The dataset named on the command line, else the one recorded in the manifest."""
-    from pat.data import load_dataset
-
-    name = manifest_dataset(ensemble_dir, dataset)
-    return load_dataset(name, data_dir=data_dir, val_fraction=val_fraction, seed=data_seed)
+def _data(ensemble_dir: str, dataset, data_dir, val_fraction, data_seed, override_data: bool):
+    """The data the manifest records, with what the command line gives (conflicts refused)."""
+    return ensemble_data(ensemble_dir, dataset=dataset, data_dir=data_dir, val_fraction=val_fraction,
+                         data_seed=data_seed, override=override_data)[1]
 
 
 def ensemble_data_options(func):
-    for deco in reversed([
-        click.option("--dataset", default=None, help="Dataset [default: the one recorded in the manifest]."),
-        click.option("--data-dir", default="./data", type=click.Path(file_okay=False)),
-        click.option("--val-fraction", default=0.1, type=float, help="Must match the members' training split."),
-        click.option("--data-seed", default=0, type=int),
-        click.option("--device", default="auto"),
-    ]):
-        func = deco(func)
-    return func
+    """Data options defaulting to the directory's record, --override-data, --device."""
+    func = click.option("--device", default="auto")(func)
+    func = override_option(func)
+    return data_options(func, from_manifest=True, batch_size=False)
 
 
 @click.command("eval")
@@ -42,12 +35,15 @@ def ensemble_data_options(func):
 @click.option("--corruptions", is_flag=True, help="Also evaluate 8 corruptions at severities 1-5.")
 @click.option("--plot", "plot_dir", default=None, type=click.Path(file_okay=False),
               help="Write reliability, risk-coverage, accuracy-vs-size and disagreement PNGs here.")
-def eval_(ensemble_dir, dataset, data_dir, val_fraction, data_seed, device, split, no_calibration, dee_dir,
+def eval_(ensemble_dir, dataset, data_dir, val_fraction, data_seed, override_data, device, split, no_calibration,
+          dee_dir,
           ood_name, corruptions, plot_dir) -> None:
     """Evaluate members and ensemble (metrics.json); temperature-scaled when calibrated."""
     from pat.ensemble.report import evaluate_directory
 
-    data = _data(ensemble_dir, dataset, data_dir, val_fraction, data_seed)
+    values, data = ensemble_data(ensemble_dir, dataset=dataset, data_dir=data_dir, val_fraction=val_fraction,
+                                 data_seed=data_seed, override=override_data)
+    data_dir, data_seed = values["data_dir"], values["seed"]
     ood = _ood_data(ood_name, data, data_dir, data_seed) if ood_name else None
     report = evaluate_directory(ensemble_dir, data, split=split, corruptions=corruptions, plot_dir=plot_dir,
                                 device=device, data_dir=data_dir, calibration=not no_calibration,
@@ -132,11 +128,11 @@ def _print_cost(cost) -> None:
 @click.argument("ensemble_dir", type=click.Path())
 @ensemble_data_options
 @lock_options("ensemble_dir")
-def calibrate(ensemble_dir, dataset, data_dir, val_fraction, data_seed, device) -> None:
+def calibrate(ensemble_dir, dataset, data_dir, val_fraction, data_seed, override_data, device) -> None:
     """Fit temperatures (members, ensemble, team) on the validation split."""
     from pat.ensemble.report import calibrate_directory
 
-    data = _data(ensemble_dir, dataset, data_dir, val_fraction, data_seed)
+    data = _data(ensemble_dir, dataset, data_dir, val_fraction, data_seed, override_data)
     record = calibrate_directory(ensemble_dir, data, device=device)
     rows = [{"name": n, "T": t} for n, t in record["members"].items()]
     rows.append({"name": "ensemble", "T": record["ensemble"]})
@@ -158,12 +154,13 @@ def calibrate(ensemble_dir, dataset, data_dir, val_fraction, data_seed, device) 
 @click.option("--seed", default=None, type=int, help="Seed of the random selector.")
 @ensemble_data_options
 @lock_options("ensemble_dir")
-def select(ensemble_dir, method, size, metric, measure, seed, dataset, data_dir, val_fraction, data_seed, device) -> None:
+def select(ensemble_dir, method, size, metric, measure, seed, dataset, data_dir, val_fraction, data_seed,
+           override_data, device) -> None:
     """Choose a team on the validation split."""
     from pat.ensemble.report import select_directory
 
     options = {k: v for k, v in {"metric": metric, "measure": measure, "seed": seed}.items() if v is not None}
-    data = _data(ensemble_dir, dataset, data_dir, val_fraction, data_seed)
+    data = _data(ensemble_dir, dataset, data_dir, val_fraction, data_seed, override_data)
     result = select_directory(ensemble_dir, data, method, size=size, device=device, **options)
     rows = [{"name": n, "weight": w} for n, w in zip(result["selected"], result["weights"], strict=True)]
     console.print(metrics_table(f"{method} team", rows, ["name", "weight"]))
@@ -177,11 +174,11 @@ def select(ensemble_dir, method, size, metric, measure, seed, dataset, data_dir,
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write.")
 @force_option
 @ensemble_data_options
-def soup(ensemble_dir, greedy, out, force, dataset, data_dir, val_fraction, data_seed, device) -> None:
+def soup(ensemble_dir, greedy, out, force, dataset, data_dir, val_fraction, data_seed, override_data, device) -> None:
     """Average members' weights into one model."""
     from pat.ensemble.report import soup_directory
 
-    data = _data(ensemble_dir, dataset, data_dir, val_fraction, data_seed)
+    data = _data(ensemble_dir, dataset, data_dir, val_fraction, data_seed, override_data)
     result = soup_directory(ensemble_dir, data, out, greedy=greedy, force=force, device=device)
     console.print(f"soup of {', '.join(result['ingredients'])}: test accuracy {result['accuracy']:.4f} → "
                   f"[bold]{out}[/]", highlight=False)

@@ -8,7 +8,17 @@ from typing import Any
 
 import click
 
-from pat.cli.options import data_options, device_options, force_option, lock_options
+from pat.cli.options import (
+    BATCH_SIZE,
+    check_shape,
+    data_options,
+    device_options,
+    force_option,
+    lock_options,
+    plain_data,
+    producer_data,
+    recipe_settings,
+)
 from pat.cli.render import EpochProgress, console, err_console, metrics_table
 
 __all__ = ["pool", "starsse", "sharpbalance", "sharpness"]
@@ -27,11 +37,12 @@ def _floats(text: str | None, argument: str) -> tuple[float, ...] | None:
         raise PatError(f"{argument} must be comma-separated numbers. Got {text!r}.") from None
 
 
-def _data_config(dataset, data_dir, batch_size, val_fraction, data_seed):
+def _data_config(out, producer, dataset, data_dir, batch_size, val_fraction, data_seed, force):
+    """The producer's data: a rerun continuing ``out`` takes what it records (conflicts refused)."""
     from pat.config import DataConfig
 
-    return DataConfig(dataset=dataset, data_dir=data_dir, val_fraction=val_fraction,
-                      batch_size=batch_size, seed=data_seed)
+    return DataConfig(**producer_data(out, producer, dataset=dataset, data_dir=data_dir, batch_size=batch_size,
+                                      val_fraction=val_fraction, data_seed=data_seed, force=force))
 
 
 def _progress(name: str) -> list[EpochProgress]:
@@ -54,7 +65,7 @@ def _summary(title: str, ens: Any, extra: list[str]) -> None:
 
 @click.command()
 @click.option("--model", default="lenet-s", help="Model name: pat's zoo or tv:<torchvision name>.")
-@data_options
+@data_options(resumes=True)
 @click.option("--epochs", default=10, type=int, help="Epochs per member.")
 @click.option("--policies", default="multistep,one-cycle,warmup-cosine,composite",
               help="Comma-separated LR policies (see docs/schedules.md).")
@@ -81,7 +92,7 @@ def pool(model, dataset, data_dir, batch_size, val_fraction, data_seed, epochs, 
     from pat.producers.lr_pool import PoolConfig, plot_policies, pool_jobs, train_pool
 
     config = PoolConfig(
-        model=model, data=_data_config(dataset, data_dir, batch_size, val_fraction, data_seed),
+        model=model, data=_data_config(out, "pool", dataset, data_dir, batch_size, val_fraction, data_seed, force),
         epochs=epochs, policies=tuple(p for p in policies.split(",") if p.strip()),
         lrs=_floats(lrs, "--lrs"), optimizer=optimizer, weight_decay=weight_decay, seed=seed,
         device=device, amp=amp,
@@ -92,14 +103,14 @@ def pool(model, dataset, data_dir, batch_size, val_fraction, data_seed, epochs, 
     start = time.perf_counter()
     ens = train_pool(config, out, force=force, callbacks=_progress, on_member=_report, ranks=ranks)
     if ranks.is_main:
-        _summary(f"LR pool: {len(pool_jobs(config))} members, {model}, {dataset}, {epochs} epochs "
+        _summary(f"LR pool: {len(pool_jobs(config))} members, {model}, {config.data.dataset}, {epochs} epochs "
                  f"({time.perf_counter() - start:.0f}s)", ens, ["policy", "lr"])
 
 
 @click.command()
 @click.option("--pretrained", required=True, help="A pat checkpoint, or tv:<torchvision name> for ImageNet weights.")
 @click.option("--model", default=None, help="Expected architecture of --pretrained (checked).")
-@data_options
+@data_options(resumes=True)
 @click.option("--members", default=5, type=int, help="Member 1 (fine-tuned) plus members-1 cycles.")
 @click.option("--epochs", default=10, type=int, help="Fine-tuning epochs of member 1.")
 @click.option("--cycle-epochs", default=5, type=int, help="Epochs of each further member's cycle.")
@@ -127,7 +138,8 @@ def starsse(pretrained, model, dataset, data_dir, batch_size, val_fraction, data
 
     config = StarSSEConfig(
         pretrained=pretrained, model=model,
-        data=_data_config(dataset, data_dir, batch_size, val_fraction, data_seed), members=members,
+        data=_data_config(out, "starsse", dataset, data_dir, batch_size, val_fraction, data_seed, force),
+        members=members,
         epochs=epochs, cycle_epochs=cycle_epochs, lr=lr, cycle_lr_mult=cycle_lr_mult, sse=sse,
         optimizer=optimizer, weight_decay=weight_decay, seed=seed, device=device, amp=amp,
     )  # fmt: skip
@@ -135,13 +147,13 @@ def starsse(pretrained, model, dataset, data_dir, batch_size, val_fraction, data
     start = time.perf_counter()
     ens = train_starsse(config, out, force=force, callbacks=_progress, on_member=_report, ranks=ranks)
     if ranks.is_main:
-        _summary(f"{'SSE' if sse else 'StarSSE'}: {members} members, {dataset} "
+        _summary(f"{'SSE' if sse else 'StarSSE'}: {members} members, {config.data.dataset} "
                  f"({time.perf_counter() - start:.0f}s)", ens, ["start", "peak_lr"])
 
 
 @click.command()
 @click.option("--model", default="lenet-s", help="Model name: pat's zoo or tv:<torchvision name>.")
-@data_options
+@data_options(resumes=True)
 @click.option("--members", default=3, type=int, help="Ensemble members (>= 2).")
 @click.option("--epochs", default=10, type=int, help="All epochs, both phases.")
 @click.option("--initial-epochs", default=5, type=int, help="Phase 1: full-SAM epochs before the subsets are chosen.")
@@ -171,13 +183,12 @@ def sharpbalance(model, dataset, data_dir, batch_size, val_fraction, data_seed, 
     sharpness; in phase 2 member i uses SAM on the samples the other members find flat
     and plain SGD on the rest. A rerun with the same options continues.
     """
-    from pat.config import DataConfig
     from pat.engine.distributed import init_ranks
     from pat.producers.sharpbalance import SharpBalanceConfig, train_sharpbalance
 
     config = SharpBalanceConfig(
-        model=model, data=DataConfig(dataset=dataset, data_dir=data_dir, val_fraction=val_fraction,
-                                     batch_size=batch_size, seed=data_seed),
+        model=model, data=_data_config(out, "sharpbalance", dataset, data_dir, batch_size, val_fraction,
+                                       data_seed, force),
         members=members, epochs=epochs, initial_epochs=initial_epochs, rho=rho, adaptive=adaptive,
         flat_ratio=flat_ratio, subset=subset, mode=mode or "sharpbalance", lr=lr, schedule=schedule,
         weight_decay=weight_decay, seed=seed, device=device, amp=amp,
@@ -186,7 +197,7 @@ def sharpbalance(model, dataset, data_dir, batch_size, val_fraction, data_seed, 
     start = time.perf_counter()
     ens = train_sharpbalance(config, out, force=force, callbacks=_progress, on_member=_report, ranks=ranks)
     if ranks.is_main:
-        _summary(f"SharpBalance ({config.mode}): {members} members, {model}, {dataset} "
+        _summary(f"SharpBalance ({config.mode}): {members} members, {model}, {config.data.dataset} "
                  f"({time.perf_counter() - start:.0f}s)", ens, ["sam_fraction"])
 
 
@@ -216,8 +227,12 @@ def sharpness(checkpoint, dataset, data_dir, batch_size, val_fraction, data_seed
     check(rho > 0, f"rho must be positive. Got {rho}.")
     check(max_batches is None or max_batches > 0, f"max_batches must be positive. Got {max_batches}.")
     dev = resolve_device(device)
-    model, _ = load_model(checkpoint, device=dev, argument="CHECKPOINT")
-    data = load_dataset(dataset, data_dir=data_dir, val_fraction=val_fraction, seed=data_seed)
+    model, ckpt = load_model(checkpoint, device=dev, argument="CHECKPOINT")
+    d = plain_data(dataset or ckpt.get("dataset"), data_dir, val_fraction, data_seed)  # default: its own data
+    dataset = d["dataset"]
+    data = load_dataset(dataset, data_dir=d["data_dir"], val_fraction=d["val_fraction"], seed=d["seed"])
+    check_shape(data, ckpt, where=f"CHECKPOINT {checkpoint!r}")
+    batch_size = recipe_settings(dataset, {"batch_size": batch_size}, {"batch_size": BATCH_SIZE})[0]["batch_size"]
     loader = data.loader(split, batch_size=batch_size, shuffle=False, augment=False, device=dev)
     batches = list(islice(loader, max_batches)) if max_batches else loader
     result = measure_sharpness(model, batches, rho=rho, draws=draws, seed=seed)

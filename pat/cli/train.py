@@ -6,16 +6,25 @@ import time
 
 import click
 
-from pat.cli.options import data_options, device_options, force_option
+from pat.cli.options import (
+    BATCH_SIZE,
+    data_options,
+    describe_settings,
+    device_options,
+    force_option,
+    plain_data,
+    recipe_settings,
+)
 from pat.cli.render import EpochProgress, console, fmt, metrics_table
 
 
 @click.command()
 @click.option("--model", default="lenet-s", help="Model name: pat's zoo (pat info --models) or tv:<torchvision name>.")
 @data_options
-@click.option("--epochs", default=10, type=int, help="Passes over the training split.")
+@click.option("--epochs", default=None, type=int, help="Passes over the training split [default: the dataset's recipe, else 10].")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", help="SGD is Nesterov, momentum 0.9.")
-@click.option("--lr", default=None, type=float, help="Base LR [default: 0.1 for sgd, 0.001 for adam].")
+@click.option("--lr", default=None, type=float,
+              help="Base LR [default for sgd: the dataset's recipe, else 0.1; for adam: 0.001].")
 @click.option("--weight-decay", default=5e-4, type=float)
 @click.option("--schedule", default="parent", help="LR policy: parent (0.1 for 50%, linear to 0.001 at 90%), one-cycle, cosine, constant.")
 @click.option("--seed", default=0, type=int, help="Initialisation seed.")
@@ -36,16 +45,25 @@ def train(model, dataset, data_dir, batch_size, val_fraction, data_seed, epochs,
 
     # validate everything before any work starts
     ensure_writable(out, force=force)
-    lr = lr if lr is not None else (1e-3 if optimizer == "adam" else 0.1)
+    d = plain_data(dataset, data_dir, val_fraction, data_seed)
+    given = {"batch_size": batch_size, "lr": lr, "epochs": epochs}
+    if optimizer == "adam" and lr is None:
+        given["lr"] = 1e-3  # a recipe's LR is an SGD LR
+    settings, sources = recipe_settings(d["dataset"], given, {"batch_size": BATCH_SIZE, "lr": 0.1, "epochs": 10})
+    if optimizer == "adam" and lr is None:
+        sources["lr"] = "adam default"
     config = TrainConfig(
-        model=model, epochs=epochs, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+        model=model, epochs=settings["epochs"], optimizer=optimizer, lr=settings["lr"], weight_decay=weight_decay,
         schedule=schedule, seed=seed, device=device, amp=amp,
-        data=DataConfig(dataset=dataset, data_dir=data_dir, val_fraction=val_fraction,
-                        batch_size=batch_size, seed=data_seed),
+        data=DataConfig(dataset=d["dataset"], data_dir=d["data_dir"], val_fraction=d["val_fraction"],
+                        batch_size=settings["batch_size"], seed=d["seed"]),
     )
-    data = load_dataset(dataset, data_dir=data_dir, val_fraction=val_fraction, seed=data_seed)
+    dataset, epochs = d["dataset"], config.epochs
+    data = load_dataset(dataset, data_dir=d["data_dir"], val_fraction=d["val_fraction"], seed=d["seed"])
     create_model(model, num_classes=data.num_classes, in_channels=data.in_channels)  # fail fast on a bad name
 
+    console.print(f"[bold]pat train[/] {model} on {dataset}: {describe_settings(settings, sources)}, "
+                  f"{optimizer}, schedule {schedule}", highlight=False, soft_wrap=True)
     start = time.perf_counter()
     result = train_parent(config, data=data, callbacks=[EpochProgress(f"train {model}")], out=out)
     rows = [{"split": k.split("_")[0], "accuracy": result.metrics[k], "loss": result.metrics[k.replace("acc", "loss")]}

@@ -11,8 +11,10 @@ from __future__ import annotations
 from pat.data import sources as _sources  # noqa: F401  (registers the datasets)
 from pat.data.core import (
     Dataset,
+    Recipe,
     Split,
     bagging_indices,
+    dataset_recipe,
     list_datasets,
     load_dataset,
     load_dataset_like,
@@ -23,8 +25,10 @@ from pat.data.loader import DeviceLoader
 __all__ = [
     "Dataset",
     "DeviceLoader",
+    "Recipe",
     "Split",
     "bagging_indices",
+    "dataset_recipe",
     "list_datasets",
     "load_dataset",
     "load_dataset_like",

@@ -22,7 +22,9 @@ from pat.errors import PatError, check
 __all__ = [
     "Split",
     "Dataset",
+    "Recipe",
     "register_dataset",
+    "dataset_recipe",
     "list_datasets",
     "load_dataset",
     "bagging_indices",
@@ -104,13 +106,36 @@ class Dataset:
         )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """Recommended settings for training a model from scratch on one dataset.
+
+    What the CLI uses when the user gives none (``pat train``; ``batch_size`` also for
+    ``pat tune``); a field left None falls back to pat's global default (the paper's CIFAR
+    recipe: batch 128, SGD LR 0.1, 10 epochs).
+    """
+
+    batch_size: int | None = None  # samples per optimizer step
+    lr: float | None = None  # SGD (Nesterov) base LR per batch of batch_size, parent schedule
+    epochs: int | None = None
+    note: str = ""  # where the numbers come from
+
+    def as_dict(self) -> dict[str, int | float]:
+        """The fields that are set, by name."""
+        return {k: v for k, v in (("batch_size", self.batch_size), ("lr", self.lr), ("epochs", self.epochs))
+                if v is not None}
+
+
 # name -> builder(data_dir, val_fraction, seed, download, **options) -> Dataset
 _REGISTRY: dict[str, Callable[..., Dataset]] = {}
+_RECIPES: dict[str, Recipe] = {}
 _COMMON = {"data_dir", "val_fraction", "seed", "download"}
 
 
-def register_dataset(name: str) -> Callable[[Callable[..., Dataset]], Callable[..., Dataset]]:
-    """Decorator: register a builder under ``name``.
+def register_dataset(
+    name: str, *, recipe: Recipe | None = None
+) -> Callable[[Callable[..., Dataset]], Callable[..., Dataset]]:
+    """Decorator: register a builder under ``name``, with its recommended training ``recipe``.
 
     A name ending in ``:PATH`` (``folder:PATH``) takes an argument after the colon; its
     builder receives it as ``path``.
@@ -118,9 +143,17 @@ def register_dataset(name: str) -> Callable[[Callable[..., Dataset]], Callable[.
 
     def decorate(builder: Callable[..., Dataset]) -> Callable[..., Dataset]:
         _REGISTRY[name] = builder
+        _RECIPES[name] = recipe or Recipe()
         return builder
 
     return decorate
+
+
+def dataset_recipe(name: str) -> Recipe:
+    """The recommended training settings of dataset ``name`` (an empty :class:`Recipe` if none)."""
+    key, _, arg = name.partition(":")
+    key = key.strip().lower() + (":PATH" if arg else "")
+    return _RECIPES.get(key, Recipe())
 
 
 def list_datasets() -> list[str]:

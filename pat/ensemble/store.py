@@ -5,6 +5,9 @@ Manifest (see ``docs/file-formats.md``)::
     {"format_version": 1, "pat_version": "0.1.0",
      "arch": {"name": ..., "kwargs": {...}} | null,   # shared architecture, if any
      "num_classes": 10,
+     "image_shape": [1, 32, 32] | null,               # (C, H, W) the members take
+     "dataset": "digits",                             # = data.dataset, kept for older readers
+     "data": {"dataset": "digits", "data_dir": "./data", "val_fraction": 0.1, "seed": 0} | null,
      "parent": {"file": "/abs/or/relative/parent.pt", ...} | null,
      "members": [{"name": "child-0", "file": "child-0.pt", "producer": "split",
                   "status": "split" | "tuned" | "trained", "parent": ..., "recipe": {...},
@@ -76,10 +79,16 @@ class EnsembleDir:
         parent: dict[str, Any] | None = None,
         config: dict[str, Any] | None = None,
         dataset: str | None = None,
+        data: dict[str, Any] | None = None,
+        image_shape: list[int] | None = None,
         force: bool = False,
         argument: str = "--out",
     ) -> EnsembleDir:
         """Start a new ensemble directory; refuse one that already holds members unless ``force``.
+
+        ``data`` (dataset, data_dir, val_fraction, seed) and ``image_shape`` ((C, H, W)) are what
+        every later command reads instead of its own defaults (``pat.cli.options``); ``dataset``
+        defaults to ``data["dataset"]``.
 
         Nothing is written until :meth:`save`; with ``force`` the old manifest is replaced then,
         and old member files are overwritten one by one as the new members are written.
@@ -99,7 +108,10 @@ class EnsembleDir:
             "pat_version": __version__,
             "arch": arch,
             "num_classes": num_classes,
-            "dataset": dataset,  # what evaluation uses unless told otherwise
+            "image_shape": None if image_shape is None else [int(v) for v in image_shape],
+            "dataset": dataset if dataset is not None else (data or {}).get("dataset"),
+            # what every later command uses unless told otherwise
+            "data": None if data is None else {k: data.get(k) for k in ("dataset", "data_dir", "val_fraction", "seed")},
             "parent": parent,
             "members": [],
             "selection": None,

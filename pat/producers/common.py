@@ -50,6 +50,7 @@ __all__ = [
 CallbackFactory = Callable[[str], Iterable[Callback]]
 # settings that may change between a run and its resumption without changing any member
 _RUNTIME_KEYS = ("device", "amp")
+_LOCATION_KEYS = ("data_dir",)  # where the data lives, not what it is: the data may move
 
 
 def plain_config(config: Any) -> dict[str, Any]:
@@ -58,7 +59,10 @@ def plain_config(config: Any) -> dict[str, Any]:
 
 
 def _recipe_of(config: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in _RUNTIME_KEYS}
+    out = {k: v for k, v in config.items() if k not in _RUNTIME_KEYS}
+    if isinstance(out.get("data"), Mapping):
+        out["data"] = {k: v for k, v in out["data"].items() if k not in _LOCATION_KEYS}
+    return out
 
 
 def load_data(config: Any) -> Dataset:
@@ -94,6 +98,7 @@ def open_ensemble(
     force: bool,
     ranks: Ranks,
     extra: Mapping[str, Any] | None = None,
+    image_shape: Sequence[int] | None = None,
 ) -> EnsembleDir:
     """Open ``out`` for ``producer``: resume it, or start it (rank 0 writes the manifest).
 
@@ -125,7 +130,7 @@ def open_ensemble(
     else:
         ens = EnsembleDir.create(out, arch=arch, num_classes=num_classes, force=True,
                                  config={"producer": producer, producer: cfg, **(extra or {})},
-                                 dataset=config.data.dataset)
+                                 data=to_dict(config.data), image_shape=image_shape)
     if ranks.is_main:  # held until finalize(); the CLI's lock_scope gives it back on any failure
         acquire(out, argument="--out", create=True)
     if not resume:

@@ -151,7 +151,8 @@ def train_pool(
     spec = create_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels,
                         **config.model_kwargs).pat_spec  # fails fast on a bad model name
     ens = open_ensemble(out, producer=PRODUCER, config=config, arch=spec,
-                        num_classes=data.num_classes, force=force, ranks=ranks)
+                        num_classes=data.num_classes, force=force, ranks=ranks,
+                        image_shape=(data.in_channels, data.image_size, data.image_size))
     index = {name: k for k, (name, _, _) in enumerate(jobs)}
     records: dict[str, dict[str, Any]] = {}
     for name, policy, lr in ranks.shard(jobs):

@@ -194,7 +194,8 @@ def train_sharpbalance(
     spec = create_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels,
                         **config.model_kwargs).pat_spec
     ens = open_ensemble(out, producer=PRODUCER, config=config, arch=spec,
-                        num_classes=data.num_classes, force=force, ranks=ranks)
+                        num_classes=data.num_classes, force=force, ranks=ranks,
+                        image_shape=(data.in_channels, data.image_size, data.image_size))
     names = [f"member-{i}" for i in range(config.members)]
     todo = [i for i in ranks.shard(list(range(config.members)))
             if finished_record(ens, names[i], PRODUCER, config) is None]

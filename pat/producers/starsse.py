@@ -171,7 +171,8 @@ def train_starsse(
     start = load_pretrained(config, data)  # validates before any directory is touched
     spec = start.pat_spec
     ens = open_ensemble(out, producer=PRODUCER, config=config, arch=spec,
-                        num_classes=data.num_classes, force=force, ranks=ranks)
+                        num_classes=data.num_classes, force=force, ranks=ranks,
+                        image_shape=(data.in_channels, data.image_size, data.image_size))
     names = [f"member-{k}" for k in range(1, config.members + 1)]
 
     def ensure(k: int) -> None:
