@@ -131,7 +131,7 @@ def check_shape(data: Any, manifest: Mapping[str, Any], *, where: str) -> None:
 
     arch = manifest.get("arch") or {}
     shape = manifest.get("image_shape") or []
-    classes = manifest.get("num_classes", (arch.get("kwargs") or {}).get("num_classes"))
+    classes = manifest.get("num_classes") or (arch.get("kwargs") or {}).get("num_classes")
     channels = shape[0] if shape else (arch.get("kwargs") or {}).get("in_channels")
     size = list(shape[1:]) or None
     name = f"--dataset {data.name!r}"
