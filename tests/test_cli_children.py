@@ -3,22 +3,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
+from cli_helpers import one_error_line, run
 
-from pat.cli import cli
 from pat.ensemble.store import EnsembleDir
-
-
-def run(*args: str):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def one_error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

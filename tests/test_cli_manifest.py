@@ -7,27 +7,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from cli_helpers import one_error_line, run
 
 import pat.data
-from pat.cli import cli
 from pat.engine.checkpoint import load_checkpoint
 from pat.errors import PatError
 
 READERS = [["eval"], ["calibrate"], ["select", "--method", "top-k", "--size", "1"],
            ["soup", "--out", "{tmp}/soup.pt"], ["tune", "--epochs", "1"]]
 
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def one_error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 class Stop(PatError):

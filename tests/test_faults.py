@@ -19,11 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_helpers import one_error_line, run
 
 import pat
 from pat.children import iter_split, split
-from pat.cli import cli
 from pat.engine.checkpoint import load_model
 from pat.ensemble.lock import LOCK_FILE
 from pat.ensemble.store import MANIFEST, EnsembleDir
@@ -31,17 +30,6 @@ from pat.ensemble.store import MANIFEST, EnsembleDir
 ENV = {**os.environ, "PYTHONPATH": str(Path(pat.__file__).resolve().parents[1])}
 FAST_TUNE = ("--epochs", 1, "--max-lr", 0.05, "--batch-size", 64, "--device", "cpu")
 
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def one_error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
