@@ -30,7 +30,7 @@ from torch import nn
 
 from pat.errors import PatError
 
-__all__ = ["Limits", "LIMITS", "bounded", "memory_limit"]
+__all__ = ["Limits", "LIMITS", "OutOfBounds", "bounded", "memory_limit", "time_limit"]
 
 
 @dataclass
@@ -38,17 +38,28 @@ class Limits:
     memory_factor: float = 4.0
     memory_floor: int = 1 << 30  # bytes
     seconds: float = 120.0
+    # a block traced on its own (pat.masks.scopes) gets its own, smaller bounds: blocks are
+    # small, and a block that cannot be grouped should fail fast so its parts can be tried
+    block_memory_floor: int = 64 << 20
+    block_seconds: float = 2.0
 
 
 LIMITS = Limits()
 _DEADLINES: list[float] = []  # of the enclosing bounded blocks: an inner one ends by them too
 
 
-def memory_limit(model: nn.Module, limits: Limits | None = None) -> int:
-    """Bytes of growth allowed while working on ``model``."""
+def memory_limit(model: nn.Module, limits: Limits | None = None, *, block: bool = False) -> int:
+    """Bytes of growth allowed while working on ``model`` (a block of a model: ``block``)."""
     limits = limits or LIMITS
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return int(limits.memory_factor * nbytes + limits.memory_floor)
+    floor = limits.block_memory_floor if block else limits.memory_floor
+    return int(limits.memory_factor * nbytes + floor)
+
+
+def time_limit(limits: Limits | None = None, *, block: bool = False) -> float:
+    """Seconds allowed for one step of work on a model (a block of a model: ``block``)."""
+    limits = limits or LIMITS
+    return limits.block_seconds if block else limits.seconds
 
 
 def _rss() -> int | None:
@@ -98,6 +109,14 @@ def _address_space(max_bytes: int) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
+class OutOfBounds(PatError):
+    """Work stopped at its bound; ``outer`` when it was an enclosing block's deadline."""
+
+    def __init__(self, message: str, *, outer: bool = False) -> None:
+        super().__init__(message)
+        self.outer = outer
+
+
 @contextmanager
 def bounded(
     what: str, *, max_bytes: int, max_seconds: float, poll: float = 0.05
@@ -111,8 +130,9 @@ def bounded(
         return
     start, t0 = _rss(), time.monotonic()
     deadline = min([t0 + max_seconds, *_DEADLINES])
+    outer = deadline < t0 + max_seconds
     _DEADLINES.append(deadline)
-    lock, state = threading.Lock(), {"done": False, "why": None}
+    lock, state = threading.Lock(), {"done": False, "why": None, "outer": False}
     stop = threading.Event()
 
     def watch() -> None:
@@ -123,7 +143,9 @@ def bounded(
             if grown > max_bytes:
                 why = f"memory grew by {grown / 2**30:.1f} GiB (limit {max_bytes / 2**30:.1f} GiB)"
             elif time.monotonic() > deadline:
-                why = f"it ran past {deadline - t0:.3g} s"
+                why = (f"the time bound of the step it is part of ran out ({deadline - t0:.3g} s after it began)"
+                       if outer else f"it ran past {deadline - t0:.3g} s")
+                state["outer"] = outer
             if why:
                 with lock:
                     if not state["done"]:
@@ -142,16 +164,16 @@ def bounded(
         if isinstance(e, RuntimeError) and "can't allocate memory" not in str(e):
             raise
         state["why"] = state["why"] or "it ran out of memory"
-        raise PatError(
+        raise OutOfBounds(
             f"{what} stopped: {state['why']}; pat.masks.limits.LIMITS sets the bounds, "
-            "or use level='connection'."
+            "or use level='connection'.", outer=state["outer"]
         ) from None
     except KeyboardInterrupt:
         if state["why"] is None:
             raise
-        raise PatError(
+        raise OutOfBounds(
             f"{what} stopped: {state['why']}; pat.masks.limits.LIMITS sets the bounds, "
-            "or use level='connection'."
+            "or use level='connection'.", outer=state["outer"]
         ) from None
     finally:
         with lock:

@@ -15,6 +15,7 @@ References:
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from pat.errors import PatError
-from pat.masks.limits import LIMITS, bounded, memory_limit
+from pat.masks.limits import LIMITS, OutOfBounds, bounded, memory_limit, time_limit
 
 __all__ = [
     "ChannelGroup",
@@ -64,6 +65,12 @@ class ChannelGroup:
     params: tuple[tuple[str, int, tuple[int, ...], tuple[int, ...]], ...]
     repeat: int = 1
     modules: tuple[str, ...] = ()  # every layer the group touches, inputs included
+    scope: str = ""  # the submodule it was traced in, "" for the whole model
+
+    @property
+    def key(self) -> str:
+        """The group's name in a kept record: its root, ``"scope/root"`` if traced in a scope."""
+        return f"{self.scope}/{self.root}" if self.scope else self.root
 
 
 def _first_line(e: BaseException) -> str:
@@ -123,8 +130,9 @@ def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
     modes = {m: m.training for m in model.modules()}
     what = f"tracing {type(model).__name__} with torch-pruning"
     try:
+        block = _is_block(model)
         with (
-            bounded(what, max_bytes=memory_limit(model), max_seconds=LIMITS.seconds),
+            bounded(what, max_bytes=memory_limit(model, block=block), max_seconds=time_limit(block=block)),
             _innermost_layer(model) as running,
             torch.enable_grad(),
         ):
@@ -144,6 +152,16 @@ def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
     finally:
         for m, mode in modes.items():
             m.training = mode
+
+
+def _is_block(model: nn.Module) -> bool:
+    from pat.masks.scopes import Sunk
+
+    return isinstance(model, Sunk)
+
+
+def _describe(model: nn.Module, scope: str) -> str:
+    return f"{type(model).__name__} block {scope!r}" if scope else type(model).__name__
 
 
 def _as_args(example_inputs: Any) -> Any:
@@ -247,21 +265,49 @@ def channel_groups(
         Groups in the dependency graph's order. Groups through layers whose parameters
         cannot be zeroed per channel (attention) are left out.
     """
-    from pat.masks.apply import PRUNABLE_TYPES
+    try:
+        return _groups_of(model, "", model, dependency_graph(model, example_inputs), roots)
+    except OutOfBounds as e:
+        if e.outer:
+            raise  # the caller's deadline, not this trace's
+        whole = PatError(str(e))  # not e: its traceback holds the failed graph's memory
+    except PatError as e:
+        whole = PatError(str(e))
+    gc.collect()
+    # Not traceable as a whole: shrink what is internal to the blocks that are.
+    from pat.masks.scopes import traced_scopes
 
-    graph = dependency_graph(model, example_inputs)
+    groups = traced_scopes(
+        model, example_inputs, lambda scope, traced, graph: _groups_of(model, scope, traced, graph, roots)
+    )
+    if not groups:
+        raise whole
+    return groups
+
+
+def _groups_of(
+    model: nn.Module, scope: str, traced: nn.Module, graph: Any, roots: Iterable[str]
+) -> list[ChannelGroup]:
+    """The groups of ``graph``, traced on ``traced``: ``model`` itself (``scope`` ``""``) or
+    the submodule ``scope`` of it followed by a sink (:mod:`pat.masks.scopes`)."""
+    from pat.masks.apply import PRUNABLE_TYPES
+    from pat.masks.scopes import is_sink, join
+
     allowed = set(roots)
-    names = {m: n for n, m in model.named_modules()}
-    pnames = {p: n for n, p in model.named_parameters()}
+    sub = model.get_submodule(scope) if scope else model
+    names = {m: join(scope, n) for n, m in sub.named_modules()}
+    pnames = {p: join(scope, n) for n, p in sub.named_parameters()}
     params = dict(model.named_parameters())
-    ignored = [
-        m for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES) and n not in allowed
-    ]
-    what = f"grouping the coupled channels of {type(model).__name__}"
-    with bounded(what, max_bytes=memory_limit(model), max_seconds=LIMITS.seconds):
+    ignored = [m for m, n in names.items() if isinstance(m, PRUNABLE_TYPES) and n not in allowed]
+    ignored += [m for m in traced.modules() if is_sink(m)]
+    what = f"grouping the coupled channels of {_describe(model, scope)}"
+    block = bool(scope)
+    with bounded(what, max_bytes=memory_limit(traced, block=block), max_seconds=time_limit(block=block)):
         found = list(graph.get_all_groups(ignored_layers=ignored, root_module_types=PRUNABLE_TYPES))
     groups = []
     for group in found:
+        if any(is_sink(item.dep.target.module) for item in group):
+            continue  # reaches the scope's output: not internal to it
         root = group[0].dep.target.module
         members: list[tuple[str, int, tuple[int, ...], tuple[int, ...]]] = []
         for item in group:
@@ -301,7 +347,7 @@ def channel_groups(
             groups.append(
                 ChannelGroup(
                     root=names[root], channels=n // repeat, params=tuple(members), repeat=repeat,
-                    modules=touched,
+                    modules=touched, scope=scope,
                 )
             )
     return groups
@@ -391,14 +437,15 @@ def kept_channels(
 ) -> dict[str, list[int]]:
     """``{root module name: sorted kept output channels}`` of a neuron mask set.
 
-    This is the whole record of a physical child: :func:`slim` replays it.
+    This is the whole record of a physical child: :func:`slim` replays it. A group traced
+    in a submodule (:mod:`pat.masks.scopes`) is named ``"scope/root"``.
     """
     kept = {}
     for g in groups:
         name, dim, pos, root = g.params[0]  # the root layer's own weight
         m = masks[name].movedim(dim, 0)
         whole = m.reshape(m.shape[0], -1).all(1).tolist()
-        kept[g.root] = sorted(r for p, r in zip(pos, root, strict=True) if whole[p])
+        kept[g.key] = sorted(r for p, r in zip(pos, root, strict=True) if whole[p])
     return kept
 
 
@@ -406,14 +453,38 @@ def slim(model: nn.Module, kept: Mapping[str, Sequence[int]], example_inputs: An
     """Remove, in place, every output channel of each root not in ``kept[root]``.
 
     Coupled layers (norms, the inputs of the layers that follow, the other branch of a
-    residual add, the slices of a concatenation) shrink with their root.
+    residual add, the slices of a concatenation) shrink with their root. Roots named
+    ``"scope/root"`` are traced within the submodule ``scope`` (:mod:`pat.masks.scopes`).
 
     Returns:
         ``model``, now thinner.
     """
-    graph = dependency_graph(model, example_inputs)
-    what = f"removing channels of {type(model).__name__}"
-    with bounded(what, max_bytes=memory_limit(model), max_seconds=LIMITS.seconds):
+    from pat.masks.scopes import scope_inputs, split_key, sunk
+
+    by_scope: dict[str, dict[str, Sequence[int]]] = {}
+    for key, keep in kept.items():
+        scope, root = split_key(key)
+        by_scope.setdefault(scope, {})[root] = keep
+    scoped = [s for s in by_scope if s]
+    calls = scope_inputs(model, example_inputs, scoped) if scoped else {}
+    for scope, roots in by_scope.items():
+        if not scope:
+            _slim_in(model, dependency_graph(model, example_inputs), roots, model)
+            continue
+        try:
+            traced = sunk(model.get_submodule(scope), calls[scope][1]) if scope in calls else None
+        except AttributeError:
+            traced = None
+        if traced is None:
+            raise PatError(f"kept names scope {scope!r}, which the model does not run as one block.")
+        _slim_in(traced, dependency_graph(traced, calls[scope][0]), roots, model)
+    _update_widths(model)
+    return model
+
+
+def _slim_in(traced: nn.Module, graph: Any, kept: Mapping[str, Sequence[int]], model: nn.Module) -> None:
+    what = f"removing channels of {type(traced).__name__}"
+    with bounded(what, max_bytes=memory_limit(traced), max_seconds=LIMITS.seconds):
         for root, keep in kept.items():
             try:
                 module = model.get_submodule(root)
@@ -435,8 +506,6 @@ def slim(model: nn.Module, kept: Mapping[str, Sequence[int]], example_inputs: An
                     raise PatError(
                         f"torch-pruning cannot remove channels of layer {root!r} ({_first_line(e)})."
                     ) from None
-    _update_widths(model)
-    return model
 
 
 def _update_widths(model: nn.Module) -> None:
