@@ -1,0 +1,42 @@
+"""Every script in examples/ runs as written and prints what it promises."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+# script -> (arguments, a line it must print)
+CASES = {
+    "prune_torchvision.py": (["--model", "resnet18", "--children", "2"], r"child 1 +[\d,]+ parameters"),
+    "prune_and_tune_digits.py": ([], r"ensemble: accuracy \d"),
+    "evaluate_checkpoints.py": ([], r"ensemble +accuracy \d"),
+    "greedy_selection.py": (["--size", "2"], r"team \[\d+, \d+\]"),
+    "soup_children.py": ([], r"soup +accuracy \d"),
+}
+
+
+def test_every_example_is_tested():
+    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(CASES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(CASES))
+def test_example_runs(script):
+    args, expected = CASES[script]
+    proc = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(expected, proc.stdout), proc.stdout
+
+
+def test_physical_children_are_smaller_in_the_torchvision_example():
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "prune_torchvision.py"), "--model", "mobilenet_v3_small",
+                           "--children", "2"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    counts = [int(n.replace(",", "")) for n in re.findall(r"([\d,]+) parameters", proc.stdout)]
+    assert len(counts) == 3 and all(c < counts[0] for c in counts[1:]), proc.stdout
