@@ -122,6 +122,22 @@ def test_eval_select_soup(tuned, tmp_path):
     result = run("soup", tuned, "--out", soup)
     assert result.exit_code == 0 and soup.exists(), result.output
     assert "already exists" in one_error_line(run("soup", tuned, "--out", soup))
+    import torch
+
+    assert torch.load(soup, weights_only=True)["image_shape"] == EnsembleDir.load(tuned).manifest["image_shape"]
+
+
+def test_dee_refuses_a_reference_of_other_data(tuned, tmp_path):
+    import shutil
+
+    ref = tmp_path / "ref"
+    shutil.copytree(tuned, ref)
+    manifest = json.loads((ref / "ensemble.json").read_text())
+    manifest["data"] = {**(manifest.get("data") or {}), "dataset": "fashion-mnist"}
+    manifest["dataset"] = "fashion-mnist"
+    (ref / "ensemble.json").write_text(json.dumps(manifest))
+    line = one_error_line(run("eval", tuned, "--dee", ref))
+    assert "--dee" in line and "'fashion-mnist'" in line and "'digits'" in line
 
 
 def test_ensemble_bad_input(tuned, tmp_path):

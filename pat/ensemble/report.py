@@ -230,6 +230,10 @@ def _dee(ens: EnsembleDir, data: Dataset, ref_path: Path, device: str,
     check(len(ref) > 0, f"--dee {str(ref_path)!r} holds no members.")
     check(ref.path.resolve() != ens.path.resolve(), f"--dee {str(ref_path)!r} is the ensemble itself; "
                                                     "give a directory of independently trained models.")
+    recorded = (ref.manifest.get("data") or {}).get("dataset") or ref.manifest.get("dataset")
+    check(recorded in (None, data.name), f"--dee {str(ref_path)!r} holds models of {recorded!r}, "
+                                         f"not of the ensemble's dataset {data.name!r}.")
+    _check_classes(ref, data)
     ref_val, ref_val_y = directory_probs(ref, data, "val", device=device)
     ref_test, ref_test_y = directory_probs(ref, data, "test", device=device)
     curve = size_curve(ref_val, ref_val_y, ref_test, ref_test_y)
@@ -351,5 +355,6 @@ def soup_directory(path: str | os.PathLike, data: Dataset, out: str | os.PathLik
     ingredients = [ens.members[i]["name"] for i in used]
     save_model(out, soup, kind="model", arch=ens.manifest.get("arch"), metrics=metrics,
                dataset=data.name, num_classes=data.num_classes,
+               image_shape=ens.manifest.get("image_shape") or [int(v) for v in data.train.x.shape[1:]],
                soup={"greedy": greedy, "ingredients": ingredients, "source": str(Path(path).resolve())})
     return {"ingredients": ingredients, "metrics": metrics, "accuracy": accuracy(probs[0], labels)}
