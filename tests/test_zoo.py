@@ -30,20 +30,23 @@ TORCHVISION = [
     "regnet_x_400mf", "regnet_y_400mf", "resnet18", "resnext50_32x4d", "wide_resnet50_2",
     "shufflenet_v2_x0_5", "squeezenet1_1", "swin_t", "vgg11_bn", "vit_b_32", "maxvit_t",
 ]  # fmt: skip
-REFUSED = {
-    "maxvit_t": "",  # its blocks' attention cannot be grouped within the bounds
-}
+REFUSED: dict[str, str] = {}
+# At the edge of the time bound on 2 cores: physical with layers whole, or refused in one line.
+EITHER = {"maxvit_t"}
 # Physical, but with layers left whole, so a partition's children hold more than the parent:
 # the token-mixing MLPs keep the token dimension (issue 13), cross-covariance attention;
 # ShuffleNet (channel shuffle) and Swin (shifted windows) cannot be traced whole, so only
 # what is inside their blocks shrinks (pat.masks.scopes).
-PARTIAL = {"mixer_s16_224", "edgenext_xx_small", "shufflenet_v2_x0_5", "swin_t"}
+PARTIAL = {"mixer_s16_224", "edgenext_xx_small", "shufflenet_v2_x0_5", "swin_t", "maxvit_t"}
 SLOW = {"inception_v3", "wide_resnet50_2", "resnext50_32x4d", "swin_t", "maxvit_t", "densenet121"}
 
 
 def _case(zoo_name: str, name: str) -> None:
     model, x = zoo.build(zoo_name, name)
     out = zoo.probe(model, x)  # raises anything but a PatError
+    if name in EITHER and out["status"] == "refused":
+        assert "\n" not in out["reason"] and "stopped" in out["reason"], out
+        return
     if name in REFUSED:
         assert out["status"] == "refused" and REFUSED[name] in out["reason"], out
         assert "\n" not in out["reason"]
@@ -55,8 +58,8 @@ def _case(zoo_name: str, name: str) -> None:
 @pytest.fixture
 def tight_limits(monkeypatch):
     """Bounds small enough that a runaway trace stops within seconds."""
-    monkeypatch.setattr(limits, "LIMITS", limits.Limits(memory_floor=256 << 20, seconds=60))
-    monkeypatch.setattr("pat.masks.physical.LIMITS", limits.LIMITS)
+    monkeypatch.setattr(limits.LIMITS, "memory_floor", 256 << 20)  # the one object every module reads
+    monkeypatch.setattr(limits.LIMITS, "seconds", 75)
 
 
 @pytest.mark.parametrize(
