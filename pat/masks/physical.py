@@ -263,7 +263,9 @@ def channel_groups(
 
     Returns:
         Groups in the dependency graph's order. Groups through layers whose parameters
-        cannot be zeroed per channel (attention) are left out.
+        cannot be zeroed per channel (attention) are left out. Where the whole model cannot
+        be traced or grouped within its bounds, the groups internal to the blocks that can
+        (:func:`pat.masks.scopes.traced_scopes`); the whole model's error if there are none.
     """
     try:
         return _groups_of(model, "", model, dependency_graph(model, example_inputs), roots)
