@@ -35,6 +35,7 @@ from pat.ensemble.soups import recalibrate_bn
 from pat.ensemble.store import EnsembleDir
 from pat.errors import PatError, check
 from pat.masks.apply import MaskEnforcer
+from pat.models import check_takes
 
 __all__ = ["TuneConfig", "tune", "tune_child", "tune_directory", "resolve_max_lr"]
 
@@ -138,6 +139,8 @@ def tune(
     config = resolve_max_lr(config if config is not None else TuneConfig(), parent_lr)
     masks = masks if masks is not None else [getattr(c, "pat_masks", None) for c in children]
     check(len(masks) == len(children), f"masks must have one entry per child. Got {len(masks)} for {len(children)}.")
+    for i, child in enumerate(children):
+        check_takes(child, data, argument=f"children[{i}]")
     for i, (child, mask) in enumerate(zip(children, masks, strict=True)):
         child.pat_metrics = tune_child(child, mask, data, config, index=i, callbacks=callbacks(i))
     return list(children)

@@ -40,3 +40,29 @@ def test_physical_children_are_smaller_in_the_torchvision_example():
     assert proc.returncode == 0, proc.stderr[-2000:]
     counts = [int(n.replace(",", "")) for n in re.findall(r"([\d,]+) parameters", proc.stdout)]
     assert len(counts) == 3 and all(c < counts[0] for c in counts[1:]), proc.stdout
+
+
+def _python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+
+
+@pytest.mark.slow
+def test_readme_python_snippet_runs_as_written(tmp_path):
+    blocks = _python_blocks(EXAMPLES.parent / "README.md")
+    assert blocks, "the README shows a Python snippet"
+    for code in blocks:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_tune_refuses_a_model_that_does_not_take_the_data():
+    import pat
+    from pat.errors import PatError
+
+    data = pat.load_dataset("digits")
+    rgb = pat.create_model("lenet-s", num_classes=10, in_channels=3)
+    with pytest.raises(PatError, match=r"children\[0\] .* does not take 'digits' images of shape \(1, 32, 32\)"):
+        pat.tune([rgb], data, pat.TuneConfig(epochs=1))
+    many = pat.create_model("lenet-s", num_classes=100, in_channels=1)
+    with pytest.raises(PatError, match=r"returns \(2, 100\) .* 'digits' has 10 classes"):
+        pat.tune([many], data, pat.TuneConfig(epochs=1))

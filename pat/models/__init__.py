@@ -24,7 +24,7 @@ from pat.models._classifier import get_classifier, unwrap
 from pat.models._registry import MODELS, register_model
 from pat.models.torchvision_models import create_torchvision_model, torchvision_names
 
-__all__ = ["create_model", "spec_of", "list_models", "register_model", "get_classifier"]
+__all__ = ["create_model", "spec_of", "list_models", "register_model", "get_classifier", "check_takes"]
 
 
 def list_models() -> list[str]:
@@ -135,3 +135,37 @@ def spec_of(model: nn.Module) -> dict[str, Any] | None:
     """
     spec = getattr(unwrap(model), "pat_spec", None)
     return copy.deepcopy(spec) if isinstance(spec, dict) else None
+
+
+def check_takes(model: nn.Module, data: Any, *, argument: str = "model") -> None:
+    """Refuse ``model`` unless it takes ``data``'s images and predicts its classes.
+
+    One eval-mode forward of two test images (the model's train/eval flags are restored), so
+    a 3-channel or 100-class model given 1-channel, 10-class data fails here in one line that
+    names both, instead of deep inside training.
+
+    Raises:
+        PatError: the forward fails, or its output is not ``(2, data.num_classes)``.
+    """
+    import torch
+
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else "cpu"
+    x, _ = next(iter(data.loader("test", batch_size=2, device=device)))
+    shape = tuple(x.shape[1:])
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as e:  # noqa: BLE001 - any layer's shape error
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PatError(f"{argument} {type(model).__name__} does not take {data.name!r} images of shape "
+                       f"{shape} ({first}).") from None
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if got != (len(x), data.num_classes):
+        raise PatError(f"{argument} {type(model).__name__} returns {got} for {len(x)} {data.name!r} images; "
+                       f"{data.name!r} has {data.num_classes} classes.")
