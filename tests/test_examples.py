@@ -32,14 +32,9 @@ def test_example_runs(script):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert re.search(expected, proc.stdout), proc.stdout
-
-
-def test_physical_children_are_smaller_in_the_torchvision_example():
-    proc = subprocess.run([sys.executable, str(EXAMPLES / "prune_torchvision.py"), "--model", "mobilenet_v3_small",
-                           "--children", "2"], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    counts = [int(n.replace(",", "")) for n in re.findall(r"([\d,]+) parameters", proc.stdout)]
-    assert len(counts) == 3 and all(c < counts[0] for c in counts[1:]), proc.stdout
+    if script == "prune_torchvision.py":  # physical children are really thinner
+        counts = [int(n.replace(",", "")) for n in re.findall(r"([\d,]+) parameters", proc.stdout)]
+        assert len(counts) == 3 and all(c < counts[0] for c in counts[1:]), proc.stdout
 
 
 def _python_blocks(path: Path) -> list[str]:

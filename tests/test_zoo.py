@@ -2,7 +2,8 @@
 
 Every case either yields children that run, are smaller and (a partition) hold at most
 the parent's parameters together, or is refused with one line — never another
-exception. The smallest member of each torchvision family runs here; the whole zoo is
+exception. The smallest member of each torchvision family (but MaxViT, at its time bound
+on 2 cores) runs here; the whole zoo is
 ``python benchmarks/zoo.py`` (its figures are in docs/masks.md).
 """
 
@@ -28,30 +29,22 @@ TORCHVISION = [
     "alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_s",
     "googlenet", "inception_v3", "mnasnet0_5", "mobilenet_v2", "mobilenet_v3_small",
     "regnet_x_400mf", "regnet_y_400mf", "resnet18", "resnext50_32x4d", "wide_resnet50_2",
-    "shufflenet_v2_x0_5", "squeezenet1_1", "swin_t", "vgg11_bn", "vit_b_32", "maxvit_t",
+    "shufflenet_v2_x0_5", "squeezenet1_1", "swin_t", "vgg11_bn", "vit_b_32",
 ]  # fmt: skip
-REFUSED: dict[str, str] = {}
-# At the edge of the time bound on 2 cores: physical with layers whole, or refused in one line.
-EITHER = {"maxvit_t"}
+# maxvit_t is the benchmark's only: physical in 81-111 s on 2 cores, at its time bound, so
+# in the suite it would cost the whole bound to prove a refusal or a split.
 # Physical, but with layers left whole, so a partition's children hold more than the parent:
 # the token-mixing MLPs keep the token dimension (issue 13), cross-covariance attention;
 # ShuffleNet (channel shuffle) and Swin (shifted windows) cannot be traced whole, so only
 # what is inside their blocks shrinks (pat.masks.scopes).
-PARTIAL = {"mixer_s16_224", "edgenext_xx_small", "shufflenet_v2_x0_5", "swin_t", "maxvit_t"}
-SLOW = {"inception_v3", "wide_resnet50_2", "resnext50_32x4d", "swin_t", "maxvit_t", "densenet121"}
+PARTIAL = {"mixer_s16_224", "edgenext_xx_small", "shufflenet_v2_x0_5", "swin_t"}
+SLOW = {"inception_v3", "wide_resnet50_2", "resnext50_32x4d", "swin_t", "densenet121"}
 
 
 def _case(zoo_name: str, name: str) -> None:
     model, x = zoo.build(zoo_name, name)
     out = zoo.probe(model, x)  # raises anything but a PatError
-    if name in EITHER and out["status"] == "refused":
-        assert "\n" not in out["reason"] and "stopped" in out["reason"], out
-        return
-    if name in REFUSED:
-        assert out["status"] == "refused" and REFUSED[name] in out["reason"], out
-        assert "\n" not in out["reason"]
-        return
-    assert out["status"] == "physical", out.get("reason")
+    assert out["status"] == "physical", out.get("reason")  # every family here splits now
     assert out["within_parent"] != (name in PARTIAL), out  # a partition holds at most the parent
 
 
