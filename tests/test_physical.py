@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torchvision
+from model_helpers import randomized
 from torch import nn
 
 from pat.errors import PatError
@@ -57,18 +58,6 @@ class TinyDense(nn.Module):
 
 def mobilenet() -> nn.Module:
     return torchvision.models.mobilenet_v3_small(weights=None, num_classes=5)
-
-
-def randomized(model: nn.Module) -> nn.Module:
-    """Non-trivial BN statistics and affine terms, so eval mode really exercises them."""
-    torch.manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.5, 2)
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.uniform_(m.bias, -0.5, 0.5)
-    return model
 
 
 X = torch.randn(1, 3, 32, 32)

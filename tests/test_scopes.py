@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from model_helpers import randomized
 from torch import nn
 
 import pat
@@ -51,17 +52,6 @@ class Shuffled(nn.Module):
         return self.fc(x + self.mlp(x))
 
 
-def randomized(model: nn.Module) -> nn.Module:
-    torch.manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.5, 2)
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.uniform_(m.bias, -0.5, 0.5)
-    return model.eval()
-
-
 def groups_of(model: nn.Module):
     roots = [n.rpartition(".")[0] for n in prunable_parameters(model, example_inputs=X)]
     return channel_groups(model, X, roots=roots)
@@ -77,7 +67,7 @@ def test_only_what_is_internal_to_a_block_is_grouped():
 
 
 def test_scoped_physical_child_equals_neuron_masked_child():
-    parent = randomized(Shuffled())
+    parent = randomized(Shuffled()).eval()
     groups = groups_of(parent)
     masks = generate_masks(parent, children=2, level="neuron", method="partition", groups=groups)
     for mask in masks:
@@ -91,7 +81,7 @@ def test_scoped_physical_child_equals_neuron_masked_child():
 
 
 def test_scoped_child_is_rebuilt_from_its_kept_record():
-    parent = randomized(Shuffled())
+    parent = randomized(Shuffled()).eval()
     child = pat.split(parent, 2, method="partition", level="neuron", physical=True, example_inputs=X)[1]
     assert all("/" in k for k in child.pat_kept)  # "scope/root": replayed within the block
     fresh = rebuild_physical(Shuffled(), child.pat_kept, input_shape=[1, 3, 16, 16])
