@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["PatError", "check"]
+__all__ = ["PatError", "check", "first_line"]
 
 
 class PatError(ValueError):
@@ -18,3 +18,8 @@ def check(condition: object, message: str) -> None:
     """Raise :class:`PatError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise PatError(message)
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type's name if it has none."""
+    return str(e).splitlines()[0] if str(e) else type(e).__name__

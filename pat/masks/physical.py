@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pat.errors import PatError
+from pat.errors import PatError, first_line
 from pat.masks.limits import LIMITS, OutOfBounds, bounded, memory_limit, time_limit
+from pat.modes import eval_mode, restored_modes
 
 __all__ = [
     "ChannelGroup",
@@ -71,10 +72,6 @@ class ChannelGroup:
     def key(self) -> str:
         """The group's name in a kept record: its root, ``"scope/root"`` if traced in a scope."""
         return f"{self.scope}/{self.root}" if self.scope else self.root
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _forward(model: nn.Module, example_inputs: Any) -> Any:
@@ -127,31 +124,27 @@ def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
     tp = torch_pruning()
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)  # so torch-pruning does not unpack the batch
-    modes = {m: m.training for m in model.modules()}
     what = f"tracing {type(model).__name__} with torch-pruning"
-    try:
-        block = _is_block(model)
-        with (
-            bounded(what, max_bytes=memory_limit(model, block=block), max_seconds=time_limit(block=block)),
-            _innermost_layer(model) as running,
-            torch.enable_grad(),
-        ):
-            try:
-                # Our own forward_fn: torch-pruning's default retries a failed call with
-                # other argument packing, which hides the first (informative) error.
-                return tp.DependencyGraph().build_dependency(
-                    model, example_inputs, forward_fn=_forward, verbose=False
-                )
-            except (KeyboardInterrupt, PatError):
-                raise
-            except Exception as e:  # noqa: BLE001 - torch-pruning raises anything from assert to KeyError
-                raise PatError(
-                    f"torch-pruning cannot trace {type(model).__name__}{_at(running)} "
-                    f"({_first_line(e)}); use level='connection' or exclude that layer."
-                ) from None
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    block = _is_block(model)
+    with (
+        restored_modes(model),  # tracing switches to eval
+        bounded(what, max_bytes=memory_limit(model, block=block), max_seconds=time_limit(block=block)),
+        _innermost_layer(model) as running,
+        torch.enable_grad(),
+    ):
+        try:
+            # Our own forward_fn: torch-pruning's default retries a failed call with
+            # other argument packing, which hides the first (informative) error.
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs, forward_fn=_forward, verbose=False
+            )
+        except (KeyboardInterrupt, PatError):
+            raise
+        except Exception as e:  # noqa: BLE001 - torch-pruning raises anything from assert to KeyError
+            raise PatError(
+                f"torch-pruning cannot trace {type(model).__name__}{_at(running)} "
+                f"({first_line(e)}); use level='connection' or exclude that layer."
+            ) from None
 
 
 def _is_block(model: nn.Module) -> bool:
@@ -170,14 +163,8 @@ def _as_args(example_inputs: Any) -> Any:
 
 def parent_outputs(model: nn.Module, example_inputs: Any) -> Any:
     """The parent's eval-mode outputs on ``example_inputs``, for :func:`check_runs`."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            return _forward(model, _as_args(example_inputs))
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with eval_mode(model), torch.no_grad():
+        return _forward(model, _as_args(example_inputs))
 
 
 class ChildDoesNotRun(PatError):
@@ -194,21 +181,15 @@ def check_runs(child: nn.Module, example_inputs: Any, expected: Any, *, model_na
     Raises:
         ChildDoesNotRun: names the model and the first layer that failed.
     """
-    modes = {m: m.training for m in child.modules()}
-    child.eval()
-    try:
-        with _innermost_layer(child) as running, torch.no_grad():
-            try:
-                out = _forward(child, _as_args(example_inputs))
-            except Exception as e:  # noqa: BLE001 - any shape error from any layer
-                raise ChildDoesNotRun(
-                    f"the physical child of {model_name} does not run{_at(running)} "
-                    f"({_first_line(e)}); use physical=False or exclude that layer.",
-                    running[-1] if running else "",
-                ) from None
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with eval_mode(child), _innermost_layer(child) as running, torch.no_grad():
+        try:
+            out = _forward(child, _as_args(example_inputs))
+        except Exception as e:  # noqa: BLE001 - any shape error from any layer
+            raise ChildDoesNotRun(
+                f"the physical child of {model_name} does not run{_at(running)} "
+                f"({first_line(e)}); use physical=False or exclude that layer.",
+                running[-1] if running else "",
+            ) from None
     got, want = _shapes(out), _shapes(expected)
     if got != want:
         raise ChildDoesNotRun(
@@ -506,7 +487,7 @@ def _slim_in(traced: nn.Module, graph: Any, kept: Mapping[str, Sequence[int]], m
                     graph.get_pruning_group(module, pruner.prune_out_channels, drop).prune()
                 except Exception as e:  # noqa: BLE001
                     raise PatError(
-                        f"torch-pruning cannot remove channels of layer {root!r} ({_first_line(e)})."
+                        f"torch-pruning cannot remove channels of layer {root!r} ({first_line(e)})."
                     ) from None
 
 

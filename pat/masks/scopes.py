@@ -26,6 +26,7 @@ from torch import nn
 
 from pat.errors import PatError
 from pat.masks.limits import OutOfBounds
+from pat.modes import eval_mode
 
 __all__ = ["Sunk", "scope_inputs", "sunk", "traced_scopes", "is_sink", "split_key", "join"]
 
@@ -80,16 +81,12 @@ def scope_inputs(
         return record
 
     hooks = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in watched.items()]
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             _forward(model, _as_args(example_inputs))
     finally:
         for h in hooks:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     return {n: calls[0] for n, calls in seen.items() if len(calls) == 1 and calls[0] is not None}
 
 
@@ -156,7 +153,8 @@ def traced_scopes(
                     failed.add(kind)
                 except PatError:
                     failed.add(kind)
-                gc.collect()  # what a failed trace held
+                if groups is None:
+                    gc.collect()  # what the failed trace held, before the next one grows
             if groups is not None:
                 found.extend(groups)
             else:

@@ -16,13 +16,15 @@ import inspect
 import json
 from typing import Any
 
+import torch
 from torch import nn
 
-from pat.errors import PatError
+from pat.errors import PatError, first_line
 from pat.models import densenet, lenet, resnet, wide_resnet  # noqa: F401  (they register)
 from pat.models._classifier import get_classifier, unwrap
 from pat.models._registry import MODELS, register_model
 from pat.models.torchvision_models import create_torchvision_model, torchvision_names
+from pat.modes import eval_mode
 
 __all__ = ["create_model", "spec_of", "list_models", "register_model", "get_classifier", "check_takes"]
 
@@ -147,24 +149,16 @@ def check_takes(model: nn.Module, data: Any, *, argument: str = "model") -> None
     Raises:
         PatError: the forward fails, or its output is not ``(2, data.num_classes)``.
     """
-    import torch
-
     param = next(model.parameters(), None)
     device = param.device if param is not None else "cpu"
     x, _ = next(iter(data.loader("test", batch_size=2, device=device)))
     shape = tuple(x.shape[1:])
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             out = model(x)
     except Exception as e:  # noqa: BLE001 - any layer's shape error
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise PatError(f"{argument} {type(model).__name__} does not take {data.name!r} images of shape "
-                       f"{shape} ({first}).") from None
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+                       f"{shape} ({first_line(e)}).") from None
     got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
     if got != (len(x), data.num_classes):
         raise PatError(f"{argument} {type(model).__name__} returns {got} for {len(x)} {data.name!r} images; "
