@@ -1,0 +1,209 @@
+"""Packed ensembles: disjoint physical children run as one grouped network.
+
+Physical children of a ``partition`` split have the same widths and share no channel of
+the parent. :func:`pack` assembles M of them into one network: every Conv becomes a grouped
+Conv (``groups = M x`` the child's groups, group ``i`` holding child ``i``'s channels),
+every Linear a block-diagonal :class:`PackedLinear`, every BatchNorm one BatchNorm over the
+concatenated channels (each child's statistics kept in its own slice). The input is fanned
+out to the M groups and the output split per child: ``forward`` returns ``(M, B, C)`` logits.
+
+A model whose forward mixes channels outside its layers (a concatenation, a channel
+shuffle, a LayerNorm over channels) cannot be laid out this way; :func:`pack` runs the
+packed network once against the children and refuses, naming the first layer whose output
+differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pat.errors import PatError, check
+from pat.masks.apply import default_example_inputs
+from pat.modes import eval_mode
+
+__all__ = ["PackedLinear", "PackedEnsemble", "pack", "unpack"]
+
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+class PackedLinear(nn.Module):
+    """M independent Linear layers on the M blocks of the last dimension (block-diagonal)."""
+
+    def __init__(self, members: int, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.members, self.in_features, self.out_features = members, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(members, out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(members, out_features)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.unflatten(-1, (self.members, self.in_features))
+        out = torch.einsum("...mi,moi->...mo", x, self.weight)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.flatten(-2)
+
+    def extra_repr(self) -> str:
+        return f"members={self.members}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+class PackedEnsemble(nn.Module):
+    """M children as one network; ``forward(x)`` returns ``(M, B, num_classes)`` logits."""
+
+    def __init__(self, network: nn.Module, members: int, template: nn.Module) -> None:
+        super().__init__()
+        self.network, self.members = network, members
+        # one child's architecture, for unpacking; kept out of the state dict and off the device
+        object.__setattr__(self, "_template", template)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.network(torch.cat([x] * self.members, dim=1))
+        return out.unflatten(1, (self.members, -1)).transpose(0, 1)
+
+
+def _packed_layer(name: str, layers: Sequence[nn.Module]) -> nn.Module | None:
+    """The packed counterpart of the children's layer ``name`` (None: it has no parameters)."""
+    m, n = layers[0], len(layers)
+    cat = (lambda attr: torch.cat([getattr(layer, attr).detach() for layer in layers]))  # noqa: E731
+    if type(m) is nn.Conv2d:
+        new = nn.Conv2d(n * m.in_channels, n * m.out_channels, m.kernel_size, m.stride, m.padding,
+                        m.dilation, n * m.groups, m.bias is not None, m.padding_mode)
+    elif type(m) is nn.Linear:
+        new = PackedLinear(n, m.in_features, m.out_features, m.bias is not None)
+        with torch.no_grad():
+            new.weight.copy_(torch.stack([layer.weight.detach() for layer in layers]))
+            if m.bias is not None:
+                new.bias.copy_(torch.stack([layer.bias.detach() for layer in layers]))
+        return new.to(m.weight.device)
+    elif type(m) in _NORMS:
+        new = type(m)(n * m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+        if m.track_running_stats:
+            new.running_mean, new.running_var = cat("running_mean"), cat("running_var")
+            new.num_batches_tracked = m.num_batches_tracked.detach().clone()
+    elif next(m.parameters(recurse=False), None) is None and next(m.buffers(recurse=False), None) is None:
+        return None
+    else:
+        raise PatError(f"pack: layer {name!r} ({type(m).__name__}) has parameters that cannot be "
+                       "split into groups; pack supports Conv2d, Linear and BatchNorm.")
+    with torch.no_grad():
+        for attr in ("weight", "bias"):
+            if getattr(m, attr, None) is not None:
+                getattr(new, attr).copy_(cat(attr))
+    return new.to(cat("weight").device if getattr(m, "weight", None) is not None else "cpu")
+
+
+def _check_children(children: Sequence[nn.Module]) -> None:
+    check(len(children) >= 2, f"pack needs at least 2 children. Got {len(children)}.")
+    for i, child in enumerate(children):
+        if not getattr(child, "pat_kept", None):
+            raise PatError(f"pack: children[{i}] is not a physical neuron-level child; split with "
+                           "level='neuron', method='partition', physical=True (--level neuron "
+                           "--method partition --physical).")
+    first = children[0].pat_kept
+    for i, child in enumerate(children[1:], start=1):
+        check(set(child.pat_kept) == set(first),
+              f"pack: children[{i}] was split over other layers than children[0].")
+    for layer in first:
+        seen: set[int] = set()
+        for i, child in enumerate(children):
+            kept = set(child.pat_kept[layer])
+            if kept & seen:
+                raise PatError(f"pack: children[{i}] shares channels of layer {layer!r} with an earlier "
+                               "child; pack needs disjoint children (method 'partition').")
+            seen |= kept
+    shapes = {k: v.shape for k, v in children[0].state_dict().items()}
+    for i, child in enumerate(children[1:], start=1):
+        for key, value in child.state_dict().items():
+            if shapes.get(key) != value.shape:
+                raise PatError(f"pack: children[{i}] has {key!r} of shape {tuple(value.shape)} where "
+                               f"children[0] has {tuple(shapes.get(key, ()))}; pack needs equal widths "
+                               "(channel counts divisible by the number of children).")
+
+
+def pack(children: Sequence[nn.Module], *, example_inputs: Any = None, atol: float = 1e-4) -> PackedEnsemble:
+    """Assemble disjoint physical children (:func:`pat.split` with ``physical=True``) into one network.
+
+    The children are not modified. ``example_inputs`` (a batch, e.g. ``torch.randn(2, 3, 32,
+    32)``; default from the pat spec) is run through the packed network and the children once,
+    in eval mode: the packed network is returned only if its per-child outputs match.
+    """
+    _check_children(children)
+    network = copy.deepcopy(children[0])
+    for attr in ("pat_masks", "pat_kept", "pat_recipe", "pat_metrics", "pat_cost"):
+        network.__dict__.pop(attr, None)
+    per_child = [dict(child.named_modules()) for child in children]
+    for name, _ in list(network.named_modules()):
+        if not name:
+            continue
+        new = _packed_layer(name, [modules[name] for modules in per_child])
+        if new is not None:
+            owner, _, attr = name.rpartition(".")
+            setattr(network.get_submodule(owner) if owner else network, attr, new)
+    template = copy.deepcopy(children[0]).to("meta")
+    packed = PackedEnsemble(network, len(children), template)
+    x = example_inputs if example_inputs is not None else default_example_inputs(children[0])
+    if x is None:
+        raise PatError("pack: example_inputs is needed for a model without a pat spec, e.g. torch.randn(2, 3, 32, 32).")
+    _verify(packed, children, x, atol)
+    return packed
+
+
+@torch.no_grad()
+def _verify(packed: PackedEnsemble, children: Sequence[nn.Module], x: Tensor, atol: float) -> None:
+    """Refuse a packed network whose outputs differ from the children's, naming the first layer."""
+    with contextlib.ExitStack() as stack:
+        for module in (packed, *children):
+            stack.enter_context(eval_mode(module))
+        got, want = packed(x), torch.stack([child(x) for child in children])
+        if torch.allclose(got, want, atol=atol, rtol=1e-4):
+            return
+        seen: dict[str, list[Tensor]] = {}
+        order: list[tuple[str, Tensor]] = []
+        hooks = []
+        for child in children:
+            for name, m in child.named_modules():
+                hooks.append(m.register_forward_hook(
+                    lambda _m, _i, out, name=name: seen.setdefault(name, []).append(out)))
+            child(x)
+        for name, m in packed.network.named_modules():
+            hooks.append(m.register_forward_hook(lambda _m, _i, out, name=name: order.append((name, out))))
+        packed(x)
+        for h in hooks:
+            h.remove()
+    for name, out in order:
+        mine = seen.get(name)
+        if isinstance(out, Tensor) and mine and all(isinstance(t, Tensor) for t in mine) and name:
+            if out.dim() < 2 or not torch.allclose(out, torch.cat(mine, dim=1), atol=atol, rtol=1e-4):
+                raise PatError(f"pack: the model mixes the children's channels before layer {name!r} "
+                               "(a concatenation, reshape or channel-wide norm in its forward); it cannot "
+                               "be packed. Its children still tune and run one by one.")
+    raise PatError("pack: the packed network's outputs differ from the children's; it cannot be packed.")
+
+
+@torch.no_grad()
+def unpack(packed: PackedEnsemble, *, device: str | torch.device | None = None) -> list[nn.Module]:
+    """The M children a packed network holds, as separate modules with their current weights."""
+    m = packed.members
+    layers = dict(packed.network.named_modules())
+    device = device if device is not None else next(packed.parameters()).device
+    children = []
+    for i in range(m):
+        child = copy.deepcopy(packed._template).to_empty(device=device)
+        state = {}
+        for key in child.state_dict():
+            owner, _, attr = key.rpartition(".")
+            source = getattr(layers[owner], attr)
+            if isinstance(layers[owner], PackedLinear):
+                state[key] = source[i]
+            elif attr == "num_batches_tracked":
+                state[key] = source
+            else:
+                state[key] = source.chunk(m, dim=0)[i]
+        child.load_state_dict(state)
+        children.append(child)
+    return children

@@ -1,0 +1,103 @@
+"""Packed ensembles: one grouped network equals its disjoint physical children."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pat
+from pat.errors import PatError
+from pat.models import create_model
+from pat.pack import PackedEnsemble, pack, unpack
+from tests.model_helpers import randomized
+
+
+def _children(name: str, m: int, in_channels: int = 1) -> tuple[list[nn.Module], torch.Tensor]:
+    parent = randomized(create_model(name, num_classes=10, in_channels=in_channels))
+    x = torch.randn(6, in_channels, 32, 32)
+    kids = pat.split(parent, m, method="partition", level="neuron", physical=True, example_inputs=x[:1])
+    return kids, x
+
+
+@pytest.mark.parametrize(("name", "m"), [("lenet-s", 2), ("resnet8", 2), ("resnet8", 4)])
+def test_packed_outputs_equal_children(name: str, m: int) -> None:
+    kids, x = _children(name, m)
+    packed = pack(kids, example_inputs=x)
+    assert isinstance(packed, PackedEnsemble)
+    packed.eval()
+    for k in kids:
+        k.eval()
+    with torch.no_grad():
+        out = packed(x)
+        assert out.shape == (m, len(x), 10)
+        torch.testing.assert_close(out, torch.stack([k(x) for k in kids]), atol=1e-5, rtol=1e-5)
+    # the packed network is cheaper than M copies of one child's width times M
+    assert sum(p.numel() for p in packed.parameters()) == sum(p.numel() for k in kids for p in k.parameters())
+
+
+@pytest.mark.parametrize("name", ["lenet-s", "resnet8"])
+def test_one_train_step_equals_children_one_by_one(name: str) -> None:
+    kids, x = _children(name, 2)
+    y = torch.randint(0, 10, (len(x),))
+    packed = pack(kids, example_inputs=x)
+    packed.train()
+    opt = torch.optim.SGD(packed.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    logits = packed(x)  # (M, B, C): the loss is summed over children, each its own mean
+    F.cross_entropy(logits.flatten(0, 1), y.repeat(2), reduction="sum").div(len(x)).backward()
+    opt.step()
+    for k in kids:
+        k.train()
+        o = torch.optim.SGD(k.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        F.cross_entropy(k(x), y).backward()
+        o.step()
+    for got, want in zip(unpack(packed), kids, strict=True):
+        for (key, a), (_, b) in zip(got.state_dict().items(), want.state_dict().items(), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=key)
+
+
+def test_unpack_returns_independent_children() -> None:
+    kids, x = _children("resnet8", 2)
+    packed = pack(kids, example_inputs=x)
+    first, second = unpack(packed)
+    with torch.no_grad():
+        next(first.parameters()).zero_()
+    assert next(packed.parameters()).abs().sum() > 0
+    assert not torch.equal(next(first.parameters()), next(second.parameters()))
+
+
+def test_pack_refuses_connection_level_and_overlapping_children() -> None:
+    parent = create_model("lenet-s", num_classes=10, in_channels=1)
+    masked = pat.split(parent, 2, method="partition", level="connection")
+    with pytest.raises(PatError, match=r"children\[0\] is not a physical"):
+        pack(masked)
+    kids, x = _children("lenet-s", 2)
+    with pytest.raises(PatError, match=r"children\[1\] shares channels"):
+        pack([kids[0], kids[0]], example_inputs=x)
+
+
+class _Odd(nn.Module):
+    def __init__(self, width: int = 5, concat: bool = False) -> None:
+        super().__init__()
+        self.concat = concat
+        self.a = nn.Conv2d(1, width, 3, padding=1)
+        self.b = nn.Conv2d(width, width, 3, padding=1)
+        self.c = nn.Conv2d(2 * width if concat else width, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        h = torch.cat([h, torch.relu(self.b(h))], 1) if self.concat else torch.relu(self.b(h))
+        return self.fc(torch.relu(self.c(h)).mean((2, 3)))
+
+
+def test_pack_refuses_unequal_widths_and_channel_mixing_forward() -> None:
+    x = torch.randn(4, 1, 8, 8)
+    odd = pat.split(_Odd(5), 2, method="partition", level="neuron", physical=True, example_inputs=x[:1])
+    with pytest.raises(PatError, match="equal widths"):
+        pack(odd, example_inputs=x)
+    cat = pat.split(_Odd(4, concat=True), 2, method="partition", level="neuron", physical=True,
+                    example_inputs=x[:1])
+    with pytest.raises(PatError, match="before layer 'c'"):
+        pack(cat, example_inputs=x)
