@@ -94,7 +94,8 @@ def _packed_layer(name: str, layers: Sequence[nn.Module]) -> nn.Module | None:
         for attr in ("weight", "bias"):
             if getattr(m, attr, None) is not None:
                 getattr(new, attr).copy_(cat(attr))
-    return new.to(cat("weight").device if getattr(m, "weight", None) is not None else "cpu")
+    device = next(iter([*m.parameters(recurse=False), *m.buffers(recurse=False)])).device
+    return new.to(device)
 
 
 def _check_children(children: Sequence[nn.Module]) -> None:
