@@ -55,9 +55,11 @@ class PackedLinear(nn.Module):
 class PackedEnsemble(nn.Module):
     """M children as one network; ``forward(x)`` returns ``(M, B, num_classes)`` logits."""
 
-    def __init__(self, network: nn.Module, members: int, template: nn.Module) -> None:
+    def __init__(self, network: nn.Module, members: int, template: nn.Module,
+                 kept: list[dict[str, list[int]]]) -> None:
         super().__init__()
         self.network, self.members = network, members
+        self.kept = kept  # each child's kept record, in the parent's numbering
         # one child's architecture, for unpacking; kept out of the state dict and off the device
         object.__setattr__(self, "_template", template)
 
@@ -69,7 +71,10 @@ class PackedEnsemble(nn.Module):
 def _packed_layer(name: str, layers: Sequence[nn.Module]) -> nn.Module | None:
     """The packed counterpart of the children's layer ``name`` (None: it has no parameters)."""
     m, n = layers[0], len(layers)
-    cat = (lambda attr: torch.cat([getattr(layer, attr).detach() for layer in layers]))  # noqa: E731
+
+    def cat(attr: str) -> Tensor:
+        return torch.cat([getattr(layer, attr).detach() for layer in layers])
+
     if type(m) is nn.Conv2d:
         new = nn.Conv2d(n * m.in_channels, n * m.out_channels, m.kernel_size, m.stride, m.padding,
                         m.dilation, n * m.groups, m.bias is not None, m.padding_mode)
@@ -126,6 +131,14 @@ def _check_children(children: Sequence[nn.Module]) -> None:
                                "(channel counts divisible by the number of children).")
 
 
+def _bare_copy(child: nn.Module) -> nn.Module:
+    """A copy of ``child`` without the records :func:`pat.split` attaches to it."""
+    copied = copy.deepcopy(child)
+    for attr in ("pat_masks", "pat_kept", "pat_recipe", "pat_metrics", "pat_cost"):
+        copied.__dict__.pop(attr, None)
+    return copied
+
+
 def pack(children: Sequence[nn.Module], *, example_inputs: Any = None, atol: float = 1e-4) -> PackedEnsemble:
     """Assemble disjoint physical children (:func:`pat.split` with ``physical=True``) into one network.
 
@@ -134,9 +147,7 @@ def pack(children: Sequence[nn.Module], *, example_inputs: Any = None, atol: flo
     in eval mode: the packed network is returned only if its per-child outputs match.
     """
     _check_children(children)
-    network = copy.deepcopy(children[0])
-    for attr in ("pat_masks", "pat_kept", "pat_recipe", "pat_metrics", "pat_cost"):
-        network.__dict__.pop(attr, None)
+    network = _bare_copy(children[0])
     per_child = [dict(child.named_modules()) for child in children]
     for name, _ in list(network.named_modules()):
         if not name:
@@ -145,8 +156,8 @@ def pack(children: Sequence[nn.Module], *, example_inputs: Any = None, atol: flo
         if new is not None:
             owner, _, attr = name.rpartition(".")
             setattr(network.get_submodule(owner) if owner else network, attr, new)
-    template = copy.deepcopy(children[0]).to("meta")
-    packed = PackedEnsemble(network, len(children), template)
+    packed = PackedEnsemble(network, len(children), _bare_copy(children[0]).to("meta"),
+                            [dict(child.pat_kept) for child in children])
     x = example_inputs if example_inputs is not None else default_example_inputs(children[0])
     if x is None:
         raise PatError("pack: example_inputs is needed for a model without a pat spec, e.g. torch.randn(2, 3, 32, 32).")
@@ -165,17 +176,17 @@ def _verify(packed: PackedEnsemble, children: Sequence[nn.Module], x: Tensor, at
             return
         seen: dict[str, list[Tensor]] = {}
         order: list[tuple[str, Tensor]] = []
-        hooks = []
-        for child in children:
-            for name, m in child.named_modules():
-                hooks.append(m.register_forward_hook(
-                    lambda _m, _i, out, name=name: seen.setdefault(name, []).append(out)))
-            child(x)
-        for name, m in packed.network.named_modules():
-            hooks.append(m.register_forward_hook(lambda _m, _i, out, name=name: order.append((name, out))))
-        packed(x)
-        for h in hooks:
-            h.remove()
+        hooks = [m.register_forward_hook(lambda _m, _i, out, name=name: seen.setdefault(name, []).append(out))
+                 for child in children for name, m in child.named_modules()]
+        hooks += [m.register_forward_hook(lambda _m, _i, out, name=name: order.append((name, out)))
+                  for name, m in packed.network.named_modules()]
+        try:
+            for child in children:
+                child(x)
+            packed(x)
+        finally:
+            for h in hooks:
+                h.remove()
     for name, out in order:
         mine = seen.get(name)
         if isinstance(out, Tensor) and mine and all(isinstance(t, Tensor) for t in mine) and name:
@@ -206,5 +217,6 @@ def unpack(packed: PackedEnsemble, *, device: str | torch.device | None = None) 
             else:
                 state[key] = source.chunk(m, dim=0)[i]
         child.load_state_dict(state)
+        child.pat_kept, child.pat_masks = packed.kept[i], {}
         children.append(child)
     return children
