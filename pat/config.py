@@ -109,12 +109,17 @@ class TuneConfig:
     step: str = "sgd"  # step rule (pat.engine.steps)
     recompute_bn: bool = True  # BatchNorm statistics recomputed on the child's data before tuning
     seed: int = 0  # bagging and shuffling; child i uses (seed, i)
+    # all children in one grouped network, one optimizer step for all (the same result as one by
+    # one, to float rounding); "auto": only where a timed step says it is faster
+    together: bool | str = False
     device: str = "auto"
     amp: bool | None = None
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
         check(self.epochs > 0, f"epochs must be positive. Got {self.epochs}.")
+        check(self.together in (True, False, "auto"),
+              f"together must be true, false or 'auto'. Got {self.together!r}.")
         check(self.schedule in ("one-cycle", "constant"),
               f"schedule must be 'one-cycle' or 'constant'. Got {self.schedule!r}.")
         check(self.max_lr is None or self.max_lr > 0, f"max_lr must be positive. Got {self.max_lr}.")

@@ -27,7 +27,7 @@ from pat.errors import PatError, check
 from pat.masks.apply import default_example_inputs
 from pat.modes import eval_mode
 
-__all__ = ["PackedLinear", "PackedEnsemble", "pack", "unpack"]
+__all__ = ["PackedLinear", "PackedEnsemble", "group", "group_masks", "pack", "verify", "unpack", "child_state"]
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -139,6 +139,59 @@ def _bare_copy(child: nn.Module) -> nn.Module:
     return copied
 
 
+def group(children: Sequence[nn.Module]) -> PackedEnsemble:
+    """Lay out children of one architecture as the groups of one network (not verified).
+
+    Unlike :func:`pack` the children may overlap or be masked (full-width) children: each
+    group is an independent copy of its child, so the grouped network computes every child
+    at once. Whether the model's forward keeps the groups apart is for the caller to check
+    (:func:`verify`).
+    """
+    check(len(children) >= 2, f"grouping needs at least 2 children. Got {len(children)}.")
+    first = children[0].state_dict()
+    for i, child in enumerate(children[1:], start=1):
+        state = child.state_dict()
+        for key in first.keys() | state.keys():
+            if key not in state or key not in first or state[key].shape != first[key].shape:
+                mine = tuple(state[key].shape) if key in state else "missing"
+                theirs = tuple(first[key].shape) if key in first else "missing"
+                raise PatError(f"children[{i}] has {key!r} of shape {mine} where children[0] has "
+                               f"{theirs}; children tuned or packed together need one architecture.")
+    network = _bare_copy(children[0])
+    per_child = [dict(child.named_modules()) for child in children]
+    for name, _ in list(network.named_modules()):
+        if not name:
+            continue
+        layers = [modules.get(name) for modules in per_child]
+        if any(type(layer) is not type(layers[0]) for layer in layers):
+            raise PatError(f"children differ at layer {name!r}; children tuned or packed together "
+                           "need one architecture.")
+        new = _packed_layer(name, layers)
+        if new is not None:
+            owner, _, attr = name.rpartition(".")
+            setattr(network.get_submodule(owner) if owner else network, attr, new)
+    return PackedEnsemble(network, len(children), _bare_copy(children[0]).to("meta"),
+                          [dict(getattr(child, "pat_kept", None) or {}) for child in children])
+
+
+def group_masks(packed: PackedEnsemble, masks: Sequence[dict[str, Tensor] | None]) -> dict[str, Tensor]:
+    """Per-child masks laid out like :func:`group`'s parameters, keyed by ``network.<name>``.
+
+    A child without a mask for a parameter (or without masks) keeps all of that parameter.
+    """
+    params = dict(packed.network.named_parameters())
+    names = {key for mask in masks if mask for key in mask}
+    out = {}
+    for key in sorted(names):
+        check(key in params, f"a mask names {key!r}, which the children do not have.")
+        owner = packed.network.get_submodule(key.rpartition(".")[0])
+        chunks = params[key].unbind(0) if isinstance(owner, PackedLinear) else params[key].chunk(packed.members, 0)
+        parts = [(mask or {}).get(key, torch.ones_like(chunk, dtype=torch.bool)).to(chunk.device, torch.bool)
+                 for mask, chunk in zip(masks, chunks, strict=True)]
+        out[f"network.{key}"] = torch.stack(parts) if isinstance(owner, PackedLinear) else torch.cat(parts)
+    return out
+
+
 def pack(children: Sequence[nn.Module], *, example_inputs: Any = None, atol: float = 1e-4) -> PackedEnsemble:
     """Assemble disjoint physical children (:func:`pat.split` with ``physical=True``) into one network.
 
@@ -147,17 +200,7 @@ def pack(children: Sequence[nn.Module], *, example_inputs: Any = None, atol: flo
     in eval mode: the packed network is returned only if its per-child outputs match.
     """
     _check_children(children)
-    network = _bare_copy(children[0])
-    per_child = [dict(child.named_modules()) for child in children]
-    for name, _ in list(network.named_modules()):
-        if not name:
-            continue
-        new = _packed_layer(name, [modules[name] for modules in per_child])
-        if new is not None:
-            owner, _, attr = name.rpartition(".")
-            setattr(network.get_submodule(owner) if owner else network, attr, new)
-    packed = PackedEnsemble(network, len(children), _bare_copy(children[0]).to("meta"),
-                            [dict(child.pat_kept) for child in children])
+    packed = group(children)
     x = example_inputs if example_inputs is not None else default_example_inputs(children[0])
     if x is None:
         raise PatError("pack: example_inputs is needed for a model without a pat spec, e.g. torch.randn(2, 3, 32, 32).")
@@ -165,8 +208,15 @@ def pack(children: Sequence[nn.Module], *, example_inputs: Any = None, atol: flo
     return packed
 
 
+def verify(packed: PackedEnsemble, children: Sequence[nn.Module], example_inputs: Any, *,
+           atol: float = 1e-4, what: str = "pack") -> None:
+    """Refuse (:class:`PatError`) a grouped network whose outputs differ from its children's."""
+    _verify(packed, children, example_inputs, atol, what=what)
+
+
 @torch.no_grad()
-def _verify(packed: PackedEnsemble, children: Sequence[nn.Module], x: Tensor, atol: float) -> None:
+def _verify(packed: PackedEnsemble, children: Sequence[nn.Module], x: Tensor, atol: float,
+            what: str = "pack") -> None:
     """Refuse a packed network whose outputs differ from the children's, naming the first layer."""
     with contextlib.ExitStack() as stack:
         for module in (packed, *children):
@@ -191,32 +241,39 @@ def _verify(packed: PackedEnsemble, children: Sequence[nn.Module], x: Tensor, at
         mine = seen.get(name)
         if isinstance(out, Tensor) and mine and all(isinstance(t, Tensor) for t in mine) and name:
             if out.dim() < 2 or not torch.allclose(out, torch.cat(mine, dim=1), atol=atol, rtol=1e-4):
-                raise PatError(f"pack: the model mixes the children's channels before layer {name!r} "
-                               "(a concatenation, reshape or channel-wide norm in its forward); it cannot "
-                               "be packed. Its children still tune and run one by one.")
-    raise PatError("pack: the packed network's outputs differ from the children's; it cannot be packed.")
+                raise PatError(f"{what}: the model mixes the children's channels before layer {name!r} "
+                               "(a concatenation, reshape or channel-wide norm in its forward); its "
+                               "children cannot be grouped into one network. They still tune and run "
+                               "one by one.")
+    raise PatError(f"{what}: the grouped network's outputs differ from the children's; they cannot be grouped.")
+
+
+@torch.no_grad()
+def child_state(packed: PackedEnsemble, index: int) -> dict[str, Tensor]:
+    """Child ``index``'s state dict, as views into the packed network's tensors."""
+    m = packed.members
+    layers = dict(packed.network.named_modules())
+    state = {}
+    for key in packed._template.state_dict():
+        owner, _, attr = key.rpartition(".")
+        source = getattr(layers[owner], attr)
+        if isinstance(layers[owner], PackedLinear):
+            state[key] = source[index]
+        elif attr == "num_batches_tracked":
+            state[key] = source
+        else:
+            state[key] = source.chunk(m, dim=0)[index]
+    return state
 
 
 @torch.no_grad()
 def unpack(packed: PackedEnsemble, *, device: str | torch.device | None = None) -> list[nn.Module]:
     """The M children a packed network holds, as separate modules with their current weights."""
-    m = packed.members
-    layers = dict(packed.network.named_modules())
     device = device if device is not None else next(packed.parameters()).device
     children = []
-    for i in range(m):
+    for i in range(packed.members):
         child = copy.deepcopy(packed._template).to_empty(device=device)
-        state = {}
-        for key in child.state_dict():
-            owner, _, attr = key.rpartition(".")
-            source = getattr(layers[owner], attr)
-            if isinstance(layers[owner], PackedLinear):
-                state[key] = source[i]
-            elif attr == "num_batches_tracked":
-                state[key] = source
-            else:
-                state[key] = source.chunk(m, dim=0)[i]
-        child.load_state_dict(state)
+        child.load_state_dict(child_state(packed, i))
         child.pat_kept, child.pat_masks = packed.kept[i], {}
         children.append(child)
     return children

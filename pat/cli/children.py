@@ -79,12 +79,17 @@ def split(parent, children, method, anti_random, sparsity, level, scope, physica
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd")
 @click.option("--step", default="sgd", help="Step rule: sgd, sam, ...")
 @click.option("--seed", default=0, type=int, help="Bagging and shuffling seed.")
+@click.option("--together", is_flag=True,
+              help="Tune all children in one grouped network, one optimizer step for all (same result).")
+@click.option("--auto-together", is_flag=True,
+              help="Tune together only where one timed step says it is faster than one by one.")
 @data_options(from_manifest=True)
 @override_option
 @device_options
 @lock_options("children_dir")
 def tune(children_dir, epochs, schedule, max_lr, lr, bagging, recompute_bn, cycle_momentum, optimizer, step, seed,
-         dataset, data_dir, batch_size, val_fraction, data_seed, override_data, device, amp) -> None:
+         together, auto_together, dataset, data_dir, batch_size, val_fraction, data_seed, override_data, device,
+         amp) -> None:
     """Tune the children that are not tuned yet.
 
     Each child is saved the moment it finishes, so a rerun skips finished children. Under torchrun (torchrun --nproc-per-node N -m pat tune ...) the children are sharded
@@ -92,8 +97,12 @@ def tune(children_dir, epochs, schedule, max_lr, lr, bagging, recompute_bn, cycl
     """
     from pat.config import DataConfig, TuneConfig
     from pat.engine.distributed import init_ranks
+    from pat.errors import PatError
     from pat.pipeline import evaluate_run, parent_check
     from pat.tuner import tune_directory
+
+    if together and auto_together:
+        raise PatError("--together conflicts with --auto-together; give one of them.")
 
     # validate before any work: the data the children were made for, unless told otherwise
     d, data = ensemble_data(children_dir, dataset=dataset, data_dir=data_dir, val_fraction=val_fraction,
@@ -105,7 +114,7 @@ def tune(children_dir, epochs, schedule, max_lr, lr, bagging, recompute_bn, cycl
     config = TuneConfig(epochs=epochs, schedule=schedule, max_lr=max_lr, lr=lr, bagging=bagging,
                         recompute_bn=recompute_bn,
                         cycle_momentum=cycle_momentum, optimizer=optimizer, step=step, seed=seed,
-                        device=device, amp=amp, data=data_cfg)
+                        together="auto" if auto_together else together, device=device, amp=amp, data=data_cfg)
     ranks = init_ranks()
     config = config if not ranks.distributed else _with_device(config, ranks.device(device))
     if ranks.is_main:

@@ -66,7 +66,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     loss_sum = correct = None
-    n = 0
+    n = labels = 0
     for x, y in batches:
         with autocast():
             logits = model(x)
@@ -75,9 +75,10 @@ def evaluate(
         loss_sum = loss if loss_sum is None else loss_sum + loss
         correct = hits if correct is None else correct + hits
         n += len(y)
+        labels += y.numel()  # (B, M) labels: M children's predictions per sample (together-tuning)
     model.train(was_training)
     check(n > 0, "evaluation data is empty.")
-    return {"loss": float(loss_sum) / n, "acc": float(correct) / n}
+    return {"loss": float(loss_sum) / n, "acc": float(correct) / labels}
 
 
 def final_metrics(model: nn.Module, data: Dataset, *, device: torch.device, amp: bool | None,
@@ -184,7 +185,7 @@ def fit(
         start = time.perf_counter()
         loss_sum = torch.zeros((), device=dev)
         correct = torch.zeros((), device=dev, dtype=torch.long)
-        seen = 0
+        seen = labels = 0
         passes = torch.zeros((), device=dev, dtype=torch.long)
         for x, y in train:
             loss, logits = step(model, x, y, optimizer, loss_fn, autocast)
@@ -192,6 +193,7 @@ def fit(
             loss_sum += loss.float() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
+            labels += y.numel()
             passes += sample_passes(step, y)
             state.step += 1
             if scheduler is not None and interval == "step":
@@ -203,7 +205,7 @@ def fit(
         metrics = {
             "epoch": epoch + 1,
             "train_loss": float(loss_sum) / seen,
-            "train_acc": float(correct) / seen,
+            "train_acc": float(correct) / labels,
             "lr": optimizer.param_groups[0]["lr"],
         }
         for name, batches in (eval_data or {}).items():
