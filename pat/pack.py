@@ -17,17 +17,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from pat.errors import PatError, check
+from pat.errors import PatError, check, first_line
 from pat.masks.apply import default_example_inputs
 from pat.modes import eval_mode
 
-__all__ = ["PackedLinear", "PackedEnsemble", "group", "group_masks", "pack", "verify", "unpack", "child_state"]
+__all__ = ["PackedLinear", "PackedEnsemble", "group", "group_masks", "pack", "verify", "unpack", "child_state",
+           "save_packed", "load_packed", "packed_header"]
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -277,3 +279,102 @@ def unpack(packed: PackedEnsemble, *, device: str | torch.device | None = None) 
         child.pat_kept, child.pat_masks = packed.kept[i], {}
         children.append(child)
     return children
+
+
+# -- the packed member file ---------------------------------------------------------------
+PACKED_KIND = "packed"
+
+
+def save_packed(path: str | os.PathLike, packed: PackedEnsemble, names: Sequence[str], *,
+                arch: dict[str, Any] | None = None, input_shape: Sequence[int] | None = None,
+                recipes: Sequence[dict[str, Any]] | None = None, **extra: Any) -> None:
+    """Save a packed ensemble as one ``kind="packed"`` checkpoint (plain data, ``weights_only``).
+
+    Args:
+        path: the ``.pt`` file, written atomically.
+        packed: from :func:`pack` (or :func:`load_packed`).
+        names: one member name per child, in the packed order.
+        arch: the *parent's* architecture spec ``{"name", "kwargs"}``; default the spec
+            :func:`pat.models.create_model` attached to the children.
+        input_shape: the shape the parent was traced with when the children were slimmed;
+            default ``recipes[0]["input_shape"]``.
+        recipes: each child's recipe (:func:`pat.split`'s ``pat_recipe``).
+        **extra: more plain entries (status, dataset, num_classes, ...).
+    """
+    from pat.engine.checkpoint import save_model
+    from pat.models import spec_of
+
+    m = packed.members
+    names, recipes = [str(n) for n in names], [dict(r) for r in (recipes or [{} for _ in range(m)])]
+    check(len(names) == m, f"names must have one entry per packed child ({m}). Got {len(names)}.")
+    check(len(set(names)) == m, f"names must be distinct. Got {names}.")
+    check(len(recipes) == m, f"recipes must have one entry per packed child ({m}). Got {len(recipes)}.")
+    check(all(packed.kept), "save_packed needs physical children (each with its kept record).")
+    input_shape = input_shape if input_shape is not None else recipes[0].get("input_shape")
+    check(input_shape is not None, "save_packed needs input_shape (the shape the parent was traced with).")
+    arch = dict(arch) if arch is not None else spec_of(packed._template)
+    check(arch is not None, "save_packed needs arch, the parent's spec {'name', 'kwargs'}.")
+    save_model(path, packed, kind=PACKED_KIND, arch=arch, input_shape=[int(s) for s in input_shape],
+               members=m, names=names, recipes=recipes,
+               kept=[{k: [int(i) for i in v] for k, v in kept.items()} for kept in packed.kept], **extra)
+
+
+def load_packed(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                argument: str = "packed") -> PackedEnsemble:
+    """Load a file written by :func:`save_packed`: ``.names`` and ``.recipes`` come with it.
+
+    One child skeleton is rebuilt from the parent's architecture, child 0's kept record and
+    ``input_shape`` (the children have equal widths), laid out M times as one grouped
+    network, and the saved weights are loaded into it.
+    """
+    from pat.engine.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path, argument=argument)
+    where = f"{argument} {str(path)!r}"
+    header = packed_header(ckpt, where)
+    skeleton = _skeleton(ckpt, where)
+    skeleton.pat_kept = header["kept"][0]
+    packed = group([skeleton] * header["members"])
+    packed.kept = header["kept"]
+    try:
+        packed.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise PatError(f"{where}: weights do not fit {header['members']} packed children of "
+                       f"{ckpt['arch']['name']!r} ({first_line(e)}).") from None
+    packed.names, packed.recipes = header["names"], header["recipes"]
+    return packed.to(device)
+
+
+def packed_header(ckpt: dict[str, Any], where: str) -> dict[str, Any]:
+    """The plain entries of a packed checkpoint, checked: members, names, kept, recipes."""
+    if ckpt.get("kind") != PACKED_KIND:
+        raise PatError(f"{where} is not a packed checkpoint (kind={ckpt.get('kind')!r}).")
+    m, names, kept = ckpt.get("members"), ckpt.get("names"), ckpt.get("kept")
+    recipes = ckpt.get("recipes") or [{} for _ in range(m if isinstance(m, int) else 0)]
+    if not isinstance(m, int) or m < 2 or not isinstance(names, list) or not isinstance(kept, list) \
+            or not len(names) == len(kept) == len(recipes) == m or not all(kept):
+        raise PatError(f"{where}: 'members', 'names', 'kept' and 'recipes' must describe the same "
+                       f"children (at least 2). Got members={m!r} and {_count(names)} names, "
+                       f"{_count(kept)} kept records, {_count(recipes)} recipes.")
+    if not ckpt.get("arch") or not ckpt.get("input_shape") or not isinstance(ckpt.get("state_dict"), dict):
+        raise PatError(f"{where}: a packed checkpoint needs 'arch', 'input_shape' and 'state_dict'.")
+    return {"members": m, "names": [str(n) for n in names], "kept": [dict(k) for k in kept],
+            "recipes": [dict(r) for r in recipes]}
+
+
+def _count(value: Any) -> int | str:
+    return len(value) if isinstance(value, list) else "no"
+
+
+def _skeleton(ckpt: dict[str, Any], where: str) -> nn.Module:
+    """One child's architecture (weights unset): the parent's, slimmed to child 0's channels."""
+    from pat.masks.physical import rebuild_physical
+    from pat.models import create_model
+
+    arch = ckpt["arch"]
+    model = create_model(arch["name"], **arch.get("kwargs", {}))
+    try:
+        return rebuild_physical(model, ckpt["kept"][0], input_shape=ckpt["input_shape"])
+    except (KeyError, IndexError, RuntimeError) as e:
+        raise PatError(f"{where}: child 0's kept record does not fit architecture {arch['name']!r} "
+                       f"({first_line(e)}).") from None

@@ -102,3 +102,51 @@ def test_pack_refuses_unequal_widths_and_channel_mixing_forward() -> None:
                     example_inputs=x[:1])
     with pytest.raises(PatError, match="before layer 'c'"):
         pack(cat, example_inputs=x)
+
+
+def test_save_and_load_packed_gives_the_same_children(tmp_path) -> None:
+    from pat.engine.checkpoint import load_checkpoint, load_model
+    from pat.pack import load_packed, save_packed
+
+    kids, x = _children("resnet8", 4)
+    packed = pack(kids, example_inputs=x)
+    names = [f"kid-{i}" for i in range(4)]
+    save_packed(tmp_path / "packed.pt", packed, names, recipes=[k.pat_recipe for k in kids])
+    ckpt = load_checkpoint(tmp_path / "packed.pt")  # weights_only: plain data only
+    assert ckpt["kind"] == "packed" and ckpt["members"] == 4 and ckpt["names"] == names
+    loaded = load_packed(tmp_path / "packed.pt")
+    assert loaded.names == names and [r["index"] for r in loaded.recipes] == [0, 1, 2, 3]
+    assert loaded.kept == [k.pat_kept for k in kids]
+    loaded.eval()
+    packed.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), packed(x), atol=0, rtol=0)
+    for got, want in zip(unpack(loaded), kids, strict=True):  # each child its own channels again
+        assert got.pat_kept == want.pat_kept
+        for (key, a), b in zip(got.state_dict().items(), want.state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b, atol=0, rtol=0, msg=key)
+    with pytest.raises(PatError, match="holds 4 packed children, not one model"):
+        load_model(tmp_path / "packed.pt")
+
+
+def test_load_packed_refuses_weights_and_records_that_do_not_fit(tmp_path) -> None:
+    from pat.engine.checkpoint import load_checkpoint, save_checkpoint
+    from pat.pack import load_packed, save_packed
+
+    kids, x = _children("lenet-s", 2)
+    save_packed(tmp_path / "packed.pt", pack(kids, example_inputs=x), ["a", "b"],
+                recipes=[k.pat_recipe for k in kids])
+    ckpt = load_checkpoint(tmp_path / "packed.pt")
+    ckpt.pop("format_version"), ckpt.pop("pat_version")
+    state = dict(ckpt["state_dict"])
+    state["network.fc.weight"] = state["network.fc.weight"][:, :, :-1]  # one input fewer per child
+    save_checkpoint(tmp_path / "narrow.pt", {**ckpt, "state_dict": state})
+    with pytest.raises(PatError, match=r"narrow.pt'.*weights do not fit 2 packed children of 'lenet-s'") as e:
+        load_packed(tmp_path / "narrow.pt")
+    assert "\n" not in str(e.value)
+    save_checkpoint(tmp_path / "names.pt", {**ckpt, "names": ["a"]})
+    with pytest.raises(PatError, match="Got members=2 and 1 names, 2 kept records"):
+        load_packed(tmp_path / "names.pt")
+    save_checkpoint(tmp_path / "child.pt", {**ckpt, "kind": "child"})
+    with pytest.raises(PatError, match="is not a packed checkpoint"):
+        load_packed(tmp_path / "child.pt")

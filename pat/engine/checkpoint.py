@@ -185,6 +185,9 @@ def model_from_checkpoint(ckpt: Mapping[str, Any], *, argument: str = "checkpoin
     """Rebuild the architecture named in ``ckpt['arch']`` and load its state dict."""
     from pat.models import create_model
 
+    if ckpt.get("kind") == "packed":
+        raise PatError(f"{argument} holds {ckpt.get('members')} packed children, not one model; "
+                       "load it with pat.pack.load_packed (or its directory with pat.Ensemble.load).")
     arch = ckpt.get("arch")
     if not arch:
         raise PatError(
