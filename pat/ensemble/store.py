@@ -22,6 +22,9 @@ it): a manifest is data from anyone, and following it must not read or overwrite
 elsewhere. Each member record written by pat carries the file's ``size`` and ``sha256``; a
 reader checks them, so a member truncated or replaced since pat wrote it is named instead
 of evaluated or tuned. Records without them (older manifests) are still read.
+
+Records share a file only as the children of one packed file (``pat split --pack``): each
+says ``"packed": {"index": i, "of": M}``, and together they are the file's children in order.
 """
 
 from __future__ import annotations
