@@ -78,6 +78,7 @@ class SplitConfig:
     include_first: bool = True
     include_classifier: bool = False
     rescale: bool | None = None  # kept weights x n/kept; None = on at connection level
+    pack: bool = False  # write the disjoint physical children as one packed file (pat.pack)
 
     def __post_init__(self) -> None:
         check(self.children >= 1, f"children must be at least 1. Got {self.children}.")
@@ -92,6 +93,12 @@ class SplitConfig:
               f"rescale must be true, false or null. Got {self.rescale!r}.")
         check(not (self.rescale and self.level != "connection"),
               f"rescale compensates connection-level pruning; neuron level does not rescale. Got level={self.level!r}.")
+        if self.pack:  # packing lays disjoint, physically slimmed children side by side
+            check(self.level == "neuron", f"pack needs level='neuron' (whole channels). Got level={self.level!r}.")
+            check(self.method == "partition",
+                  f"pack needs method='partition' (children that share no channel). Got method={self.method!r}.")
+            check(self.physical, "pack needs physical=True (children slimmed to their own channels). Got physical=False.")
+            check(self.children >= 2, f"pack needs at least 2 children. Got children={self.children}.")
 
 
 @dataclass(frozen=True)

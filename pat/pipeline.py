@@ -39,7 +39,7 @@ from pat.ensemble.ensemble import Ensemble
 from pat.ensemble.metrics import accuracy_vs_size, classification_metrics, evaluate
 from pat.ensemble.predict import collect_probs
 from pat.ensemble.store import MANIFEST, EnsembleDir
-from pat.errors import PatError, check
+from pat.errors import PatError, check, first_line
 from pat.parent import train_parent
 from pat.tuner import tune_directory
 
@@ -92,6 +92,10 @@ def split_to_directory(parent_path: str | Path, out: str | Path, config: SplitCo
     manifest last: a split that fails (a full disk) or is interrupted leaves an old ensemble
     as it was and nothing half-written; a rerun starts it again. Each member's record holds its mask recipe and seed,
     ``stats`` (kept parameters, sparsity, MACs) and its file's size and sha256.
+
+    With ``config.pack`` the children are packed (:func:`pat.pack.pack`) before anything is
+    written and saved as one ``packed.pt`` that every member record points at, with
+    ``"packed": {"index": i, "of": M}``; children that cannot be packed are refused then.
     """
     from pat.children import iter_split, save_child
     from pat.engine.resources import check_fits
@@ -114,32 +118,67 @@ def split_to_directory(parent_path: str | Path, out: str | Path, config: SplitCo
                           level=config.level, scope=config.scope, physical=config.physical, seed=config.seed,
                           example_inputs=example, include_first=config.include_first,
                           include_classifier=config.include_classifier, rescale=config.rescale)
+    packed = None
+    if config.pack:  # all children at once, packed and checked before the directory is made
+        children = list(children)
+        packed = _pack_children(children, example, config)
     staging = ens.path / ".split"  # children are written here, moved in once all are there
     with directory_lock(ens.path, wait=wait, argument="--out", create=True):
         shutil.rmtree(staging, ignore_errors=True)  # left behind by a killed split
         try:
             for child in children:
                 index = child.pat_recipe["index"]
-                name, file = f"child-{index}", f"child-{index}.pt"
-                save_child(staging / file, child, arch=ckpt.get("arch"), status="split",
-                           dataset=ckpt.get("dataset"), num_classes=ckpt.get("num_classes"))
+                name, file = f"child-{index}", PACKED_FILE if packed is not None else f"child-{index}.pt"
+                if packed is None:
+                    save_child(staging / file, child, arch=ckpt.get("arch"), status="split",
+                               dataset=ckpt.get("dataset"), num_classes=ckpt.get("num_classes"))
                 params, macs = count_params_macs(child, example) if example is not None else (None, None)
-                ens.upsert_member(ens.stamp({
+                record = {
                     "name": name, "file": file, "producer": "split", "status": "split",
                     "parent": str(Path(parent_path).resolve()), "recipe": dict(child.pat_recipe),
                     "stats": {"kept_params": params, "total_params": total_params,
                               "sparsity": None if params is None else 1 - params / total_params, "macs": macs},
-                }, file=staging / file))  # fmt: skip
+                }  # fmt: skip
+                if packed is not None:
+                    record["packed"] = {"index": index, "of": packed.members}
+                ens.upsert_member(record if packed is not None else ens.stamp(record, file=staging / file))
                 del child
+            if packed is not None:
+                _save_packed(staging / PACKED_FILE, packed, ens, ckpt)
             # Until here an old ensemble (--force) is untouched. No manifest while files move:
             # an interrupted move leaves a directory that no command takes for an ensemble.
             (ens.path / MANIFEST).unlink(missing_ok=True)
-            for record in ens.members:
-                os.replace(staging / record["file"], ens.path / record["file"])
+            for file in dict.fromkeys(record["file"] for record in ens.members):
+                os.replace(staging / file, ens.path / file)
             ens.save()
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return ens
+
+
+PACKED_FILE = "packed.pt"  # the one file of a packed split (docs/file-formats.md)
+
+
+def _pack_children(children: list[nn.Module], example: Any, config: SplitConfig) -> Any:
+    """The children packed into one network, or a one-line refusal naming --pack (nothing written yet)."""
+    from pat.pack import pack
+
+    try:
+        return pack(children, example_inputs=example)
+    except PatError as e:
+        reason = first_line(e).removeprefix("pack: ")
+        raise PatError(f"--pack with --children {config.children}: {reason}") from None
+
+
+def _save_packed(file: Path, packed: Any, ens: EnsembleDir, ckpt: dict[str, Any]) -> None:
+    """Write the packed file of the children recorded in ``ens`` and stamp every record with it."""
+    from pat.pack import save_packed
+
+    save_packed(file, packed, [r["name"] for r in ens.members], arch=ckpt.get("arch"),
+                recipes=[r["recipe"] for r in ens.members], status="split",
+                dataset=ckpt.get("dataset"), num_classes=ckpt.get("num_classes"))
+    for record in list(ens.members):
+        ens.upsert_member(ens.stamp(record, file=file))
 
 
 def split_footprint(parent: nn.Module, children: int) -> tuple[int, int]:

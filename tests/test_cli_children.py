@@ -55,6 +55,41 @@ def test_split_bad_input_writes_nothing(tmp_path, digits_parent, args, words):
     assert not out.exists()
 
 
+PACK = ["--level", "neuron", "--method", "partition", "--physical", "--pack"]
+
+
+def test_split_pack_writes_one_packed_file_that_eval_reads(tmp_path, digits_parent):
+    out = tmp_path / "kids"
+    result = run("split", "--parent", digits_parent, "--children", 2, *PACK, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "2 packed partition children" in result.output.replace("\n", " ")
+    ens = EnsembleDir.load(out)
+    assert [(m["name"], m["file"], m["packed"]) for m in ens.members] == [
+        ("child-0", "packed.pt", {"index": 0, "of": 2}), ("child-1", "packed.pt", {"index": 1, "of": 2})]
+    assert ens.manifest["config"]["split"]["pack"] is True and not list(out.glob("child-*.pt"))
+    result = run("eval", out)
+    assert result.exit_code == 0, result.output
+    assert len(json.loads((out / "metrics.json").read_text())["all"]["members"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--method", "partition", "--pack"], ["pack", "level='connection'"]),
+        (["--level", "neuron", "--method", "cyclic", "--sparsity", "0.5", "--physical", "--pack"],
+         ["pack", "partition", "method='cyclic'"]),
+        (["--level", "neuron", "--method", "partition", "--pack"], ["pack", "physical=False"]),
+        ([*PACK, "--children", "3"], ["--pack with --children 3", "equal widths"]),
+    ],
+)
+def test_split_pack_bad_input_writes_nothing(tmp_path, digits_parent, args, words):
+    out = tmp_path / "kids"
+    line = one_error_line(run("split", "--parent", digits_parent, "--children", 2, *args, "--out", out))
+    for word in words:
+        assert word in line, line
+    assert not out.exists()
+
+
 def test_split_refuses_missing_corrupt_parent_and_existing_children(tmp_path, digits_parent):
     assert "does not exist" in one_error_line(run("split", "--parent", tmp_path / "no.pt", "--out", tmp_path / "a"))
     bad = tmp_path / "bad.pt"

@@ -35,6 +35,9 @@ def _progress(stage: str):
 @click.option("--level", type=click.Choice(["connection", "neuron"]), default="connection")
 @click.option("--scope", type=click.Choice(["layer", "global"]), default="layer")
 @click.option("--physical", is_flag=True, help="Neuron level: remove pruned channels (thinner, faster children).")
+@click.option("--pack", is_flag=True,
+              help="With --level neuron --method partition --physical: write the children as one packed "
+                   "network (packed.pt) that runs them all at once.")
 @click.option("--seed", default=0, type=int, help="Mask seed: same seed, same masks on any device.")
 @click.option("--exclude-first", is_flag=True, help="Leave the first layer dense.")
 @click.option("--include-classifier", is_flag=True, help="Prune the final classifier layer too.")
@@ -44,7 +47,7 @@ def _progress(stage: str):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Ensemble directory to write.")
 @force_option
 @lock_options()
-def split(parent, children, method, anti_random, sparsity, level, scope, physical, seed, exclude_first,
+def split(parent, children, method, anti_random, sparsity, level, scope, physical, pack, seed, exclude_first,
           include_classifier, rescale, out, force) -> None:
     """Prune a parent into diverse children."""
     from pat.config import SplitConfig
@@ -58,10 +61,11 @@ def split(parent, children, method, anti_random, sparsity, level, scope, physica
         sparsity = 0.5 if method == "anti-random" else SplitConfig().sparsity
     config = SplitConfig(children=children, method=method, sparsity=sparsity, level=level, scope=scope,
                          physical=physical, seed=seed, include_first=not exclude_first,
-                         include_classifier=include_classifier, rescale=rescale)
+                         include_classifier=include_classifier, rescale=rescale, pack=pack)
     ens = split_to_directory(parent, out, config, force=force)
     rows = [{"name": m["name"], **m.get("stats", {})} for m in ens.members]
-    console.print(metrics_table(f"{len(rows)} {method} children of {parent} → {out}", rows,
+    packed = " packed" if pack else ""
+    console.print(metrics_table(f"{len(rows)}{packed} {method} children of {parent} → {out}", rows,
                                 ["name", "kept_params", "total_params", "sparsity", "macs"]))
 
 

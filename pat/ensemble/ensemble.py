@@ -130,7 +130,7 @@ class Ensemble(nn.Module):
         With ``calibrated`` the temperatures of ``pat calibrate`` are loaded too (the team's
         own temperature for ``selected_only``).
         """
-        from pat.engine.checkpoint import load_model
+        from pat.ensemble.members import load_members
         from pat.ensemble.store import EnsembleDir
 
         ens = EnsembleDir.load(path, argument=argument)
@@ -143,8 +143,7 @@ class Ensemble(nn.Module):
                                "select members first or load all of them.")
             indices, weights = selection
         records = [ens.members[i] for i in indices]
-        models = [load_model(ens.member_path(r), device=device, argument=f"member {r['name']!r}")[0]
-                  for r in records]
+        models = load_members(ens, records, device=device)  # a packed file is read once
         temperature = member_ts = None
         record = ens.calibration(argument=argument) if calibrated else None
         if record is not None:

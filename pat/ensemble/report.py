@@ -323,9 +323,9 @@ def select_directory(path: str | os.PathLike, data: Dataset, method: str, *, siz
 def _check_same_channels(ens: EnsembleDir) -> None:
     """Physically slimmed members keep different channels: position i of one member's weight
     is not position i of another's, so averaging them is meaningless even when shapes agree."""
-    from pat.engine.checkpoint import load_checkpoint
+    from pat.ensemble.members import member_kept
 
-    kept = {m["name"]: load_checkpoint(ens.member_path(m), mmap=True).get("kept") for m in ens.members}
+    kept = {m["name"]: member_kept(ens, m) for m in ens.members}
     if len({json.dumps(k, sort_keys=True) for k in kept.values()}) > 1:
         slim = [n for n, k in kept.items() if k]
         raise PatError(f"members {slim} are physically pruned with different channels kept; their "

@@ -22,6 +22,9 @@ it): a manifest is data from anyone, and following it must not read or overwrite
 elsewhere. Each member record written by pat carries the file's ``size`` and ``sha256``; a
 reader checks them, so a member truncated or replaced since pat wrote it is named instead
 of evaluated or tuned. Records without them (older manifests) are still read.
+
+Records share a file only as the children of one packed file (``pat split --pack``): each
+says ``"packed": {"index": i, "of": M}``, and together they are the file's children in order.
 """
 
 from __future__ import annotations
@@ -45,6 +48,28 @@ _STATUSES = {"split", "tuned", "trained"}
 # (path, size, mtime_ns, inode) -> sha256: one process hashes each member file once, however
 # often it loads the manifest; every rewrite (atomic_write: a new inode) misses the cache
 _DIGESTS: dict[tuple[str, int, int, int], str] = {}
+_PACKED: dict[tuple[str, int, int, int], list[str]] = {}  # the same key -> a packed file's child names
+
+
+def _check_packed_entry(member: dict[str, Any], where: str) -> None:
+    entry = member["packed"]
+    if not (isinstance(entry, dict) and all(type(entry.get(k)) is int for k in ("index", "of"))
+            and 0 <= entry["index"] < entry["of"]):
+        raise PatError(f"{where}: member {member['name']!r} has 'packed' {entry!r}; expected "
+                       '{"index": i, "of": n} with 0 <= i < n.')
+
+
+def _packed_names(file: Path, where: str) -> list[str]:
+    """The children's names a packed file holds (its header read once per version of the file)."""
+    st = file.stat()
+    key = (str(file.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _PACKED:
+        from pat.engine.checkpoint import load_checkpoint
+        from pat.pack import packed_header
+
+        _PACKED[key] = packed_header(load_checkpoint(file, mmap=True, argument=f"{where}: packed file"),
+                                     f"{where}: packed file {file.name!r}")["names"]
+    return _PACKED[key]
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -156,6 +181,7 @@ class EnsembleDir:
         if not isinstance(members, list):
             raise PatError(f"{where}: 'members' must be a list.")
         names: set[str] = set()
+        packed: dict[str, list[dict[str, Any]]] = {}  # packed file -> the records it serves
         for i, member in enumerate(members):
             if not isinstance(member, dict) or not isinstance(member.get("name"), str):
                 raise PatError(f"{where}: members[{i}] must be an object with a 'name'.")
@@ -170,17 +196,48 @@ class EnsembleDir:
                     f"expected one of {sorted(_STATUSES)}."
                 )
             file = self._inside(member, where)
+            if "packed" in member:
+                _check_packed_entry(member, where)
+                packed.setdefault(member["file"], []).append(member)
             if check_files:
                 if not file.is_file():
                     if allow_missing:
                         continue
                     raise PatError(f"{where}: member {member['name']!r} file {member['file']!r} is missing.")
                 self._check_stamp(member, file, where)
+        self._check_shared_files(members, packed, where, check_files=check_files)
         sel = m.get("selection")
         if sel is not None:
             unknown = [n for n in sel.get("selected", []) if n not in names]
             if unknown:
                 raise PatError(f"{where}: selection names unknown members {unknown}.")
+
+    def _check_shared_files(self, members: list[dict[str, Any]], packed: dict[str, list[dict[str, Any]]],
+                            where: str, *, check_files: bool) -> None:
+        """Records share a file only as the children of one packed file, all of them, in its order."""
+        files: dict[str, str] = {}
+        for member in members:
+            other = files.setdefault(member["file"], member["name"])
+            if other != member["name"] and member["file"] not in packed:
+                raise PatError(f"{where}: members {other!r} and {member['name']!r} share file "
+                               f"{member['file']!r}, which is not a packed file ('packed' records).")
+        for name, records in packed.items():
+            plain = [m["name"] for m in members if m["file"] == name and "packed" not in m]
+            if plain:
+                raise PatError(f"{where}: packed file {name!r} is also the file of member {plain[0]!r}, "
+                               "which has no 'packed' record.")
+            records = sorted(records, key=lambda r: r["packed"]["index"])
+            indices, counts = [r["packed"]["index"] for r in records], {r["packed"]["of"] for r in records}
+            if counts != {len(records)} or indices != list(range(len(records))):
+                raise PatError(f"{where}: packed file {name!r} is listed by {len(records)} members with "
+                               f"indices {indices} of {sorted(counts)}; each of its children needs one "
+                               "record, indices 0..of-1.")
+            file = self.path / name
+            if check_files and file.is_file():
+                held, listed = _packed_names(file, where), [r["name"] for r in records]
+                if held != listed:
+                    raise PatError(f"{where}: packed file {name!r} holds {len(held)} children {held} but "
+                                   f"the manifest lists {len(listed)} for it, in index order {listed}.")
 
     # -- members --------------------------------------------------------------------------
     @property
