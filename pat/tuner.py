@@ -361,6 +361,7 @@ def _tune_directory(path: str, data: Dataset, config: TuneConfig, *, ranks: Rank
                     callbacks: Callable[[str], Iterable[Callback]],
                     on_done: Callable[[dict[str, Any]], None]) -> EnsembleDir:
     from pat.children import load_child, save_child
+    from pat.producers.common import plain_config
 
     ens = EnsembleDir.load(path)
     if ranks.is_main:
@@ -389,7 +390,7 @@ def _tune_directory(path: str, data: Dataset, config: TuneConfig, *, ranks: Rank
         children = [load_child(ens.member_path(record)) for _, record in share]
         names = [record["name"] for _, record in share]
         resume = ens.path / ".work" / f"together-{ranks.rank}.partial.pt"
-        extra = {"children": names, "tune": to_dict(config)}
+        extra = {"children": names, "tune": plain_config(config)}
         _discard_stale(resume, extra)
         results = tune_together(children, [getattr(c, "pat_masks", None) for c in children], data, config,
                                 indices=[index for index, _ in share], callbacks=callbacks(", ".join(names)),
@@ -418,18 +419,11 @@ def _discard_stale(resume: Path, extra: dict[str, Any]) -> None:
         return
     try:
         old = load_checkpoint(resume, argument="together resume state")
-        same = old.get("children") == extra["children"] and plain(old.get("tune")) == plain(extra["tune"])
+        same = old.get("children") == extra["children"] and old.get("tune") == extra["tune"]
     except PatError:
         same = False
     if not same:
         resume.unlink()
-
-
-def plain(value: Any) -> Any:
-    """``value`` as JSON reads it back (tuples become lists), for comparing stored configs."""
-    import json
-
-    return json.loads(json.dumps(value))
 
 
 def _reconcile(ens: EnsembleDir) -> None:
