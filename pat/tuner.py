@@ -374,7 +374,11 @@ def _tune_directory(path: str, data: Dataset, config: TuneConfig, *, ranks: Rank
     todo = [(i, m) for i, m in enumerate(ens.members) if m["status"] == "split"]
     if todo:
         config = resolve_max_lr(config, parent_lr_of(ens.manifest.get("parent")))
-    share = ranks.shard(todo)
+    jobs = ranks.shard(_jobs(ens, todo))  # a packed file's children are one job: one network
+    for job in jobs:
+        if "packed" in job[0][1]:
+            _tune_packed(ens, job, data, config, ranks=ranks, callbacks=callbacks, on_done=on_done)
+    share = [job[0] for job in jobs if "packed" not in job[0][1]]
 
     def finish(record: dict[str, Any], child: nn.Module, metrics: dict[str, float]) -> None:
         cost = {**child.pat_cost, "parent": record.get("parent")}
@@ -411,6 +415,63 @@ def _tune_directory(path: str, data: Dataset, config: TuneConfig, *, ranks: Rank
     return EnsembleDir.load(path)
 
 
+def _jobs(ens: EnsembleDir, todo: list[tuple[int, dict[str, Any]]]) -> list[list[tuple[int, dict[str, Any]]]]:
+    """The tuning jobs: one per child file, the records of a packed file (all of them) as one."""
+    jobs, packed = [], {}
+    for index, record in todo:
+        if "packed" not in record:
+            jobs.append([(index, record)])
+        elif record["file"] not in packed:
+            packed[record["file"]] = sorted(((i, r) for i, r in enumerate(ens.members) if r["file"] == record["file"]),
+                                            key=lambda item: item[1]["packed"]["index"])
+            jobs.append(packed[record["file"]])
+    return jobs
+
+
+def _tune_packed(ens: EnsembleDir, job: list[tuple[int, dict[str, Any]]], data: Dataset, config: TuneConfig, *,
+                 ranks: Ranks, callbacks: Callable[[str], Iterable[Callback]],
+                 on_done: Callable[[dict[str, Any]], None]) -> None:
+    """Tune the children of one packed file together (they are one network) and rewrite it.
+
+    The file is replaced (atomically) once every child has finished; until then the run's
+    state is kept at epoch boundaries in ``.work/together-<file>.partial.pt``, so an
+    interrupted run resumes where it stopped.
+    """
+    from pat.engine.checkpoint import load_checkpoint
+    from pat.pack import group, load_packed, save_packed, unpack
+    from pat.producers.common import plain_config
+
+    records = [record for _, record in job]
+    names = [record["name"] for record in records]
+    check(config.step == "sgd", f"--step {config.step!r}: the children of packed file {records[0]['file']!r} "
+          "are one network and tune together, which takes the plain 'sgd' step only.")
+    file = ens.member_path(records[0])
+    argument = f"member {names[0]!r}"
+    header = load_checkpoint(file, mmap=True, argument=argument)
+    packed = load_packed(file, argument=argument)
+    children = unpack(packed)
+    resume = ens.path / ".work" / f"together-{file.stem}.partial.pt"
+    extra = {"children": names, "tune": plain_config(config)}
+    _discard_stale(resume, extra)
+    results = tune_together(children, [None] * len(children), data, replace(config, together=True),
+                            indices=[index for index, _ in job], callbacks=callbacks(", ".join(names)),
+                            resume_path=resume, resume_extra=extra)
+    assert results is not None  # together=True never declines
+    tune = to_dict(config)
+    costs = [{**child.pat_cost, "parent": record.get("parent")} for child, record in zip(children, records, strict=True)]
+    save_packed(file, group(children), names, arch=header["arch"], input_shape=header["input_shape"],
+                recipes=packed.recipes, status="tuned", dataset=header.get("dataset"),
+                num_classes=header.get("num_classes"), metrics=results, tune=tune, costs=costs)
+    for record, metrics, cost in zip(records, results, costs, strict=True):
+        record = ens.stamp({**record, "status": "tuned", "metrics": metrics, "tune": tune, "cost": cost})
+        if not ranks.distributed:
+            ens.upsert_member(record)
+        on_done(record)
+    if not ranks.distributed:
+        ens.save()
+    resume.unlink(missing_ok=True)
+
+
 def _discard_stale(resume: Path, extra: dict[str, Any]) -> None:
     """Remove a together-run's resume state left by a run of other children or settings."""
     from pat.engine.checkpoint import load_checkpoint
@@ -435,8 +496,12 @@ def _reconcile(ens: EnsembleDir) -> None:
         if record["status"] == "split":
             ckpt = load_checkpoint(ens.member_path(record), mmap=True)
             if ckpt.get("status") == "tuned":
-                ens.upsert_member(ens.stamp({**record, "status": "tuned", "metrics": ckpt.get("metrics", {}),
-                                             "tune": ckpt.get("tune", {}), "cost": ckpt.get("cost")}))
+                metrics, cost = ckpt.get("metrics", {}), ckpt.get("cost")
+                if "packed" in record:  # a packed file lists them per child
+                    index = record["packed"]["index"]
+                    metrics, cost = metrics[index], ckpt["costs"][index]
+                ens.upsert_member(ens.stamp({**record, "status": "tuned", "metrics": metrics,
+                                             "tune": ckpt.get("tune", {}), "cost": cost}))
                 changed = True
     if changed:
         ens.save()

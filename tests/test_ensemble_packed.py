@@ -10,12 +10,15 @@ import torch
 from cli_helpers import one_error_line, run
 
 import pat.pack
-from pat.config import SplitConfig
+from pat.config import DataConfig, SplitConfig, TuneConfig
+from pat.engine.callbacks import Callback
+from pat.engine.checkpoint import load_checkpoint
 from pat.ensemble.ensemble import Ensemble
 from pat.ensemble.report import directory_logits
 from pat.ensemble.store import EnsembleDir
 from pat.errors import PatError
 from pat.pipeline import split_to_directory
+from pat.tuner import tune_directory
 
 SPLIT = dict(children=2, method="partition", sparsity=None, level="neuron", physical=True, seed=3)
 
@@ -138,3 +141,65 @@ def test_a_truncated_packed_file_is_named_by_its_stamp(dirs, tmp_path):
     (copy / "packed.pt").write_bytes(data[: len(data) // 2])
     line = one_error_line(run("eval", copy))
     assert "'child-0' file 'packed.pt'" in line and "truncated or replaced" in line
+
+
+TUNE = TuneConfig(epochs=2, max_lr=0.02, bagging=0.5, device="cpu", data=DataConfig(batch_size=64))
+
+
+def test_tuning_a_packed_directory_equals_tuning_its_children_one_by_one(dirs, digits, tmp_path):
+    packed, plain = (_copy(d, tmp_path / n) for d, n in zip(dirs, ("p", "u"), strict=True))
+    tune_directory(str(plain), digits, TUNE)
+
+    class StopAfterFirstEpoch(Callback):
+        def on_epoch_end(self, state):
+            raise KeyboardInterrupt
+
+    before = (packed / "packed.pt").read_bytes()
+    with pytest.raises(KeyboardInterrupt):
+        tune_directory(str(packed), digits, TUNE, callbacks=lambda name: [StopAfterFirstEpoch()])
+    assert (packed / "packed.pt").read_bytes() == before  # the file is replaced only when all finish
+    partial = packed / ".work" / "together-packed.partial.pt"
+    assert load_checkpoint(partial)["epoch"] == 1
+    done = []
+    tune_directory(str(packed), digits, TUNE, on_done=lambda r: done.append(r["name"]))
+    assert done == ["child-0", "child-1"] and not partial.exists()
+    p, u = EnsembleDir.load(packed), EnsembleDir.load(plain)
+    assert {m["file"] for m in p.members} == {"packed.pt"} and not list(packed.glob("child-*"))
+    assert len({m["sha256"] for m in p.members}) == 1
+    for rp, ru in zip(p.members, u.members, strict=True):
+        assert rp["status"] == "tuned" and rp["metrics"] == pytest.approx(ru["metrics"], abs=1e-5)
+        assert rp["cost"]["steps"] == ru["cost"]["steps"] and rp["cost"]["together"] == 2
+    got, want = Ensemble.load(packed).members, Ensemble.load(plain).members
+    for a, b, record in zip(got, want, u.members, strict=True):
+        assert a.pat_kept == load_checkpoint(u.member_path(record))["kept"]
+        for (key, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=0, msg=key)
+    assert load_checkpoint(packed / "packed.pt")["status"] == "tuned"
+    done.clear()
+    tune_directory(str(packed), digits, TUNE, on_done=lambda r: done.append(r["name"]))
+    assert done == []  # finished: nothing is tuned again
+
+
+def test_a_manifest_write_lost_after_the_packed_file_is_reconciled(dirs, digits, tmp_path):
+    packed = _copy(dirs[0], tmp_path)
+    manifest = (packed / "ensemble.json").read_text()
+    tune_directory(str(packed), digits, TuneConfig(epochs=1, max_lr=0.02, device="cpu"))
+    tuned = EnsembleDir.load(packed).members
+    (packed / "ensemble.json").write_text(manifest)  # as if killed before the manifest write
+    done = []
+    ens = tune_directory(str(packed), digits, TuneConfig(epochs=1, max_lr=0.02, device="cpu"),
+                         on_done=lambda r: done.append(r["name"]))
+    assert done == [] and [m["metrics"] for m in ens.members] == [m["metrics"] for m in tuned]
+    assert [m["sha256"] for m in ens.members] == [m["sha256"] for m in tuned]
+
+
+def test_cli_tunes_a_packed_directory_and_refuses_sam_with_nothing_written(dirs, tmp_path):
+    packed = _copy(dirs[0], tmp_path)
+    before = {p.name: p.read_bytes() for p in sorted(packed.iterdir()) if p.is_file()}
+    line = one_error_line(run("tune", packed, "--step", "sam", "--epochs", 1, "--device", "cpu"))
+    assert "--step 'sam'" in line and "'packed.pt'" in line and "tune together" in line
+    assert {p.name: p.read_bytes() for p in sorted(packed.iterdir()) if p.is_file()} == before
+    result = run("tune", packed, "--epochs", 1, "--max-lr", 0.02, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert [m["status"] for m in EnsembleDir.load(packed).members] == ["tuned"] * 2
+    assert run("eval", packed, "--device", "cpu").exit_code == 0

@@ -294,8 +294,8 @@ class EnsembleDir:
     def _unrecorded_tuning(member: dict[str, Any], file: Path) -> bool:
         """A split child whose file the tuner rewrote just before it was stopped (manifest not yet updated).
 
-        ``pat tune`` writes the tuned child, then the manifest; the file of the same child
-        (same recipe) saying ``tuned`` is that, and the next tune records it.
+        ``pat tune`` writes the tuned child (or packed file), then the manifest; the file of the
+        same child (same recipe) saying ``tuned`` is that, and the next tune records it.
         """
         if member.get("status") != "split":
             return False
@@ -305,8 +305,13 @@ class EnsembleDir:
             ckpt = load_checkpoint(file, mmap=True)
         except PatError:
             return False
-        return (ckpt.get("kind") == "child" and ckpt.get("status") == "tuned"
-                and ckpt.get("recipe") == member.get("recipe"))
+        if ckpt.get("status") != "tuned":
+            return False
+        if "packed" in member:  # a packed file records its children's recipes in its order
+            recipes = ckpt.get("recipes") or []
+            index = member["packed"]["index"]
+            return ckpt.get("kind") == "packed" and index < len(recipes) and recipes[index] == member.get("recipe")
+        return ckpt.get("kind") == "child" and ckpt.get("recipe") == member.get("recipe")
 
     def stamp(self, record: dict[str, Any], *, file: str | os.PathLike | None = None) -> dict[str, Any]:
         """``record`` with the size and sha256 of its file as it is now (call right after writing it).
