@@ -58,6 +58,7 @@ else
 fi
 if [ "$QUICK" = 1 ]; then
   run "packed" "$PY" benchmarks/packed.py --device "$DEVICE" --models lenet-s --batch 16 --repeats 1
+  run "together" "$PY" benchmarks/together.py --device "$DEVICE" --models lenet-s --kinds packed --epochs 1 --train-size 256 --repeats 1
   run "throughput" "$PY" benchmarks/throughput.py --device "$DEVICE" --model resnet8 --steps 2 --batch 16
 else
   run "masks" "$PY" benchmarks/masks.py --device "$DEVICE"
@@ -65,6 +66,7 @@ else
   run "data loader" "$PY" benchmarks/data_loader.py --device "$DEVICE"
   run "ensemble inference" "$PY" benchmarks/ensemble_inference.py --device "$DEVICE"
   run "packed" "$PY" benchmarks/packed.py --device "$DEVICE" --channels-last
+  run "together" "$PY" benchmarks/together.py --device "$DEVICE" --train-size 8192
   run "throughput" "$PY" benchmarks/throughput.py --device "$DEVICE"
 fi
 say ""; say "report: $REPORT"

@@ -16,6 +16,7 @@ from pat.data import Dataset, load_dataset
 from pat.engine.callbacks import Callback
 from pat.engine.checkpoint import save_model
 from pat.engine.cost import example_input, fit_cost
+from pat.engine.distributed import Ranks, RankShard, data_parallel, init_ranks
 from pat.engine.loop import final_metrics, fit, resolve_device
 from pat.engine.optim import create_optimizer
 from pat.engine.schedules import create_schedule
@@ -44,14 +45,23 @@ def train_parent(
     data: Dataset | None = None,
     callbacks: Iterable[Callback] = (),
     out: str | os.PathLike | None = None,
+    ranks: Ranks | None = None,
 ) -> TrainResult:
     """Train ``config.model`` on ``config.data`` with the configured recipe.
 
     With ``out``, training resumes from ``<out>.partial`` if an earlier run was interrupted,
     the finished model is saved to ``out`` (with its config and metrics) and the partial state
     is removed.
+
+    Under ``torchrun`` (``ranks``, default read from its environment) the model trains with
+    ``DistributedDataParallel``: each rank takes its rows of every global batch of
+    ``config.data.batch_size`` and the gradients are combined into the single-process one for
+    that batch (:mod:`pat.engine.distributed`). BatchNorm statistics are each rank's own, as
+    with DDP by default. Rank 0 writes ``<out>.partial`` and ``out``; an elastic restart
+    (``torchrun --max-restarts``) resumes every rank from the last finished epoch.
     """
-    device = resolve_device(config.device)
+    ranks = ranks if ranks is not None else init_ranks()
+    device = resolve_device(ranks.device(config.device))
     data = data or load_dataset(config.data.dataset, data_dir=config.data.data_dir,
                                 val_fraction=config.data.val_fraction, seed=config.data.seed)
     torch.manual_seed(config.seed)
@@ -65,14 +75,20 @@ def train_parent(
                                  weight_decay=config.weight_decay)
     scheduler = create_schedule(config.schedule, optimizer, total_steps=config.epochs * len(train))
     resume = resume_path_for(out) if out is not None else None
-    state = fit(model, train, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler,
+    net: nn.Module = model
+    if ranks.distributed:
+        train = RankShard(train, ranks)
+        net = data_parallel(model, train, device)
+    state = fit(net, train, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler,
                 eval_data=evals, callbacks=callbacks, amp=config.amp, device=device,
                 resume_path=resume, resume_extra={"config": to_dict(config)})
     metrics = final_metrics(model, data, device=device, amp=config.amp)
-    cost = fit_cost(state, example_input(data, device))
-    if out is not None:
+    extra = {"ranks": ranks.world_size} if ranks.distributed else {}
+    cost = fit_cost(state, example_input(data, device), model=model, **extra)
+    if out is not None and ranks.is_main:
         save_model(out, model, kind="model", config=to_dict(config), metrics=metrics,
                    history=state.history, dataset=data.name, num_classes=data.num_classes, cost=cost,
                    image_shape=[data.in_channels, data.image_size, data.image_size])
         resume.unlink(missing_ok=True)
+    ranks.barrier()  # the checkpoint is there for every rank's next stage
     return TrainResult(model=model, history=state.history, metrics=metrics, cost=cost)

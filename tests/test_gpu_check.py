@@ -25,6 +25,7 @@ def test_gpu_check_runs_on_cpu_and_writes_one_report(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     text = report.read_text()
     assert "lenet-s   M=4 train step" in text and "packed" in text
+    assert "== together" in text and "auto/faster" in text  # together-tuning timed too
     assert "TFLOP/s" in text and "FAILED" not in text
 
 

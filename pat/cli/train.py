@@ -36,10 +36,13 @@ def train(model, dataset, data_dir, batch_size, val_fraction, data_seed, epochs,
     """Train a parent network into a checkpoint.
 
     An interrupted run resumes from OUT.partial when started again with the same --out.
+    Under torchrun (torchrun --nproc-per-node N -m pat train ...) it trains data-parallel:
+    each rank a share of every batch, the same result as one process.
     """
     from pat.config import DataConfig, TrainConfig
     from pat.data import load_dataset
     from pat.engine.checkpoint import ensure_writable
+    from pat.engine.distributed import init_ranks
     from pat.models import create_model
     from pat.parent import train_parent
 
@@ -62,15 +65,19 @@ def train(model, dataset, data_dir, batch_size, val_fraction, data_seed, epochs,
     data = load_dataset(dataset, data_dir=d["data_dir"], val_fraction=d["val_fraction"], seed=d["seed"])
     create_model(model, num_classes=data.num_classes, in_channels=data.in_channels)  # fail fast on a bad name
 
-    console.print(f"[bold]pat train[/] {model} on {dataset}: {describe_settings(settings, sources)}, "
-                  f"{optimizer}, schedule {schedule}", highlight=False, soft_wrap=True)
+    ranks = init_ranks()  # under torchrun: one data-parallel run, rank 0 reports and writes
+    say = console.print if ranks.is_main else (lambda *a, **k: None)
+    where = f" on {ranks.world_size} ranks" if ranks.distributed else ""
+    say(f"[bold]pat train[/] {model} on {dataset}{where}: {describe_settings(settings, sources)}, "
+        f"{optimizer}, schedule {schedule}", highlight=False, soft_wrap=True)
     start = time.perf_counter()
-    result = train_parent(config, data=data, callbacks=[EpochProgress(f"train {model}")], out=out)
+    progress = [EpochProgress(f"train {model}")] if ranks.is_main else []
+    result = train_parent(config, data=data, callbacks=progress, out=out, ranks=ranks)
     rows = [{"split": k.split("_")[0], "accuracy": result.metrics[k], "loss": result.metrics[k.replace("acc", "loss")]}
             for k in result.metrics if k.endswith("_acc")]
-    console.print(metrics_table(f"{model}, {dataset}, {epochs} epochs ({time.perf_counter() - start:.0f}s)",
-                                rows, ["split", "accuracy", "loss"]))
-    console.print(f"saved [bold]{out}[/]")
+    say(metrics_table(f"{model}, {dataset}, {epochs} epochs ({time.perf_counter() - start:.0f}s)",
+                      rows, ["split", "accuracy", "loss"]))
+    say(f"saved [bold]{out}[/]")
 
 
 @click.command()

@@ -1,23 +1,29 @@
-"""Independent jobs (children, pool policies, cycles) sharded across ``torchrun`` ranks.
+"""torchrun ranks: independent jobs sharded across them, and one model trained data-parallel.
 
-Under ``torchrun --nproc-per-node N`` every rank runs the same command; each takes the jobs
-``i`` with ``i % world_size == rank``, and rank 0 alone writes shared files (the manifest)
-after a barrier. Without torchrun it is one rank of one and nothing is initialised. The same
-path runs on CPU with the gloo backend, which is how it is tested.
+Under ``torchrun --nproc-per-node N`` every rank runs the same command. Independent jobs
+(children, pool policies, cycles): each rank takes the jobs ``i`` with ``i % world_size ==
+rank``, and rank 0 alone writes shared files (the manifest) after a barrier. One model (the
+parent): every rank takes its rows of each global batch (:class:`RankShard`) and
+``DistributedDataParallel`` sums the gradients weighted by the rows each rank had, so the
+update is the single-process one for the same global batch. Without torchrun it is one rank
+of one and nothing is initialised. The same path runs on CPU with the gloo backend, which is
+how it is tested.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["Ranks", "init_ranks"]
+__all__ = ["Ranks", "init_ranks", "RankShard", "data_parallel"]
 
 T = TypeVar("T")
 
@@ -65,3 +71,59 @@ def init_ranks() -> Ranks:
         # SharpBalance phase), far longer than the default 30-minute collective timeout
         dist.init_process_group(backend=backend, timeout=timedelta(hours=24))
     return Ranks(rank=rank, world_size=world, local_rank=local)
+
+
+class RankShard:
+    """This rank's rows of every global batch of ``loader`` (rows ``rank``, ``rank + world``, ...).
+
+    ``share`` is the fraction of the current global batch those rows are: the weight of this
+    rank's mean-loss gradient in the all-reduce (:func:`data_parallel`), so a last batch that
+    does not split evenly still gives the single-process gradient.
+    """
+
+    def __init__(self, loader: Iterable[tuple[Tensor, Tensor]], ranks: Ranks) -> None:
+        self.loader, self.ranks, self.share = loader, ranks, 1.0 / ranks.world_size
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        rank, world = self.ranks.rank, self.ranks.world_size
+        for x, y in self.loader:
+            mine = y[rank::world]
+            if not len(mine):
+                raise RuntimeError(f"a batch of {len(y)} has no rows for rank {rank} of {world}; "
+                                   "use a batch size of at least the number of ranks")
+            self.share = len(mine) / len(y)
+            yield x[rank::world].contiguous(), mine.contiguous()
+
+
+def _weighted_allreduce(shard, bucket):  # noqa: ANN001 (DDP checks a hook's annotations as objects, not strings)
+    tensor = bucket.buffer().mul_(shard.share)  # this rank's mean gradient x its share of rows
+    return dist.all_reduce(tensor, async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+def data_parallel(model: nn.Module, shard: RankShard, device: torch.device) -> DistributedDataParallel:
+    """``model`` wrapped for data-parallel training on ``shard``'s rows (see :class:`RankShard`)."""
+    ids: Any = [device.index] if device.type == "cuda" else None
+    wrapped = DistributedDataParallel(model, device_ids=ids)
+    wrapped.register_comm_hook(shard, _weighted_allreduce)
+    return wrapped
+
+
+def all_sum(values: Sequence[float], device: torch.device) -> list[float]:
+    """``values`` summed over the ranks (returned as they are without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def is_main_process() -> bool:
+    """Rank 0, or the only process."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from pat.engine.callbacks import Callback, CallbackList, FitState
 from pat.engine.checkpoint import load_checkpoint, save_checkpoint
 from pat.engine.cost import sample_passes
+from pat.engine.distributed import all_sum, is_main_process
 from pat.engine.steps import LossFn, StepRule, sgd_step
 from pat.errors import PatError, check
 
@@ -93,6 +95,11 @@ def final_metrics(model: nn.Module, data: Dataset, *, device: torch.device, amp:
     return metrics
 
 
+def _inner(model: nn.Module) -> nn.Module:
+    """The module a data-parallel wrapper trains (its state is what is saved and evaluated)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
 def _save_state(path: Path, state: FitState, extra: Mapping[str, Any]) -> None:
     save_checkpoint(path, {
         "kind": "train-state",
@@ -100,7 +107,7 @@ def _save_state(path: Path, state: FitState, extra: Mapping[str, Any]) -> None:
         "step": state.step,
         "cost": {"samples": state.samples, "sample_passes": state.sample_passes, "seconds": state.seconds},
         "history": state.history,
-        "state_dict": {k: v.detach().cpu() for k, v in state.model.state_dict().items()},
+        "state_dict": {k: v.detach().cpu() for k, v in _inner(state.model).state_dict().items()},
         "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
         "rng": torch.get_rng_state(),
@@ -112,7 +119,7 @@ def _restore_state(path: Path, state: FitState) -> int:
     ckpt = load_checkpoint(path, argument="resume state")
     if ckpt.get("kind") != "train-state":
         raise PatError(f"resume state {str(path)!r} is a {ckpt.get('kind')!r} file, not a train-state.")
-    state.model.load_state_dict(ckpt["state_dict"])
+    _inner(state.model).load_state_dict(ckpt["state_dict"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
     if state.scheduler is not None and ckpt.get("scheduler") is not None:
         state.scheduler.load_state_dict(ckpt["scheduler"])
@@ -156,6 +163,11 @@ def fit(
         amp: bf16 autocast; ``None`` means on for CUDA, off for CPU.
         resume_path: if given, the full training state is saved there (atomically) after every
             epoch, and an existing file there is resumed from; the caller deletes it when done.
+            Under a process group only rank 0 writes it; every rank resumes from it.
+
+    A ``DistributedDataParallel`` model (:func:`pat.engine.distributed.data_parallel`) trains
+    on each rank's rows; the epoch's train metrics and sample counts are summed over the ranks,
+    and evaluation and the resume state use the wrapped module.
         resume_extra: plain data stored with the resume state (e.g. the config).
 
     Returns:
@@ -201,6 +213,9 @@ def fit(
             cbs.on_step_end(state)
         if scheduler is not None and interval == "epoch":
             scheduler.step()
+        if isinstance(model, DistributedDataParallel):  # every rank's rows: the global batch
+            sums = all_sum([float(loss_sum), float(correct), seen, labels, float(passes)], dev)
+            loss_sum, correct, seen, labels, passes = sums[0], sums[1], int(sums[2]), int(sums[3]), int(sums[4])
         check(seen > 0, "training data is empty.")
         metrics = {
             "epoch": epoch + 1,
@@ -209,7 +224,7 @@ def fit(
             "lr": optimizer.param_groups[0]["lr"],
         }
         for name, batches in (eval_data or {}).items():
-            result = evaluate(model, batches, loss_fn=loss_fn, autocast=autocast)
+            result = evaluate(_inner(model), batches, loss_fn=loss_fn, autocast=autocast)
             metrics[f"{name}_loss"], metrics[f"{name}_acc"] = result["loss"], result["acc"]
         metrics["time"] = time.perf_counter() - start
         state.samples += seen
@@ -217,7 +232,7 @@ def fit(
         state.seconds += metrics["time"]
         state.metrics = metrics
         state.history.append(metrics)
-        if resume is not None:
+        if resume is not None and is_main_process():
             _save_state(resume, state, resume_extra or {})
         cbs.on_epoch_end(state)
         if state.stop:
