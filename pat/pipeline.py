@@ -33,13 +33,14 @@ from pat.config import (
 )
 from pat.data import Dataset, load_dataset
 from pat.engine.callbacks import Callback
-from pat.engine.checkpoint import atomic_write, load_model
+from pat.engine.checkpoint import load_model
 from pat.engine.loop import resolve_device
 from pat.ensemble.ensemble import Ensemble
 from pat.ensemble.metrics import accuracy_vs_size, classification_metrics, evaluate
 from pat.ensemble.predict import collect_probs
 from pat.ensemble.store import MANIFEST, EnsembleDir
 from pat.errors import PatError, check, first_line
+from pat.io import atomic_write
 from pat.parent import train_parent
 from pat.tuner import tune_directory
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from pat.data import Dataset, DeviceLoader
-from pat.engine.checkpoint import atomic_write, ensure_writable, save_model
+from pat.engine.checkpoint import save_model
 from pat.engine.loop import resolve_device
 from pat.ensemble.calibration import (
     apply_temperature,
@@ -32,6 +32,7 @@ from pat.ensemble.predict import cached_logits, collect_logits, collect_probs, c
 from pat.ensemble.select import create_selector
 from pat.ensemble.store import EnsembleDir
 from pat.errors import PatError, check
+from pat.io import atomic_write, ensure_writable
 
 __all__ = ["directory_logits", "directory_probs", "evaluate_directory", "select_directory", "soup_directory"]
 

@@ -21,11 +21,10 @@ import torch
 from torch import nn
 
 from pat.config import to_dict
-from pat.data import Dataset, DeviceLoader, load_dataset
+from pat.data import Dataset, DeviceLoader, IndexedBatches, load_dataset
 from pat.engine.callbacks import Callback
 from pat.engine.checkpoint import load_checkpoint, save_model
 from pat.engine.distributed import Ranks
-from pat.engine.sam import IndexedBatches
 from pat.ensemble.lock import acquire, release
 from pat.ensemble.store import MANIFEST, EnsembleDir
 from pat.errors import PatError
