@@ -29,13 +29,13 @@ from pat.engine.callbacks import Callback
 from pat.engine.cost import example_input, fit_cost
 from pat.engine.distributed import Ranks
 from pat.engine.loop import autocast_for, final_metrics, fit, resolve_device
+from pat.engine.masking import MaskEnforcer
 from pat.engine.optim import create_optimizer
 from pat.engine.schedules import create_schedule
 from pat.engine.steps import create_step
 from pat.ensemble.soups import recalibrate_bn
 from pat.ensemble.store import EnsembleDir
 from pat.errors import PatError, check
-from pat.masks.apply import MaskEnforcer
 from pat.models import check_takes
 
 __all__ = ["TuneConfig", "tune", "tune_child", "tune_together", "tune_directory", "resolve_max_lr"]
