@@ -5,7 +5,7 @@ import json
 import pytest
 from cli_helpers import one_error_line, run
 
-from pat.ensemble.store import EnsembleDir
+from pat.store import EnsembleDir
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,6 @@ from pat.engine.distributed import Ranks, init_ranks
 from pat.engine.loop import final_metrics, fit, resolve_device
 from pat.engine.optim import create_optimizer
 from pat.engine.schedules import create_schedule
-from pat.ensemble.store import EnsembleDir
 from pat.errors import check
 from pat.models import create_model
 from pat.producers.common import (
@@ -39,6 +38,7 @@ from pat.producers.common import (
     write_manifest,
 )
 from pat.registry import OPTIMIZERS, SCHEDULES
+from pat.store import EnsembleDir
 
 __all__ = ["PAPER_GRID", "PoolConfig", "pool_jobs", "train_pool", "plot_policies"]
 

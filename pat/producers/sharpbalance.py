@@ -41,7 +41,6 @@ from pat.engine.optim import create_optimizer
 from pat.engine.sam import MixedSAMStep, SAMStep, per_sample_sharpness
 from pat.engine.schedules import create_schedule
 from pat.engine.steps import sgd_step
-from pat.ensemble.store import EnsembleDir
 from pat.errors import PatError, check
 from pat.models import create_model
 from pat.producers.common import (
@@ -56,6 +55,7 @@ from pat.producers.common import (
     work_dir,
 )
 from pat.registry import OPTIMIZERS, SCHEDULES
+from pat.store import EnsembleDir
 
 __all__ = ["SUBSET_RULES", "MODES", "SharpBalanceConfig", "sam_subsets", "sharpness_scores",
            "train_sharpbalance"]

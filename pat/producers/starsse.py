@@ -35,7 +35,6 @@ from pat.engine.distributed import Ranks, init_ranks
 from pat.engine.loop import final_metrics, fit, resolve_device
 from pat.engine.optim import create_optimizer
 from pat.engine.schedules import create_schedule
-from pat.ensemble.store import EnsembleDir
 from pat.errors import PatError, check
 from pat.models import create_model, get_classifier
 from pat.models._classifier import module_path
@@ -50,6 +49,7 @@ from pat.producers.common import (
     save_member,
 )
 from pat.registry import OPTIMIZERS
+from pat.store import EnsembleDir
 
 __all__ = ["StarSSEConfig", "load_pretrained", "train_starsse"]
 
