@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from pat.children import split
-from pat.masks import MaskEnforcer, count_params_macs
+from pat.engine.masking import MaskEnforcer
+from pat.masks import count_params_macs
 from pat.models import create_model
 
 

@@ -57,9 +57,9 @@ import torch
 import torch.nn.functional as F
 
 from pat.config import DataConfig
-from pat.data import load_dataset
+from pat.data import IndexedBatches, load_dataset
 from pat.engine.checkpoint import load_model
-from pat.engine.sam import IndexedBatches, MixedSAMStep, SAMStep, per_sample_sharpness
+from pat.engine.sam import MixedSAMStep, SAMStep, per_sample_sharpness
 from pat.engine.steps import sgd_step
 from pat.ensemble import GreedySelector, collect_probs, pairwise_disagreement
 from pat.ensemble.metrics import accuracy, ece, nll

@@ -39,7 +39,7 @@ from pat.engine.checkpoint import load_model
 from pat.ensemble.calibration import fit_temperature
 from pat.ensemble.metrics import accuracy, ece, nll
 from pat.ensemble.predict import collect_logits
-from pat.ensemble.store import EnsembleDir
+from pat.store import EnsembleDir
 
 TRAIN = ["train", "--model", "lenet-s", "--dataset", "digits", "--epochs", "10"]
 # name -> (split options, tune options); the seed is added to both

@@ -36,7 +36,7 @@ _API = {
     # prune and tune
     "split": "pat.children", "iter_split": "pat.children", "save_child": "pat.children",
     "load_child": "pat.children",
-    "generate_masks": "pat.masks", "MaskEnforcer": "pat.masks", "tune": "pat.tuner",
+    "generate_masks": "pat.masks", "MaskEnforcer": "pat.engine.masking", "tune": "pat.tuner",
     "run": "pat.pipeline",
     # ensembles
     "Ensemble": "pat.ensemble", "EnsembleDir": "pat.ensemble", "collect_probs": "pat.ensemble",
@@ -72,6 +72,7 @@ if TYPE_CHECKING:  # let type checkers and IDEs see the real objects
     from pat.data import Dataset, DeviceLoader, list_datasets, load_dataset
     from pat.engine.checkpoint import load_model, save_model
     from pat.engine.loop import fit
+    from pat.engine.masking import MaskEnforcer
     from pat.ensemble import (
         AllSelector,
         BruteForceSelector,
@@ -95,7 +96,7 @@ if TYPE_CHECKING:  # let type checkers and IDEs see the real objects
         recalibrate_bn,
         uniform_soup,
     )  # fmt: skip
-    from pat.masks import MaskEnforcer, generate_masks
+    from pat.masks import generate_masks
     from pat.models import create_model, get_classifier, list_models
     from pat.parent import train_parent
     from pat.pipeline import run

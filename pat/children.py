@@ -13,7 +13,7 @@ It carries its mask set and recipe as attributes:
   "physical", "children"}`` (plus ``"input_shape"`` for a physical child);
 * ``child.pat_kept``: physical children only, ``{root layer: [kept output channels]}``.
 
-Train a masked child with :class:`pat.masks.MaskEnforcer` among the callbacks so that the
+Train a masked child with :class:`pat.engine.masking.MaskEnforcer` among the callbacks so that the
 masked weights stay zero; save and load it with :func:`save_child` / :func:`load_child`.
 """
 

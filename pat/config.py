@@ -14,9 +14,9 @@ from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from pat.budget import BudgetConfig
-from pat.engine.optim import OPTIMIZERS
-from pat.engine.schedules import list_schedules
 from pat.errors import PatError, check
+from pat.io import atomic_write
+from pat.registry import OPTIMIZERS, SCHEDULES
 
 __all__ = ["BudgetConfig", "DataConfig", "TrainConfig", "SplitConfig", "TuneConfig", "RunConfig", "to_dict", "from_dict", "load_yaml", "save_yaml"]
 
@@ -56,10 +56,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check(self.epochs > 0, f"epochs must be positive. Got {self.epochs}.")
         check(self.lr > 0, f"lr must be positive. Got {self.lr}.")
-        check(self.optimizer in OPTIMIZERS,
-              f"optimizer {self.optimizer!r} is unknown; choose one of: {', '.join(OPTIMIZERS)}.")
-        check(self.schedule in list_schedules(),
-              f"schedule {self.schedule!r} is unknown; choose one of: {', '.join(list_schedules())}.")
+        OPTIMIZERS.get(self.optimizer)
+        SCHEDULES.get(self.schedule)
 
 
 @dataclass(frozen=True)
@@ -132,8 +130,7 @@ class TuneConfig:
         check(self.max_lr is None or self.max_lr > 0, f"max_lr must be positive. Got {self.max_lr}.")
         check(self.max_lr_share > 0, f"max_lr_share must be positive. Got {self.max_lr_share}.")
         check(self.lr > 0, f"lr must be positive. Got {self.lr}.")
-        check(self.optimizer in OPTIMIZERS,
-              f"optimizer {self.optimizer!r} is unknown; choose one of: {', '.join(OPTIMIZERS)}.")
+        OPTIMIZERS.get(self.optimizer)
         check(self.bagging is None or 0 < self.bagging <= 1,
               f"bagging must be in (0, 1]. Got {self.bagging}.")
 
@@ -205,7 +202,5 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def save_yaml(config: Any, path: str | Path, *, header: str = "") -> None:
     """Write ``config`` as YAML, atomically; ``header`` (comment lines) goes first."""
-    from pat.engine.checkpoint import atomic_write
-
     text = header + yaml.safe_dump(to_dict(config) if dataclasses.is_dataclass(config) else config, sort_keys=False)
     atomic_write(path, lambda f: f.write(text.encode()))

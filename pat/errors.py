@@ -22,4 +22,5 @@ def check(condition: object, message: str) -> None:
 
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message, or its type's name if it has none."""
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -33,14 +33,15 @@ from pat.config import (
 )
 from pat.data import Dataset, load_dataset
 from pat.engine.callbacks import Callback
-from pat.engine.checkpoint import atomic_write, load_model
+from pat.engine.checkpoint import load_model
 from pat.engine.loop import resolve_device
 from pat.ensemble.ensemble import Ensemble
 from pat.ensemble.metrics import accuracy_vs_size, classification_metrics, evaluate
 from pat.ensemble.predict import collect_probs
-from pat.ensemble.store import MANIFEST, EnsembleDir
 from pat.errors import PatError, check, first_line
+from pat.io import atomic_write
 from pat.parent import train_parent
+from pat.store import MANIFEST, EnsembleDir
 from pat.tuner import tune_directory
 
 __all__ = ["RunResult", "run", "demo_config", "evaluate_run", "split_to_directory", "split_footprint",
@@ -99,7 +100,7 @@ def split_to_directory(parent_path: str | Path, out: str | Path, config: SplitCo
     """
     from pat.children import iter_split, save_child
     from pat.engine.resources import check_fits
-    from pat.ensemble.lock import directory_lock
+    from pat.lock import directory_lock
     from pat.masks.apply import count_params_macs, default_example_inputs
     from pat.masks.generate import check_recipe
 

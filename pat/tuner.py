@@ -25,18 +25,18 @@ from torch import nn
 
 from pat.config import TrainConfig, TuneConfig, to_dict
 from pat.data import Dataset, bagging_indices
+from pat.engine.batchnorm import recalibrate_bn
 from pat.engine.callbacks import Callback
 from pat.engine.cost import example_input, fit_cost
 from pat.engine.distributed import Ranks
 from pat.engine.loop import autocast_for, final_metrics, fit, resolve_device
+from pat.engine.masking import MaskEnforcer
 from pat.engine.optim import create_optimizer
 from pat.engine.schedules import create_schedule
 from pat.engine.steps import create_step
-from pat.ensemble.soups import recalibrate_bn
-from pat.ensemble.store import EnsembleDir
 from pat.errors import PatError, check
-from pat.masks.apply import MaskEnforcer
 from pat.models import check_takes
+from pat.store import EnsembleDir
 
 __all__ = ["TuneConfig", "tune", "tune_child", "tune_together", "tune_directory", "resolve_max_lr"]
 
@@ -346,10 +346,10 @@ def tune_directory(
     Each child is written (atomically) the moment it finishes and the manifest is updated, so
     an interrupted run loses at most the child in progress, which restarts from its split
     weights next time. Under torchrun each rank tunes its share and rank 0 writes the manifest.
-    Rank 0 holds the directory's lock (:mod:`pat.ensemble.lock`) throughout: a second tune of
+    Rank 0 holds the directory's lock (:mod:`pat.lock`) throughout: a second tune of
     the same directory is refused, or with ``wait`` queues behind the first.
     """
-    from pat.ensemble.lock import directory_lock
+    from pat.lock import directory_lock
 
     ranks = ranks if ranks is not None else Ranks()
     lock = directory_lock(path, wait=wait, argument="CHILDREN_DIR") if ranks.is_main else contextlib.nullcontext()

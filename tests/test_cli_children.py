@@ -5,7 +5,7 @@ import json
 import pytest
 from cli_helpers import one_error_line, run
 
-from pat.ensemble.store import EnsembleDir
+from pat.store import EnsembleDir
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +177,7 @@ def test_dee_refuses_a_reference_of_other_data(tuned, tmp_path):
 
 def test_ensemble_bad_input(tuned, tmp_path):
     assert "at most the pool size 4" in one_error_line(run("select", tuned, "--method", "top-k", "--size", 9))
-    assert "selector 'best' is unknown" in one_error_line(run("select", tuned, "--method", "best"))
+    assert "unknown selector 'best'" in one_error_line(run("select", tuned, "--method", "best"))
 
 
 def test_eval_refuses_dataset_with_other_class_count(tuned, tmp_path):

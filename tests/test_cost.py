@@ -7,10 +7,9 @@ from click.testing import CliRunner
 from pat.children import split
 from pat.cli import cli
 from pat.config import DataConfig, SplitConfig, TuneConfig
-from pat.data import load_dataset
+from pat.data import IndexedBatches, load_dataset
 from pat.engine.checkpoint import load_checkpoint
 from pat.engine.cost import (
-    directory_cost,
     example_input,
     forward_flops,
     inference_macs,
@@ -18,8 +17,9 @@ from pat.engine.cost import (
     training_cost,
 )
 from pat.engine.loop import fit
-from pat.engine.sam import IndexedBatches, MixedSAMStep, SAMStep
+from pat.engine.sam import MixedSAMStep, SAMStep
 from pat.engine.steps import sgd_step
+from pat.ensemble.cost import directory_cost
 from pat.models import create_model
 from pat.pipeline import split_to_directory
 from pat.producers.lr_pool import PoolConfig, train_pool

@@ -185,7 +185,7 @@ def test_registry_names_and_errors():
         "synthetic",
         "folder:PATH",
     } <= set(names)
-    with pytest.raises(PatError, match=r"'foo' is unknown; choose one of: .*cifar10"):
+    with pytest.raises(PatError, match=r"unknown dataset 'foo'; choose one of: .*cifar10"):
         load_dataset("foo")
     with pytest.raises(PatError, match="val_fraction .*1.5"):
         load_dataset("digits", val_fraction=1.5)

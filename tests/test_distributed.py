@@ -12,8 +12,8 @@ import torch
 
 from pat.config import DataConfig, SplitConfig, TuneConfig
 from pat.engine.checkpoint import load_checkpoint
-from pat.ensemble.store import EnsembleDir
 from pat.pipeline import split_to_directory
+from pat.store import EnsembleDir
 from pat.tuner import tune_directory
 
 

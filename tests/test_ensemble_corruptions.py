@@ -62,7 +62,7 @@ def test_corrupt_split_on_uint8(images) -> None:
 
 def test_bad_arguments() -> None:
     x = torch.rand(1, 3, 8, 8)
-    with pytest.raises(PatError, match="corruption 'fog' is unknown"):
+    with pytest.raises(PatError, match="unknown corruption 'fog'"):
         corrupt(x, "fog", 1)
     with pytest.raises(PatError, match=r"severity must be an integer in \[1, 5\]. Got 6."):
         corrupt(x, "contrast", 6)

@@ -15,9 +15,9 @@ from pat.engine.callbacks import Callback
 from pat.engine.checkpoint import load_checkpoint
 from pat.ensemble.ensemble import Ensemble
 from pat.ensemble.report import directory_logits
-from pat.ensemble.store import EnsembleDir
 from pat.errors import PatError
 from pat.pipeline import split_to_directory
+from pat.store import EnsembleDir
 from pat.tuner import tune_directory
 
 SPLIT = dict(children=2, method="partition", sparsity=None, level="neuron", physical=True, seed=3)

@@ -193,7 +193,7 @@ def test_registry() -> None:
     assert list_selectors() == ["all", "top-k", "random", "brute-force", "greedy", "focal"]
     sel = create_selector("greedy", size=3, metric="accuracy")
     assert isinstance(sel, GreedySelector) and sel.size == 3 and sel.metric == "accuracy"
-    with pytest.raises(PatError, match="selector 'best' is unknown; choose one of: all, top-k"):
+    with pytest.raises(PatError, match="unknown selector 'best'; choose one of: all, top-k"):
         create_selector("best")
     with pytest.raises(PatError, match="selector 'top-k' takes k, metric; got size"):
         create_selector("top-k", size=3)

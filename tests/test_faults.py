@@ -24,8 +24,8 @@ from cli_helpers import one_error_line, run
 import pat
 from pat.children import iter_split, split
 from pat.engine.checkpoint import load_model
-from pat.ensemble.lock import LOCK_FILE
-from pat.ensemble.store import MANIFEST, EnsembleDir
+from pat.lock import LOCK_FILE
+from pat.store import MANIFEST, EnsembleDir
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(pat.__file__).resolve().parents[1])}
 FAST_TUNE = ("--epochs", 1, "--max-lr", 0.05, "--batch-size", 64, "--device", "cpu")
@@ -213,7 +213,7 @@ def test_tuned_file_not_yet_in_the_manifest_is_taken_not_refused(tmp_path, ens_d
 
 # -- 5. one writer per directory ------------------------------------------------------------------
 def hold_lock(path: Path, seconds: float) -> subprocess.Popen:
-    code = ("import sys, time; from pat.ensemble.lock import acquire; "
+    code = ("import sys, time; from pat.lock import acquire; "
             "acquire(sys.argv[1], command='pat tune elsewhere'); print('held', flush=True); "
             "time.sleep(float(sys.argv[2]))")
     proc = subprocess.Popen([sys.executable, "-c", code, str(path), str(seconds)], env=ENV,

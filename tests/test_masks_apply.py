@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from pat.engine.callbacks import FitState
+from pat.engine.masking import MaskEnforcer
 from pat.errors import PatError
 from pat.masks import (
-    MaskEnforcer,
     apply_masks,
     bake,
     check_masks,

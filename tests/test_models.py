@@ -190,8 +190,8 @@ def test_pretrained_download_failure_is_a_one_line_pat_error(monkeypatch) -> Non
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: create_model("foo"), r"model 'foo' is unknown; choose one of: .*lenet-s.*tv:"),
-        (lambda: create_model("tv:nope"), r"model 'tv:nope' is unknown"),
+        (lambda: create_model("foo"), r"unknown model 'foo'; choose one of: .*lenet-s.*tv:"),
+        (lambda: create_model("tv:nope"), r"unknown model 'tv:nope'"),
         (
             lambda: create_model("resnet20", depth=3),
             r"'resnet20' does not take argument\(s\) depth",
@@ -232,7 +232,7 @@ def test_register_model_adds_a_name() -> None:
         with pytest.raises(PatError, match="tv:"):
             register_model("tv:mine")
     finally:
-        models.MODELS.pop("test-mlp")
+        models.MODELS.remove("test-mlp")
 
 
 def test_kaiming_init_and_unit_batchnorm() -> None:

@@ -9,9 +9,9 @@ from pat.cli.producers import pool
 from pat.config import DataConfig
 from pat.data import load_dataset
 from pat.engine.checkpoint import load_checkpoint, load_model
-from pat.ensemble.store import EnsembleDir
 from pat.errors import PatError
 from pat.producers.lr_pool import PAPER_GRID, PoolConfig, pool_jobs, train_pool
+from pat.store import EnsembleDir
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ from pat.data import load_dataset
 from pat.engine.callbacks import Callback
 from pat.engine.checkpoint import load_checkpoint, save_model
 from pat.engine.sam import measure_sharpness, per_sample_sharpness
-from pat.ensemble.store import EnsembleDir
 from pat.errors import PatError
 from pat.models import create_model
 from pat.producers.sharpbalance import SharpBalanceConfig, sam_subsets, train_sharpbalance
+from pat.store import EnsembleDir
 
 
 def scores_with_flat(flat: list[list[int]], n: int) -> torch.Tensor:

@@ -10,10 +10,10 @@ from pat.config import DataConfig
 from pat.data import load_dataset
 from pat.engine.callbacks import Callback
 from pat.engine.checkpoint import load_checkpoint, save_model
-from pat.ensemble.store import EnsembleDir
 from pat.errors import PatError
 from pat.models import create_model
 from pat.producers.starsse import StarSSEConfig, load_pretrained, train_starsse
+from pat.store import EnsembleDir
 
 
 @pytest.fixture(scope="module")

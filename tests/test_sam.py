@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from pat.data import DeviceLoader
+from pat.data import DeviceLoader, IndexedBatches
 from pat.engine.loop import fit
-from pat.engine.sam import IndexedBatches, MixedSAMStep, SAMStep, sam_perturbation
+from pat.engine.sam import MixedSAMStep, SAMStep, sam_perturbation
 from pat.engine.steps import create_step, sgd_step
 from pat.errors import PatError
 

@@ -59,7 +59,7 @@ def test_constant_is_constant():
 
 def test_unknown_schedule_names_the_choices():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    with pytest.raises(PatError, match="schedule 'nope' is unknown; choose one of: .*one-cycle"):
+    with pytest.raises(PatError, match="unknown schedule 'nope'; choose one of: .*one-cycle"):
         create_schedule("nope", opt, total_steps=10)
     assert {"constant", "cosine", "one-cycle", "parent"} <= set(list_schedules())
 

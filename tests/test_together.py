@@ -13,9 +13,9 @@ import pat
 from pat.config import DataConfig, SplitConfig, TuneConfig
 from pat.engine.callbacks import Callback
 from pat.engine.checkpoint import load_checkpoint
-from pat.ensemble.store import EnsembleDir
 from pat.errors import PatError
 from pat.pipeline import split_to_directory
+from pat.store import EnsembleDir
 from pat.tuner import tune, tune_directory
 from tests.cli_helpers import one_error_line, run
 

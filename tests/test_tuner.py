@@ -12,10 +12,10 @@ from pat.config import DataConfig, SplitConfig, TuneConfig
 from pat.engine.callbacks import Callback
 from pat.engine.checkpoint import load_checkpoint
 from pat.engine.schedules import one_cycle_lr
-from pat.ensemble.store import EnsembleDir
 from pat.errors import PatError
 from pat.models import create_model
 from pat.pipeline import split_to_directory
+from pat.store import EnsembleDir
 from pat.tuner import tune, tune_directory
 
 FAST = TuneConfig(epochs=1, max_lr=0.05, data=DataConfig(batch_size=64))

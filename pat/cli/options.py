@@ -156,7 +156,7 @@ def ensemble_data(ensemble_dir: str, *, dataset: str | None, data_dir: str | Non
     val_fraction and seed.
     """
     from pat.data import load_dataset
-    from pat.ensemble.store import MANIFEST, EnsembleDir
+    from pat.store import MANIFEST, EnsembleDir
 
     ens = EnsembleDir.load(ensemble_dir, argument=argument)
     where = f"{argument} {str(ens.path / MANIFEST)!r}"
@@ -181,7 +181,7 @@ def producer_data(out: str, producer: str, *, dataset: str | None, data_dir: str
     import json
     from pathlib import Path
 
-    from pat.ensemble.store import MANIFEST
+    from pat.store import MANIFEST
 
     given = {"dataset": dataset, "data_dir": data_dir, "val_fraction": val_fraction, "seed": data_seed}
     file = Path(out) / MANIFEST
@@ -255,7 +255,7 @@ def force_option(func: F) -> F:
 
 
 def lock_options(directory: str | None = None) -> Callable[[F], F]:
-    """--wait; the command runs in a :func:`pat.ensemble.lock.lock_scope`.
+    """--wait; the command runs in a :func:`pat.lock.lock_scope`.
 
     A command that writes an ensemble directory holds its lock (``ensemble.lock``): a second
     writer is refused naming the holder, or with ``--wait`` queues behind it. ``directory``
@@ -271,7 +271,7 @@ def lock_options(directory: str | None = None) -> Callable[[F], F]:
     def decorate(func: F) -> F:
         @functools.wraps(func)
         def wrapper(*args: Any, wait: bool, **kwargs: Any) -> Any:
-            from pat.ensemble.lock import acquire, lock_scope
+            from pat.lock import acquire, lock_scope
 
             with lock_scope(wait=wait):
                 target = kwargs.get(directory) if directory else None

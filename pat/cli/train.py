@@ -41,8 +41,8 @@ def train(model, dataset, data_dir, batch_size, val_fraction, data_seed, epochs,
     """
     from pat.config import DataConfig, TrainConfig
     from pat.data import load_dataset
-    from pat.engine.checkpoint import ensure_writable
     from pat.engine.distributed import init_ranks
+    from pat.io import ensure_writable
     from pat.models import create_model
     from pat.parent import train_parent
 

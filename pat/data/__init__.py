@@ -20,11 +20,12 @@ from pat.data.core import (
     load_dataset_like,
     register_dataset,
 )
-from pat.data.loader import DeviceLoader
+from pat.data.loader import DeviceLoader, IndexedBatches
 
 __all__ = [
     "Dataset",
     "DeviceLoader",
+    "IndexedBatches",
     "Recipe",
     "Split",
     "bagging_indices",

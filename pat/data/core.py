@@ -18,6 +18,7 @@ from torch import Tensor
 
 from pat.data.loader import DeviceLoader, resolve_device, seeded_generator
 from pat.errors import PatError, check
+from pat.registry import Registry
 
 __all__ = [
     "Split",
@@ -127,7 +128,7 @@ class Recipe:
 
 
 # name -> builder(data_dir, val_fraction, seed, download, **options) -> Dataset
-_REGISTRY: dict[str, Callable[..., Dataset]] = {}
+DATASETS: Registry[Callable[..., Dataset]] = Registry("dataset")
 _RECIPES: dict[str, Recipe] = {}
 _COMMON = {"data_dir", "val_fraction", "seed", "download"}
 
@@ -142,7 +143,7 @@ def register_dataset(
     """
 
     def decorate(builder: Callable[..., Dataset]) -> Callable[..., Dataset]:
-        _REGISTRY[name] = builder
+        DATASETS.add(name, builder)
         _RECIPES[name] = recipe or Recipe()
         return builder
 
@@ -158,7 +159,7 @@ def dataset_recipe(name: str) -> Recipe:
 
 def list_datasets() -> list[str]:
     """Registered dataset names, in registration order (``folder:PATH`` as written)."""
-    return list(_REGISTRY)
+    return DATASETS.names()
 
 
 def load_dataset(
@@ -199,9 +200,9 @@ def _builder(name: str, kwargs: dict[str, object]) -> tuple[str, Callable[..., D
     if arg:
         key += ":PATH"
         kwargs["path"] = arg
-    if key not in _REGISTRY:
-        raise PatError(f"dataset {name!r} is unknown; choose one of: {', '.join(list_datasets())}.")
-    builder = _REGISTRY[key]
+    if key not in DATASETS:
+        raise DATASETS.unknown(name)
+    builder = DATASETS.get(key)
     return key, builder, set(inspect.signature(builder).parameters) - _COMMON
 
 

@@ -16,7 +16,7 @@ resumed run that calls ``set_epoch(e)`` sees exactly the batches the first run s
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from torch import Tensor
 
 from pat.errors import PatError, check
 
-__all__ = ["DeviceLoader", "seeded_generator"]
+__all__ = ["DeviceLoader", "IndexedBatches", "seeded_generator"]
 
 
 def seeded_generator(*words: int) -> torch.Generator:
@@ -199,3 +199,30 @@ class DeviceLoader:
             f"shuffle={self.shuffle}, augment={self.augment}, crop_padding={self.crop_padding}, "
             f"flip={self.flip}, device={self.device}, seed={self.seed})"
         )
+
+
+class IndexedBatches:
+    """Wrap a loader whose labels encode the sample index; yield plain ``(x, y)``.
+
+    The wrapped loader yields ``(x, code)`` with ``code = y + num_classes · index`` (see
+    :func:`pat.producers.common.indexed_loader`): the loader's gather moves the index with
+    its sample through shuffling and bagging at no extra cost. This wrapper decodes it, yields
+    ``(x (B, ...), y (B,))`` to the loop and keeps the batch's sample indices in
+    :attr:`indices` (B,) for a step rule that needs them.
+    """
+
+    def __init__(self, loader: Iterable[tuple[Tensor, Tensor]], num_classes: int) -> None:
+        self.loader, self.num_classes = loader, num_classes
+        self.indices: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for x, code in self.loader:
+            self.indices = torch.div(code, self.num_classes, rounding_mode="floor")
+            yield x, code - self.indices * self.num_classes

@@ -12,10 +12,8 @@ pickled object (a module, a function) is refused rather than executed.
 
 from __future__ import annotations
 
-import errno
 import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,16 +23,15 @@ import torch
 from torch import nn
 
 from pat.errors import PatError
+from pat.io import REBUILDERS, atomic_write
 
 __all__ = [
     "FORMAT_VERSION",
-    "atomic_write",
     "save_checkpoint",
     "load_checkpoint",
     "save_model",
     "load_model",
     "model_from_checkpoint",
-    "ensure_writable",
 ]
 
 FORMAT_VERSION = 1
@@ -59,61 +56,6 @@ def _check_plain(obj: Any, where: str) -> None:
         f"checkpoint value at {where} is a {type(obj).__name__}; only tensors and plain "
         "containers may be saved"
     )
-
-
-# torch.save reports a failed write (a full disk) as a RuntimeError from its zip writer
-_TORCH_WRITE_FAILED = ("file write failed", "PytorchStreamWriter failed", "enforce fail at inline_container")
-
-
-def atomic_write(path: str | os.PathLike, write: Any) -> None:
-    """Call ``write(file_object)`` on a temporary file beside ``path``, then rename.
-
-    A crash, an interrupt or a full disk leaves either the old file or the new one, never
-    half of one, and no temporary file. A write the file system refuses (no space left, no
-    permission) is a one-line :class:`PatError` naming the path.
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise _write_error(path, e) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and any(m in str(e) for m in _TORCH_WRITE_FAILED)):
-            raise _write_error(path, e) from None
-        raise
-
-
-def _write_error(path: Path, e: BaseException) -> PatError:
-    from pat.engine.resources import free_disk, human_bytes
-
-    full = isinstance(e, RuntimeError) or getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
-    if full:
-        try:
-            free = f", {human_bytes(free_disk(path.parent))} free"
-        except OSError:
-            free = ""
-        return PatError(f"cannot write {str(path)!r}: no space left on the device{free}; the previous "
-                        "file (if any) is unchanged. Free some space or write elsewhere.")
-    reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
-    return PatError(f"cannot write {str(path)!r}: {reason}.")
-
-
-def ensure_writable(path: str | os.PathLike, *, force: bool, argument: str = "--out") -> Path:
-    """Refuse to overwrite an existing file unless ``force`` (checked before any work)."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise PatError(f"{argument} {str(path)!r} already exists; pass --force to overwrite it.")
-    if path.is_dir():
-        raise PatError(f"{argument} {str(path)!r} is a directory; give a file path.")
-    return path
 
 
 def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> None:
@@ -194,12 +136,12 @@ def model_from_checkpoint(ckpt: Mapping[str, Any], *, argument: str = "checkpoin
             f"{argument} has no architecture spec; build the model yourself and call "
             "load_state_dict(ckpt['state_dict'])."
         )
-    model = create_model(arch["name"], **arch.get("kwargs", {}))
-    if ckpt.get("kept"):
-        # A physical child: replay its channel removal onto the parent architecture first.
-        from pat.masks.physical import rebuild_physical
+    import pat.masks  # noqa: F401  (registers the rebuilders of the children it makes)
 
-        model = rebuild_physical(model, ckpt["kept"], input_shape=ckpt.get("input_shape"))
+    model = create_model(arch["name"], **arch.get("kwargs", {}))
+    for field in REBUILDERS.names():
+        if ckpt.get(field):
+            model = REBUILDERS.get(field)(model, ckpt)
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:

@@ -20,7 +20,6 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from pat.data import Dataset
     from pat.engine.callbacks import FitState
-    from pat.ensemble.store import EnsembleDir
 
 __all__ = [
     "TRAIN_FLOPS_PER_FORWARD",
@@ -31,7 +30,6 @@ __all__ = [
     "training_cost",
     "fit_cost",
     "sum_costs",
-    "directory_cost",
 ]
 
 TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward ≈ 3 forwards
@@ -118,42 +116,3 @@ def fit_cost(state: FitState, example_input: Tensor, *, model: nn.Module | None 
 def sum_costs(costs: list[Mapping[str, Any]]) -> dict[str, Any]:
     """Sum steps, samples, FLOPs and seconds over cost records."""
     return {k: sum(c.get(k) or 0 for c in costs) for k in _SUMMED}
-
-
-def _parent_cost(ens: EnsembleDir) -> Mapping[str, Any] | None:
-    from pathlib import Path
-
-    from pat.engine.checkpoint import load_checkpoint
-    from pat.errors import PatError
-
-    parent = ens.manifest.get("parent") or None
-    if not parent:
-        return None
-    if parent.get("cost"):
-        return parent["cost"]
-    file = Path(parent.get("file") or "")
-    file = file if file.is_absolute() else ens.path / file
-    if not file.is_file():
-        return None
-    try:
-        return load_checkpoint(file, argument="parent", mmap=True).get("cost")
-    except PatError:
-        return None
-
-
-def directory_cost(ens: EnsembleDir) -> dict[str, Any]:
-    """Per-member, parent and total cost of an ensemble directory.
-
-    Returns:
-        ``{"members": {name: cost | None}, "parent": cost | None, "total": summed cost,
-        "complete": bool}``; ``total`` sums what is known (parent included) and
-        ``complete`` says whether every member (and the parent, if the directory has one)
-        recorded its cost. ``total["inference_macs"]`` is the ensemble's MACs per sample.
-    """
-    members = {m["name"]: m.get("cost") for m in ens.members}
-    parent = _parent_cost(ens)
-    known = [c for c in members.values() if c]
-    total = sum_costs([*known, *([parent] if parent else [])])
-    total["inference_macs"] = sum((c.get("forward_flops_per_sample") or 0) // 2 for c in known)
-    complete = all(members.values()) and (parent is not None or not ens.manifest.get("parent"))
-    return {"members": members, "parent": parent, "total": total, "complete": bool(complete)}

@@ -7,11 +7,23 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from pat.errors import PatError, check
+from pat.errors import check
+from pat.registry import OPTIMIZERS
 
 __all__ = ["OPTIMIZERS", "create_optimizer"]
 
-OPTIMIZERS = ("sgd", "adam")
+
+@OPTIMIZERS.register("sgd")
+def _sgd(params: Iterable[nn.Parameter], *, lr: float, momentum: float, nesterov: bool,
+         weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
+                           weight_decay=weight_decay)
+
+
+@OPTIMIZERS.register("adam")
+def _adam(params: Iterable[nn.Parameter], *, lr: float, momentum: float, nesterov: bool,
+          weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
 def create_optimizer(
@@ -29,13 +41,7 @@ def create_optimizer(
     """
     check(lr > 0, f"lr must be positive. Got {lr}.")
     check(weight_decay >= 0, f"weight_decay must be non-negative. Got {weight_decay}.")
+    factory = OPTIMIZERS.get(name)
     if isinstance(params, nn.Module):
         params = params.parameters()
-    if name == "sgd":
-        return torch.optim.SGD(
-            params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
-            weight_decay=weight_decay,
-        )
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    raise PatError(f"optimizer {name!r} is unknown; choose one of: {', '.join(OPTIMIZERS)}.")
+    return factory(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)

@@ -8,10 +8,9 @@ from parameter bytes, so a refusal names the figures and the user can judge them
 from __future__ import annotations
 
 import os
-import shutil
-from pathlib import Path
 
 from pat.errors import PatError
+from pat.io import free_disk, human_bytes
 
 __all__ = ["available_memory", "free_disk", "human_bytes", "check_fits"]
 
@@ -26,22 +25,6 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-def free_disk(path: str | os.PathLike) -> int:
-    """Free bytes on the file system that holds ``path`` (or its nearest existing parent)."""
-    path = Path(path).absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return shutil.disk_usage(path).free
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError  # unreachable
 
 
 def check_fits(request: str, *, disk: int, memory: int, where: str | os.PathLike, hint: str) -> None:

@@ -17,13 +17,13 @@ are a blend of the two, which the usual SAM recipes accept.
 
 The mixed step (Li et al., "SharpBalance", 2024) applies SAM to some samples of a batch
 and plain SGD to the rest. Which samples is a per-sample boolean ``sam_mask`` over the
-whole training split, looked up through the indices that :class:`IndexedBatches` records
+whole training split, looked up through the indices that :class:`pat.data.loader.IndexedBatches` records
 for the current batch, so :func:`pat.engine.loop.fit` runs it unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 
 import torch
@@ -32,13 +32,14 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.optim import Optimizer
 
-from pat.engine.steps import LossFn, StepRule, register_step, sgd_step
+from pat.data.loader import IndexedBatches
+from pat.engine.steps import LossFn, StepRule, sgd_step
 from pat.errors import check
+from pat.registry import STEPS
 
 __all__ = [
     "SAMStep",
     "MixedSAMStep",
-    "IndexedBatches",
     "sam_perturbation",
     "per_sample_sharpness",
     "measure_sharpness",
@@ -131,33 +132,6 @@ class SAMStep:
 
     def __repr__(self) -> str:
         return f"SAMStep(rho={self.rho}, adaptive={self.adaptive})"
-
-
-class IndexedBatches:
-    """Wrap a loader whose labels encode the sample index; yield plain ``(x, y)``.
-
-    The wrapped loader yields ``(x, code)`` with ``code = y + num_classes · index`` (see
-    :func:`pat.producers.common.indexed_loader`): the loader's gather moves the index with
-    its sample through shuffling and bagging at no extra cost. This wrapper decodes it, yields
-    ``(x (B, ...), y (B,))`` to the loop and keeps the batch's sample indices in
-    :attr:`indices` (B,) for a step rule that needs them.
-    """
-
-    def __init__(self, loader: Iterable[tuple[Tensor, Tensor]], num_classes: int) -> None:
-        self.loader, self.num_classes = loader, num_classes
-        self.indices: Tensor | None = None
-
-    def __len__(self) -> int:
-        return len(self.loader)  # type: ignore[arg-type]
-
-    def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.loader, "set_epoch"):
-            self.loader.set_epoch(epoch)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for x, code in self.loader:
-            self.indices = torch.div(code, self.num_classes, rounding_mode="floor")
-            yield x, code - self.indices * self.num_classes
 
 
 class MixedSAMStep:
@@ -322,12 +296,12 @@ def measure_sharpness(
     return {k: v / n for k, v in total.items()}
 
 
-@register_step("sam")
+@STEPS.register("sam")
 def _sam(rho: float = 0.05, adaptive: bool = False, masks: Mapping[str, Tensor] | None = None) -> StepRule:
     return SAMStep(rho, adaptive, masks)
 
 
-@register_step("sharpbalance-mixed")
+@STEPS.register("sharpbalance-mixed")
 def _mixed(rho: float, sam_mask: Tensor, batches: IndexedBatches, adaptive: bool = False,
            masks: Mapping[str, Tensor] | None = None) -> StepRule:
     return MixedSAMStep(rho, sam_mask, batches, adaptive=adaptive, masks=masks)

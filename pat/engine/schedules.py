@@ -15,7 +15,8 @@ from typing import Any
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
-from pat.errors import PatError, check
+from pat.errors import check
+from pat.registry import SCHEDULES
 
 __all__ = [
     "register_schedule",
@@ -26,21 +27,15 @@ __all__ = [
 ]
 
 ScheduleFactory = Callable[..., LRScheduler]
-_SCHEDULES: dict[str, ScheduleFactory] = {}
 
 
 def register_schedule(name: str) -> Callable[[ScheduleFactory], ScheduleFactory]:
     """Register ``factory(optimizer, total_steps, **kwargs) -> LRScheduler`` under ``name``."""
-
-    def deco(factory: ScheduleFactory) -> ScheduleFactory:
-        _SCHEDULES[name] = factory
-        return factory
-
-    return deco
+    return SCHEDULES.register(name)
 
 
 def list_schedules() -> list[str]:
-    return sorted(_SCHEDULES)
+    return SCHEDULES.names()
 
 
 def create_schedule(name: str, optimizer: Optimizer, total_steps: int, **kwargs: Any) -> LRScheduler:
@@ -48,10 +43,9 @@ def create_schedule(name: str, optimizer: Optimizer, total_steps: int, **kwargs:
 
     The optimizer's ``lr`` is the base (peak) LR unless the policy says otherwise.
     """
-    if name not in _SCHEDULES:
-        raise PatError(f"schedule {name!r} is unknown; choose one of: {', '.join(list_schedules())}.")
+    factory = SCHEDULES.get(name)
     check(total_steps > 0, f"total_steps must be positive. Got {total_steps}.")
-    return _SCHEDULES[name](optimizer, total_steps, **kwargs)
+    return factory(optimizer, total_steps, **kwargs)
 
 
 # -- pure LR factors ------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Protocol
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from pat.errors import PatError
+from pat.registry import STEPS
 
 __all__ = ["StepRule", "sgd_step", "register_step", "create_step", "list_steps"]
 
@@ -33,29 +33,17 @@ class StepRule(Protocol):
     ) -> tuple[Tensor, Tensor]: ...
 
 
-_STEPS: dict[str, Callable[..., StepRule]] = {}
-
-
 def register_step(name: str) -> Callable[[Callable[..., StepRule]], Callable[..., StepRule]]:
     """Register a factory ``factory(**options) -> StepRule`` under ``name``."""
-
-    def deco(factory: Callable[..., StepRule]) -> Callable[..., StepRule]:
-        _STEPS[name] = factory
-        return factory
-
-    return deco
+    return STEPS.register(name)
 
 
 def list_steps() -> list[str]:
-    return sorted(_STEPS)
+    return STEPS.names()
 
 
 def create_step(name: str, **options: object) -> StepRule:
-    import pat.engine.sam  # noqa: F401  (registers "sam" and "sharpbalance-mixed"; lazy: it imports this module)
-
-    if name not in _STEPS:
-        raise PatError(f"step rule {name!r} is unknown; choose one of: {', '.join(list_steps())}.")
-    return _STEPS[name](**options)
+    return STEPS.get(name)(**options)
 
 
 def sgd_step(

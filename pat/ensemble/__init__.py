@@ -7,6 +7,7 @@ the test tensor. :class:`Ensemble` wraps members as one classifier; soups averag
 Plots live in :mod:`pat.ensemble.plots` (matplotlib is imported only there).
 """
 
+from pat.engine.batchnorm import recalibrate_bn
 from pat.ensemble.calibration import (
     apply_temperature,
     calibrated_nll,
@@ -41,8 +42,8 @@ from pat.ensemble.select import (
     create_selector,
     list_selectors,
 )
-from pat.ensemble.soups import average_state_dicts, greedy_soup, recalibrate_bn, uniform_soup
-from pat.ensemble.store import EnsembleDir
+from pat.ensemble.soups import average_state_dicts, greedy_soup, uniform_soup
+from pat.store import EnsembleDir
 
 __all__ = [
     "EnsembleDir",

@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from pat.errors import PatError, check
+from pat.registry import Registry
 
 __all__ = ["list_corruptions", "corrupt", "corrupt_split", "load_cifar_c"]
 
@@ -105,27 +106,22 @@ def _jpeg(x: Tensor, c: float, g: torch.Generator) -> Tensor:
     return torch.from_numpy(out).permute(0, 3, 1, 2).to(x.device, x.dtype) / 255
 
 
-_OPS: dict[str, Callable[[Tensor, float, torch.Generator], Tensor]] = {
-    "gaussian_noise": _gaussian_noise,
-    "shot_noise": _shot_noise,
-    "impulse_noise": _impulse_noise,
-    "gaussian_blur": _gaussian_blur,
-    "contrast": _contrast,
-    "brightness": _brightness,
-    "pixelate": _pixelate,
-    "jpeg_compression": _jpeg,
-}
+_OPS: Registry[Callable[[Tensor, float, torch.Generator], Tensor]] = Registry("corruption")
+for _name, _op in (("gaussian_noise", _gaussian_noise), ("shot_noise", _shot_noise),
+                   ("impulse_noise", _impulse_noise), ("gaussian_blur", _gaussian_blur),
+                   ("contrast", _contrast), ("brightness", _brightness), ("pixelate", _pixelate),
+                   ("jpeg_compression", _jpeg)):
+    _OPS.add(_name, _op)
 
 
 def list_corruptions() -> list[str]:
     """Corruption names accepted by :func:`corrupt` (the CIFAR-10-C file names)."""
-    return list(_OPS)
+    return _OPS.names()
 
 
 def _resolve(name: str, severity: int) -> tuple[str, float]:
     name = _ALIASES.get(name, name)
-    if name not in _OPS:
-        raise PatError(f"corruption {name!r} is unknown; choose one of: {', '.join(_OPS)}.")
+    _OPS.get(name)
     ok = isinstance(severity, int) and not isinstance(severity, bool) and 1 <= severity <= 5
     check(ok, f"severity must be an integer in [1, 5]. Got {severity!r}.")
     return name, _PARAMS[name][severity - 1]
@@ -149,7 +145,7 @@ def corrupt(x: Tensor, name: str, severity: int, seed: int = 0) -> Tensor:
         raise PatError(f"x must be float images (N, C, H, W). Got {x.dtype} {tuple(x.shape)}.")
     g = torch.Generator(device=x.device).manual_seed(int(seed))
     with torch.no_grad():
-        return _OPS[name](x, c, g).clamp_(0.0, 1.0)
+        return _OPS.get(name)(x, c, g).clamp_(0.0, 1.0)
 
 
 def corrupt_split(

@@ -131,7 +131,7 @@ class Ensemble(nn.Module):
         own temperature for ``selected_only``).
         """
         from pat.ensemble.members import load_members
-        from pat.ensemble.store import EnsembleDir
+        from pat.store import EnsembleDir
 
         ens = EnsembleDir.load(path, argument=argument)
         check(len(ens) > 0, f"{argument} {str(ens.path)!r} holds no members.")

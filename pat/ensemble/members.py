@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pat.ensemble.store import EnsembleDir
+from pat.store import EnsembleDir
 
 __all__ = ["load_members", "member_kept"]
 

@@ -285,7 +285,7 @@ def cached_probs(
     size, corruption, ...) is equal; otherwise ``compute()`` runs and the cache is rewritten.
 
     Args:
-        ens_dir: a :class:`pat.ensemble.store.EnsembleDir`.
+        ens_dir: a :class:`pat.store.EnsembleDir`.
         split_name: a file-name-safe split name such as ``"val"`` or ``"test-contrast-3"``.
         compute: returns ``(probs (M, N, C), labels (N,))`` for the manifest's members in order.
     """

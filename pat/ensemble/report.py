@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from pat.data import Dataset, DeviceLoader
-from pat.engine.checkpoint import atomic_write, ensure_writable, save_model
+from pat.engine.checkpoint import save_model
 from pat.engine.loop import resolve_device
 from pat.ensemble.calibration import (
     apply_temperature,
@@ -26,12 +26,13 @@ from pat.ensemble.calibration import (
 )
 from pat.ensemble.corruptions import corrupt_split, list_corruptions, load_cifar_c
 from pat.ensemble.ensemble import Ensemble
-from pat.ensemble.lock import writes_directory
 from pat.ensemble.metrics import accuracy, classification_metrics, evaluate
 from pat.ensemble.predict import cached_logits, collect_logits, collect_probs, combine
 from pat.ensemble.select import create_selector
-from pat.ensemble.store import EnsembleDir
 from pat.errors import PatError, check
+from pat.io import atomic_write, ensure_writable
+from pat.lock import writes_directory
+from pat.store import EnsembleDir
 
 __all__ = ["directory_logits", "directory_probs", "evaluate_directory", "select_directory", "soup_directory"]
 
@@ -182,7 +183,7 @@ def evaluate_directory(path: str | os.PathLike, data: Dataset, *, split: str = "
     ``corruptions`` every on-the-fly corruption at severities 1-5 (ensemble and mean-member
     accuracy, NLL, ECE).
     """
-    from pat.engine.cost import directory_cost
+    from pat.ensemble.cost import directory_cost
     from pat.ensemble.selective import selective_report
 
     ens = EnsembleDir.load(path)

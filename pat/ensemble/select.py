@@ -26,6 +26,7 @@ from pat.ensemble.diversity import MEASURES, focal_scores
 from pat.ensemble.metrics import batch_metrics, team_metrics
 from pat.ensemble.predict import check_probs, combine
 from pat.errors import PatError, check
+from pat.registry import Registry
 
 __all__ = [
     "Selector",
@@ -302,23 +303,19 @@ class FocalSelector(Selector):
         return team, torch.ones(len(team))
 
 
-_SELECTORS: dict[str, type[Selector]] = {
-    cls.name: cls
-    for cls in (AllSelector, TopKSelector, RandomSelector, BruteForceSelector, GreedySelector,
-                FocalSelector)
-}
+SELECTORS: Registry[type[Selector]] = Registry("selector")
+for _cls in (AllSelector, TopKSelector, RandomSelector, BruteForceSelector, GreedySelector, FocalSelector):
+    SELECTORS.add(_cls.name, _cls)
 
 
 def list_selectors() -> list[str]:
     """Selector names accepted by :func:`create_selector`."""
-    return list(_SELECTORS)
+    return SELECTORS.names()
 
 
 def create_selector(name: str, **kwargs: Any) -> Selector:
     """Build a selector by name, e.g. ``create_selector("greedy", size=8, metric="nll")``."""
-    if name not in _SELECTORS:
-        raise PatError(f"selector {name!r} is unknown; choose one of: {', '.join(_SELECTORS)}.")
-    cls = _SELECTORS[name]
+    cls = SELECTORS.get(name)
     try:
         return cls(**kwargs)
     except TypeError:

@@ -2,7 +2,7 @@
 
 Averaging is a pure function of state dicts (:func:`average_state_dicts`); BatchNorm
 statistics of the average are not the average of the statistics, so a soup with BatchNorm
-should be recalibrated on training data (:func:`recalibrate_bn`, which wraps
+should be recalibrated on training data (:func:`pat.engine.batchnorm.recalibrate_bn`, which wraps
 ``torch.optim.swa_utils.update_bn``). Masked children can be souped: a pruned weight is 0
 in its child, so the soup holds the average over all members (it is as dense as the union
 of the masks).
@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim.swa_utils import update_bn
 
+from pat.engine.batchnorm import recalibrate_bn
 from pat.ensemble.metrics import accuracy, nll
 from pat.ensemble.predict import collect_probs, normalize_weights
 from pat.errors import PatError, check
 
-__all__ = ["average_state_dicts", "uniform_soup", "greedy_soup", "recalibrate_bn"]
+__all__ = ["average_state_dicts", "uniform_soup", "greedy_soup"]
 
 
 def _check_same_layout(states: Sequence[Mapping[str, Tensor]]) -> None:
@@ -74,17 +74,6 @@ def average_state_dicts(
             total += wi * state[key].detach().to(ref.device, dtype)
         out[key] = total.to(ref.dtype)
     return out
-
-
-def recalibrate_bn(model: nn.Module, loader: Iterable[Any]) -> nn.Module:
-    """Recompute BatchNorm running statistics with one pass over ``loader`` (in place).
-
-    ``loader`` yields ``x`` or ``(x, y, ...)`` batches already on the model's device
-    (``update_bn`` takes the first element of a tuple). A model without BatchNorm is left
-    unchanged. Returns ``model``.
-    """
-    update_bn(loader, model)
-    return model
 
 
 def uniform_soup(models: Sequence[nn.Module], *, bn_loader: Iterable[Any] | None = None) -> nn.Module:

@@ -7,7 +7,6 @@
 See ``docs/masks.md``.
 """
 
-from pat.masks.apply import MaskEnforcer as MaskEnforcer
 from pat.masks.apply import MaskSet as MaskSet
 from pat.masks.apply import apply_masks as apply_masks
 from pat.masks.apply import bake as bake
@@ -24,7 +23,6 @@ from pat.masks.physical import slim as slim
 
 __all__ = [
     "MaskSet",
-    "MaskEnforcer",
     "ChannelGroup",
     "apply_masks",
     "bake",

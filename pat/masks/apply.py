@@ -4,8 +4,9 @@ A mask set is plain data: ``{parameter name: bool tensor of the parameter's shap
 ``True`` = keep. Applying it is a separate step from making it (``generate.py``).
 
 Masks are enforced by zeroing the masked weights *and* their optimizer state after every
-optimizer step (:class:`MaskEnforcer`), not by forward hooks: a hook adds a multiply to
-every forward, breaks ``deepcopy`` and leaves the stored weights dense.
+optimizer step (:class:`pat.engine.masking.MaskEnforcer`, which runs a :class:`MaskPlan`), not
+by forward hooks: a hook adds a multiply to every forward, breaks ``deepcopy`` and leaves the
+stored weights dense.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from pat.engine.callbacks import Callback, FitState
 from pat.errors import PatError
 
 __all__ = [
@@ -28,7 +28,7 @@ __all__ = [
     "prunable_parameters",
     "apply_masks",
     "enforce_masks",
-    "MaskEnforcer",
+    "MaskPlan",
     "check_masks",
     "bake",
     "sparsity_report",
@@ -216,10 +216,10 @@ def enforce_masks(
 
     Zero the momentum too, or the next step revives pruned weights.
     """
-    _Plan(model, masks).run(optimizer)
+    MaskPlan(model, masks).run(optimizer)
 
 
-class _Plan:
+class MaskPlan:
     """Pre-resolved (parameter, float keep-mask) pairs, so each step is one foreach multiply."""
 
     def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
@@ -237,42 +237,6 @@ class _Plan:
                 factors.append(keep if t.dtype == keep.dtype else keep.to(t.dtype))
         if tensors:
             torch._foreach_mul_(tensors, factors)
-
-
-class MaskEnforcer(Callback):
-    """Keep a child's masked entries at zero through training.
-
-    After every optimizer step (and once at the start) it zeroes the masked weights and
-    their optimizer state. ``masks`` defaults to the model's ``pat_masks`` attribute
-    (set by :func:`pat.split`).
-    """
-
-    def __init__(self, masks: Mapping[str, torch.Tensor] | None = None) -> None:
-        self.masks = masks
-        self._plan: _Plan | None = None
-        self._key: tuple[int, torch.device | None] | None = None
-
-    def _plan_for(self, model: nn.Module) -> _Plan | None:
-        masks = self.masks if self.masks is not None else getattr(model, "pat_masks", None)
-        if not masks:
-            return None
-        # Rebuild when the model (or the device it lives on) changed since the last step.
-        key = (id(model), next((p.device for p in model.parameters()), None))
-        if self._plan is None or key != self._key:
-            self._plan, self._key = _Plan(model, masks), key
-        return self._plan
-
-    @torch.no_grad()
-    def enforce(self, model: nn.Module, optimizer: Any = None) -> None:
-        plan = self._plan_for(model)
-        if plan is not None:
-            plan.run(optimizer)
-
-    def on_fit_start(self, state: FitState) -> None:
-        self.enforce(state.model, state.optimizer)
-
-    def on_step_end(self, state: FitState) -> None:
-        self.enforce(state.model, state.optimizer)
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from pat.errors import PatError, first_line
+from pat.io import REBUILDERS
 from pat.masks.limits import LIMITS, OutOfBounds, bounded, memory_limit, time_limit
 from pat.modes import eval_mode, restored_modes
 
@@ -529,3 +530,9 @@ def rebuild_physical(
             "has no pat spec to derive them from."
         )
     return slim(model, kept, example_inputs)
+
+
+@REBUILDERS.register("kept")
+def _rebuild_kept(model: nn.Module, ckpt: Mapping[str, Any]) -> nn.Module:
+    """A checkpoint of a physical child: replay its channel removal before its weights load."""
+    return rebuild_physical(model, ckpt["kept"], input_shape=ckpt.get("input_shape"))

@@ -31,18 +31,11 @@ __all__ = ["create_model", "spec_of", "list_models", "register_model", "get_clas
 
 def list_models() -> list[str]:
     """pat's own model names, sorted. Any ``tv:<torchvision name>`` is accepted as well."""
-    return sorted(MODELS)
+    return MODELS.names()
 
 
 def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _unknown(name: str) -> PatError:
-    return PatError(
-        f"model {name!r} is unknown; choose one of: {', '.join(list_models())} "
-        "or tv:<torchvision name>."
-    )
 
 
 def _check_kwargs(name: str, factory: Any, kwargs: dict[str, Any]) -> None:
@@ -108,21 +101,20 @@ def create_model(
     _check_plain(kwargs)
     if name.startswith("tv:"):
         if name[3:] not in torchvision_names():
-            raise _unknown(name)
+            raise MODELS.unknown(name)
         model = create_torchvision_model(
             name[3:], num_classes=num_classes, in_channels=in_channels,
             pretrained=bool(pretrained), **kwargs,
         )  # fmt: skip
     else:
-        if name not in MODELS:
-            raise _unknown(name)
+        factory = MODELS.get(name)
         if pretrained:
             raise PatError(
                 f"model {name!r} has no pretrained weights; load a pat checkpoint "
                 "(pat.engine.checkpoint.load_model) or use a tv:<torchvision name> model."
             )
-        _check_kwargs(name, MODELS[name], kwargs)
-        model = MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+        _check_kwargs(name, factory, kwargs)
+        model = factory(num_classes=num_classes, in_channels=in_channels, **kwargs)
     model.pat_spec = {
         "name": name,
         "kwargs": {"num_classes": num_classes, "in_channels": in_channels, **copy.deepcopy(kwargs)},

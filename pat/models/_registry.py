@@ -11,13 +11,14 @@ from collections.abc import Callable
 from torch import nn
 
 from pat.errors import PatError
+from pat.registry import Registry
 
 __all__ = ["MODELS", "register_model"]
 
 ModelFactory = Callable[..., nn.Module]
 
 # name -> factory; filled by the @register_model decorators as the model files import.
-MODELS: dict[str, ModelFactory] = {}
+MODELS: Registry[ModelFactory] = Registry("model", sort=True, also="tv:<torchvision name>")
 
 
 def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
@@ -39,9 +40,8 @@ def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
         )
 
     def decorator(fn: ModelFactory) -> ModelFactory:
-        if name in MODELS and MODELS[name] is not fn:
+        if name in MODELS and MODELS.get(name) is not fn:
             raise PatError(f"model name {name!r} is already registered; choose another name.")
-        MODELS[name] = fn
-        return fn
+        return MODELS.add(name, fn)
 
     return decorator

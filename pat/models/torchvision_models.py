@@ -25,7 +25,7 @@ import torch
 import torchvision
 from torch import nn
 
-from pat.errors import PatError
+from pat.errors import PatError, first_line
 from pat.models._classifier import get_classifier, module_path, replace_module
 
 __all__ = ["torchvision_names", "create_torchvision_model", "adapt_first_conv"]
@@ -34,11 +34,6 @@ __all__ = ["torchvision_names", "create_torchvision_model", "adapt_first_conv"]
 def torchvision_names() -> list[str]:
     """Names of torchvision's image classification models (``tv:`` accepts these)."""
     return torchvision.models.list_models(module=torchvision.models)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def create_torchvision_model(
@@ -65,12 +60,12 @@ def create_torchvision_model(
         if not pretrained:
             raise
         raise PatError(
-            f"pretrained weights of model 'tv:{name}' could not be downloaded ({_first_line(e)}); "
+            f"pretrained weights of model 'tv:{name}' could not be downloaded ({first_line(e)}); "
             f"connect to the network or put the file in {torch.hub.get_dir()}/checkpoints."
         ) from None
     except (TypeError, ValueError) as e:
         raise PatError(
-            f"model 'tv:{name}' rejected its arguments {kwargs!r}: {_first_line(e)}."
+            f"model 'tv:{name}' rejected its arguments {kwargs!r}: {first_line(e)}."
         ) from None
     if pretrained:
         head = get_classifier(model)

@@ -21,14 +21,13 @@ import torch
 from torch import nn
 
 from pat.config import to_dict
-from pat.data import Dataset, DeviceLoader, load_dataset
+from pat.data import Dataset, DeviceLoader, IndexedBatches, load_dataset
 from pat.engine.callbacks import Callback
 from pat.engine.checkpoint import load_checkpoint, save_model
 from pat.engine.distributed import Ranks
-from pat.engine.sam import IndexedBatches
-from pat.ensemble.lock import acquire, release
-from pat.ensemble.store import MANIFEST, EnsembleDir
 from pat.errors import PatError
+from pat.lock import acquire, release
+from pat.store import MANIFEST, EnsembleDir
 
 __all__ = [
     "CallbackFactory",
@@ -105,7 +104,7 @@ def open_ensemble(
     An existing ensemble made by the same producer with the same config (device aside) is
     resumed; any other existing ensemble is refused unless ``force``, which deletes the old
     member files first so that none of them is mistaken for a finished member. Rank 0 takes
-    the directory's lock (:mod:`pat.ensemble.lock`) here and :func:`finalize` gives it back.
+    the directory's lock (:mod:`pat.lock`) here and :func:`finalize` gives it back.
     """
     out, cfg = Path(out), plain_config(config)
     manifest = out / MANIFEST

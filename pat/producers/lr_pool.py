@@ -23,9 +23,8 @@ from pat.data import Dataset
 from pat.engine.cost import example_input, fit_cost
 from pat.engine.distributed import Ranks, init_ranks
 from pat.engine.loop import final_metrics, fit, resolve_device
-from pat.engine.optim import OPTIMIZERS, create_optimizer
-from pat.engine.schedules import create_schedule, list_schedules
-from pat.ensemble.store import EnsembleDir
+from pat.engine.optim import create_optimizer
+from pat.engine.schedules import create_schedule
 from pat.errors import check
 from pat.models import create_model
 from pat.producers.common import (
@@ -38,6 +37,8 @@ from pat.producers.common import (
     save_member,
     write_manifest,
 )
+from pat.registry import OPTIMIZERS, SCHEDULES
+from pat.store import EnsembleDir
 
 __all__ = ["PAPER_GRID", "PoolConfig", "pool_jobs", "train_pool", "plot_policies"]
 
@@ -75,8 +76,7 @@ class PoolConfig:
         policies = tuple(_ALIASES.get(p.strip().lower(), p.strip().lower()) for p in self.policies)
         check(len(policies) > 0, "policies must name at least one LR policy. Got none.")
         for p in policies:
-            check(p in list_schedules(),
-                  f"policy {p!r} is unknown; choose from: {', '.join(list_schedules())}.")
+            SCHEDULES.get(p, argument="policy")
         check(len(set(policies)) == len(policies), f"policies lists a policy twice. Got {list(policies)}.")
         object.__setattr__(self, "policies", policies)
         if self.lrs is not None:
@@ -89,8 +89,7 @@ class PoolConfig:
             missing = [p for p in policies if p not in PAPER_GRID]
             check(not missing, f"policy {missing[0] if missing else ''!r} has no default LR grid; "
                                "give the LRs with --lrs.")
-        check(self.optimizer in OPTIMIZERS,
-              f"optimizer {self.optimizer!r} is unknown; choose one of: {', '.join(OPTIMIZERS)}.")
+        OPTIMIZERS.get(self.optimizer)
 
 
 def member_name(policy: str, lr: float) -> str:

@@ -37,11 +37,10 @@ from pat.engine.checkpoint import load_checkpoint, save_checkpoint
 from pat.engine.cost import example_input, fit_cost
 from pat.engine.distributed import Ranks, init_ranks
 from pat.engine.loop import final_metrics, fit, resolve_device
-from pat.engine.optim import OPTIMIZERS, create_optimizer
+from pat.engine.optim import create_optimizer
 from pat.engine.sam import MixedSAMStep, SAMStep, per_sample_sharpness
-from pat.engine.schedules import create_schedule, list_schedules
+from pat.engine.schedules import create_schedule
 from pat.engine.steps import sgd_step
-from pat.ensemble.store import EnsembleDir
 from pat.errors import PatError, check
 from pat.models import create_model
 from pat.producers.common import (
@@ -55,6 +54,8 @@ from pat.producers.common import (
     save_member,
     work_dir,
 )
+from pat.registry import OPTIMIZERS, SCHEDULES
+from pat.store import EnsembleDir
 
 __all__ = ["SUBSET_RULES", "MODES", "SharpBalanceConfig", "sam_subsets", "sharpness_scores",
            "train_sharpbalance"]
@@ -100,10 +101,8 @@ class SharpBalanceConfig:
             check(0 < self.initial_epochs < self.epochs,
                   f"initial_epochs must be in [1, epochs={self.epochs}). Got {self.initial_epochs}.")
         check(self.lr > 0, f"lr must be positive. Got {self.lr}.")
-        check(self.schedule in list_schedules(),
-              f"schedule {self.schedule!r} is unknown; choose one of: {', '.join(list_schedules())}.")
-        check(self.optimizer in OPTIMIZERS,
-              f"optimizer {self.optimizer!r} is unknown; choose one of: {', '.join(OPTIMIZERS)}.")
+        SCHEDULES.get(self.schedule)
+        OPTIMIZERS.get(self.optimizer)
 
 
 def _claimed(scores: Tensor, k: int, lowest: bool) -> Tensor:

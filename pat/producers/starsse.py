@@ -33,9 +33,8 @@ from pat.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from pat.engine.cost import example_input, fit_cost
 from pat.engine.distributed import Ranks, init_ranks
 from pat.engine.loop import final_metrics, fit, resolve_device
-from pat.engine.optim import OPTIMIZERS, create_optimizer
+from pat.engine.optim import create_optimizer
 from pat.engine.schedules import create_schedule
-from pat.ensemble.store import EnsembleDir
 from pat.errors import PatError, check
 from pat.models import create_model, get_classifier
 from pat.models._classifier import module_path
@@ -49,6 +48,8 @@ from pat.producers.common import (
     partial_file,
     save_member,
 )
+from pat.registry import OPTIMIZERS
+from pat.store import EnsembleDir
 
 __all__ = ["StarSSEConfig", "load_pretrained", "train_starsse"]
 
@@ -82,8 +83,7 @@ class StarSSEConfig:
         check(self.cycle_epochs > 0, f"cycle_epochs must be positive. Got {self.cycle_epochs}.")
         check(self.lr > 0, f"lr must be positive. Got {self.lr}.")
         check(self.cycle_lr_mult > 0, f"cycle_lr_mult must be positive. Got {self.cycle_lr_mult}.")
-        check(self.optimizer in OPTIMIZERS,
-              f"optimizer {self.optimizer!r} is unknown; choose one of: {', '.join(OPTIMIZERS)}.")
+        OPTIMIZERS.get(self.optimizer)
 
 
 def _fit_head(ckpt: Mapping[str, Any], num_classes: int, where: str) -> nn.Module:

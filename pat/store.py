@@ -29,7 +29,6 @@ says ``"packed": {"index": i, "of": M}``, and together they are the file's child
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -37,18 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pat.engine.checkpoint import atomic_write
 from pat.errors import PatError
+from pat.io import atomic_write, file_digest
 
-__all__ = ["MANIFEST", "FORMAT_VERSION", "EnsembleDir", "file_digest"]
+__all__ = ["MANIFEST", "FORMAT_VERSION", "EnsembleDir"]
 
 MANIFEST = "ensemble.json"
 FORMAT_VERSION = 1
 _STATUSES = {"split", "tuned", "trained"}
-# (path, size, mtime_ns, inode) -> sha256: one process hashes each member file once, however
-# often it loads the manifest; every rewrite (atomic_write: a new inode) misses the cache
-_DIGESTS: dict[tuple[str, int, int, int], str] = {}
-_PACKED: dict[tuple[str, int, int, int], list[str]] = {}  # the same key -> a packed file's child names
+# (path, size, mtime_ns, inode) -> a packed file's child names, read once per version of the file
+_PACKED: dict[tuple[str, int, int, int], list[str]] = {}
 
 
 def _check_packed_entry(member: dict[str, Any], where: str) -> None:
@@ -70,20 +67,6 @@ def _packed_names(file: Path, where: str) -> list[str]:
         _PACKED[key] = packed_header(load_checkpoint(file, mmap=True, argument=f"{where}: packed file"),
                                      f"{where}: packed file {file.name!r}")["names"]
     return _PACKED[key]
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """The sha256 of a file (hex), cached per process on its path, size, mtime and inode."""
-    path = Path(path)
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
-    if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _DIGESTS[key] = h.hexdigest()
-    return _DIGESTS[key]
 
 
 @dataclass

@@ -1,0 +1,117 @@
+"""Files: atomic writes, digests, free space, and how a checkpoint's fields rebuild its model.
+
+The low-level file helpers that config, the engine's checkpoints and the ensemble directory
+all use. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pat.errors import PatError
+from pat.registry import Registry
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["atomic_write", "ensure_writable", "file_digest", "free_disk", "human_bytes", "REBUILDERS"]
+
+# (path, size, mtime_ns, inode) -> sha256: one process hashes each member file once, however
+# often it loads the manifest; every rewrite (atomic_write: a new inode) misses the cache
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+
+# torch.save reports a failed write (a full disk) as a RuntimeError from its zip writer
+_TORCH_WRITE_FAILED = ("file write failed", "PytorchStreamWriter failed", "enforce fail at inline_container")
+
+
+def atomic_write(path: str | os.PathLike, write: Any) -> None:
+    """Call ``write(file_object)`` on a temporary file beside ``path``, then rename.
+
+    A crash, an interrupt or a full disk leaves either the old file or the new one, never
+    half of one, and no temporary file. A write the file system refuses (no space left, no
+    permission) is a one-line :class:`PatError` naming the path.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and any(m in str(e) for m in _TORCH_WRITE_FAILED)):
+            raise _write_error(path, e) from None
+        raise
+
+
+def _write_error(path: Path, e: BaseException) -> PatError:
+    full = isinstance(e, RuntimeError) or getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+    if full:
+        try:
+            free = f", {human_bytes(free_disk(path.parent))} free"
+        except OSError:
+            free = ""
+        return PatError(f"cannot write {str(path)!r}: no space left on the device{free}; the previous "
+                        "file (if any) is unchanged. Free some space or write elsewhere.")
+    reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+    return PatError(f"cannot write {str(path)!r}: {reason}.")
+
+
+def ensure_writable(path: str | os.PathLike, *, force: bool, argument: str = "--out") -> Path:
+    """Refuse to overwrite an existing file unless ``force`` (checked before any work)."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise PatError(f"{argument} {str(path)!r} already exists; pass --force to overwrite it.")
+    if path.is_dir():
+        raise PatError(f"{argument} {str(path)!r} is a directory; give a file path.")
+    return path
+
+
+def free_disk(path: str | os.PathLike) -> int:
+    """Free bytes on the file system that holds ``path`` (or its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError  # unreachable
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """The sha256 of a file (hex), cached per process on its path, size, mtime and inode."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+# A checkpoint field -> fn(model, checkpoint) -> model: what to do to the model built from the
+# checkpoint's "arch" before its weights load, when the checkpoint holds that field. The code
+# that writes such a field registers it (pat.masks.physical: "kept", a physical child's channels),
+# so pat.engine.checkpoint.model_from_checkpoint need not know how such a child is rebuilt.
+REBUILDERS: Registry[Callable[[nn.Module, Mapping[str, Any]], nn.Module]] = Registry("checkpoint rebuilder")
