@@ -126,7 +126,8 @@ def test_run_with_a_budget_writes_the_allocation_and_the_validation_check(tmp_pa
     assert metrics["allocation"] == a.as_dict()
     check = metrics["validation"]
     assert check["members"] == a.children
-    assert check["worse"] == (check["ensemble"]["accuracy"] < check["parent"]["accuracy"]
+    lost, won = check["flips"]["lost"], check["flips"]["won"]
+    assert check["worse"] == (lost - won > 1.96 * (lost + won) ** 0.5
                               or check["ensemble"]["nll"] > check["parent"]["nll"])
     assert check["parent_at_chance"] == (check["parent"]["accuracy"] <= 1.5 / 10)
     # the baseline is the parent's recipe as configured for the whole budget, not the trunk's

@@ -227,7 +227,8 @@ def test_validation_line_warns_when_the_ensemble_or_its_parent_fails(parent_acc,
     from pat.cli.render import console
 
     check = {"parent": {"accuracy": parent_acc, "nll": 0.2}, "ensemble": {"accuracy": ens_acc, "nll": 0.2},
-             "members": 6, "worse": ens_acc < parent_acc, "parent_at_chance": parent_acc <= 0.15}
+             "members": 6, "flips": {"lost": 9, "won": 2}, "worse": ens_acc < parent_acc,
+             "parent_at_chance": parent_acc <= 0.15}
     with console.capture() as captured:
         _validation_line(check)
     text = captured.get()

@@ -35,3 +35,28 @@ def test_output_holding_another_run_is_refused(tmp_path):
     with pytest.raises(PatError, match="holds a run with a different config"):
         run(demo_config(str(out)))
     assert yaml.safe_load((out / "config.yaml").read_text())["parent"]["epochs"] == 99
+
+
+@pytest.mark.parametrize("lost, won, worse", [(1, 0, False), (3, 1, False), (5, 0, True), (12, 3, True)])
+def test_parent_check_calls_a_lower_accuracy_worse_only_beyond_chance(tmp_path, digits, digits_parent,
+                                                                       monkeypatch, lost, won, worse):
+    """One image of 143 flipping is noise; a paired sign test decides (the NLL is held equal here)."""
+    import torch
+
+    import pat.pipeline as pipeline
+    from pat.config import SplitConfig
+
+    split = pipeline.split_to_directory(digits_parent, tmp_path / "kids", SplitConfig(children=2))
+    y = digits.val.y
+    n, c = len(y), digits.num_classes
+    right = torch.nn.functional.one_hot(y, c).float()
+    wrong = torch.nn.functional.one_hot((y + 1) % c, c).float()
+    parent, ensemble = right.clone(), right.clone()
+    ensemble[:lost], parent[lost : lost + won] = wrong[:lost], wrong[lost : lost + won]
+    members = torch.stack([ensemble, ensemble])
+    monkeypatch.setattr(pipeline, "collect_probs", lambda models, loader: (torch.cat([parent[None], members]), y))
+    monkeypatch.setattr(pipeline, "classification_metrics", lambda probs, labels: {
+        "accuracy": float((probs.argmax(1) == labels).float().mean()), "nll": 0.1, "ece": 0.0})
+    check = pipeline.parent_check(split.path, digits, parent_path=digits_parent, device="cpu")
+    assert check["flips"] == {"lost": lost, "won": won} and n > lost + won
+    assert check["worse"] is worse

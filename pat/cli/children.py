@@ -198,7 +198,9 @@ def _validation_line(check: dict) -> None:
     e, p = check["ensemble"], check["parent"]
     console.print(f"validation: ensemble of {check['members']} accuracy {e['accuracy']:.2%}, NLL {e['nll']:.4f} "
                   f"vs parent {p['accuracy']:.2%}, NLL {p['nll']:.4f} "
-                  f"({e['accuracy'] - p['accuracy']:+.2%}, {e['nll'] - p['nll']:+.4f})", highlight=False, soft_wrap=True)
+                  f"({e['accuracy'] - p['accuracy']:+.2%}, {e['nll'] - p['nll']:+.4f}; images only the "
+                  f"ensemble gets right {check['flips']['won']}, only the parent {check['flips']['lost']})",
+                  highlight=False, soft_wrap=True)
     if check.get("parent_at_chance"):
         console.print(f"[yellow]warning:[/] the parent is at chance on validation ({p['accuracy']:.2%}): it did "
                       "not learn — with budget.trunk its LR is held constant; lower parent.lr or set "
