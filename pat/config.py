@@ -6,6 +6,7 @@ Units are given in comments; LRs are per batch of ``batch_size`` samples.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -18,7 +19,8 @@ from pat.errors import PatError, check
 from pat.io import atomic_write
 from pat.registry import OPTIMIZERS, SCHEDULES
 
-__all__ = ["BudgetConfig", "DataConfig", "TrainConfig", "SplitConfig", "TuneConfig", "RunConfig", "to_dict", "from_dict", "load_yaml", "save_yaml"]
+__all__ = ["BudgetConfig", "DataConfig", "TrainConfig", "SplitConfig", "TuneConfig", "RunConfig", "to_dict", "from_dict", "load_yaml", "save_yaml",
+           "plain_config"]
 
 C = TypeVar("C")
 
@@ -204,3 +206,8 @@ def save_yaml(config: Any, path: str | Path, *, header: str = "") -> None:
     """Write ``config`` as YAML, atomically; ``header`` (comment lines) goes first."""
     text = header + yaml.safe_dump(to_dict(config) if dataclasses.is_dataclass(config) else config, sort_keys=False)
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def plain_config(config: Any) -> dict[str, Any]:
+    """The config as JSON would read it back (tuples become lists), for equality checks."""
+    return json.loads(json.dumps(to_dict(config)))

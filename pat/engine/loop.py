@@ -30,7 +30,7 @@ from pat.errors import PatError, check
 if TYPE_CHECKING:
     from pat.data import Dataset
 
-__all__ = ["fit", "evaluate", "final_metrics", "resolve_device", "autocast_for"]
+__all__ = ["fit", "evaluate", "final_metrics", "resolve_device", "autocast_for", "train_state"]
 
 Batches = Iterable[tuple[Tensor, Tensor]]
 
@@ -100,8 +100,14 @@ def _inner(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def _save_state(path: Path, state: FitState, extra: Mapping[str, Any]) -> None:
-    save_checkpoint(path, {
+def train_state(state: FitState, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Everything ``fit`` needs to continue ``state``'s run (a ``kind="train-state"`` payload).
+
+    ``fit`` saves it to ``resume_path`` after every epoch; saved anywhere else and passed back
+    as a ``resume_path``, it starts a longer run where this one stopped (SharpBalance's second
+    phase continues its first this way).
+    """
+    return {
         "kind": "train-state",
         "epoch": state.epoch + 1,  # epochs finished
         "step": state.step,
@@ -111,8 +117,8 @@ def _save_state(path: Path, state: FitState, extra: Mapping[str, Any]) -> None:
         "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
         "rng": torch.get_rng_state(),
-        **extra,
-    })
+        **(extra or {}),
+    }
 
 
 def _restore_state(path: Path, state: FitState) -> int:
@@ -163,7 +169,8 @@ def fit(
         amp: bf16 autocast; ``None`` means on for CUDA, off for CPU.
         resume_path: if given, the full training state is saved there (atomically) after every
             epoch, and an existing file there is resumed from; the caller deletes it when done.
-            Under a process group only rank 0 writes it; every rank resumes from it.
+            A ``DistributedDataParallel`` model's is written by rank 0 and every rank resumes
+            from it; any other model's by the rank that trains it.
 
     A ``DistributedDataParallel`` model (:func:`pat.engine.distributed.data_parallel`) trains
     on each rank's rows; the epoch's train metrics and sample counts are summed over the ranks,
@@ -232,8 +239,10 @@ def fit(
         state.seconds += metrics["time"]
         state.metrics = metrics
         state.history.append(metrics)
-        if resume is not None and is_main_process():
-            _save_state(resume, state, resume_extra or {})
+        # one model trained data-parallel is saved by rank 0; a rank's own job (a sharded
+        # child or member) by that rank
+        if resume is not None and (not isinstance(model, DistributedDataParallel) or is_main_process()):
+            save_checkpoint(resume, train_state(state, resume_extra))
         cbs.on_epoch_end(state)
         if state.stop:
             break

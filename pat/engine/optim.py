@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
+from pat.engine.schedules import create_schedule
 from pat.errors import check
 from pat.registry import OPTIMIZERS
 
-__all__ = ["OPTIMIZERS", "create_optimizer"]
+__all__ = ["OPTIMIZERS", "create_optimizer", "OptimizerSettings", "recipe"]
 
 
 @OPTIMIZERS.register("sgd")
@@ -45,3 +48,25 @@ def create_optimizer(
     if isinstance(params, nn.Module):
         params = params.parameters()
     return factory(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+
+
+class OptimizerSettings(Protocol):
+    """What every pat config that trains says about its optimizer."""
+
+    optimizer: str
+    momentum: float
+    weight_decay: float
+
+
+def recipe(model: nn.Module, settings: OptimizerSettings, *, lr: float, schedule: str, total_steps: int,
+           **schedule_options: Any) -> tuple[torch.optim.Optimizer, LRScheduler]:
+    """The optimizer and per-step LR schedule of one training run, from any pat config.
+
+    The parent, the tuner and every producer build their runs here: ``settings`` (a
+    :class:`pat.config.TrainConfig`, ``TuneConfig`` or a producer's config) names the optimizer,
+    its momentum and weight decay; ``lr`` is the schedule's base (peak) LR and ``schedule`` a
+    registered policy stepped once per optimizer step over ``total_steps``.
+    """
+    optimizer = create_optimizer(model, settings.optimizer, lr=lr, momentum=settings.momentum,
+                                 weight_decay=settings.weight_decay)
+    return optimizer, create_schedule(schedule, optimizer, total_steps, **schedule_options)
