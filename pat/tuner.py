@@ -2,8 +2,9 @@
 
 Each child gets a fresh optimizer and (by default) a per-batch cosine one-cycle schedule,
 optionally on its own bagged subset of the training split; its mask is enforced after every
-optimizer step. Children are independent jobs: an ensemble directory is tuned child by child,
-each saved the moment it finishes, so a rerun skips finished children, and under ``torchrun``
+optimizer step. Children are independent jobs of :func:`pat.jobs.run_jobs`: an ensemble
+directory is tuned child by child, each saved the moment it finishes, so a rerun skips
+finished children and resumes an interrupted one from its last epoch, and under ``torchrun``
 the children are sharded across ranks.
 
 References:
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pat.config import TrainConfig, TuneConfig, to_dict
+from pat.config import TrainConfig, TuneConfig, plain_config, to_dict
 from pat.data import Dataset, bagging_indices
 from pat.engine.batchnorm import recalibrate_bn
 from pat.engine.callbacks import Callback
@@ -31,10 +32,10 @@ from pat.engine.cost import example_input, fit_cost
 from pat.engine.distributed import Ranks
 from pat.engine.loop import autocast_for, final_metrics, fit, resolve_device
 from pat.engine.masking import MaskEnforcer
-from pat.engine.optim import create_optimizer
-from pat.engine.schedules import create_schedule
+from pat.engine.optim import recipe
 from pat.engine.steps import create_step
 from pat.errors import PatError, check
+from pat.jobs import Job, JobContext, Trained, member_seed, run_jobs
 from pat.models import check_takes
 from pat.store import EnsembleDir
 
@@ -80,7 +81,7 @@ def _prepare(child: nn.Module, data: Dataset, config: TuneConfig, index: int,
     if config.bagging is not None and config.bagging < 1:
         indices = bagging_indices(len(data.train.y), config.bagging, seed=config.seed, member=index)
     train = data.loader("train", batch_size=config.data.batch_size, device=device,
-                        seed=config.seed * 100_003 + index, indices=indices)
+                        seed=member_seed(config.seed, index), indices=indices)
     samples = len(indices) if indices is not None else len(data.train.y)
     bn_samples = 0
     if config.recompute_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in child.modules()):
@@ -95,10 +96,9 @@ def _prepare(child: nn.Module, data: Dataset, config: TuneConfig, index: int,
 def _optimization(model: nn.Module, config: TuneConfig, steps: int) -> tuple[Any, Any]:
     """The optimizer and the per-batch schedule of a tuning run of ``steps`` steps."""
     one_cycle = config.schedule == "one-cycle"
-    optimizer = create_optimizer(model, config.optimizer, lr=config.max_lr if one_cycle else config.lr,
-                                 momentum=config.momentum, weight_decay=config.weight_decay)
     options: dict[str, Any] = {"max_lr": config.max_lr, "cycle_momentum": config.cycle_momentum} if one_cycle else {}
-    return optimizer, create_schedule(config.schedule, optimizer, steps, **options)
+    return recipe(model, config, lr=config.max_lr if one_cycle else config.lr, schedule=config.schedule,
+                  total_steps=steps, **options)
 
 
 def _cost(child: nn.Module, state: Any, data: Dataset, device: torch.device, bn_samples: int,
@@ -118,6 +118,8 @@ def tune_child(
     *,
     index: int,
     callbacks: Iterable[Callback] = (),
+    resume_path: str | Path | None = None,
+    resume_extra: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Tune one child in place; returns its validation and test metrics.
 
@@ -125,18 +127,19 @@ def tune_child(
 
     ``index`` is the child's position in the ensemble: it seeds the child's bagged subset and
     shuffling, so a child tuned alone, in a rerun or on another rank sees the same batches.
+    ``resume_path`` / ``resume_extra`` are ``fit``'s: the run's state after every epoch.
     """
     config = resolve_max_lr(config)
     device = resolve_device(config.device)
     child.to(device)
-    torch.manual_seed(config.seed * 100_003 + index)  # dropout etc.; distinct per child
+    torch.manual_seed(member_seed(config.seed, index))  # dropout etc.; distinct per child
     train, samples, bn_samples = _prepare(child, data, config, index, device)
     optimizer, scheduler = _optimization(child, config, config.epochs * len(train))
     evals = {"val": data.loader("val", batch_size=512, device=device)} if len(data.val.y) else {}
     enforcer = [MaskEnforcer(masks)] if masks else []
     state = fit(child, train, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler,
                 step=create_step(config.step), eval_data=evals, callbacks=[*enforcer, *callbacks],
-                amp=config.amp, device=device)
+                amp=config.amp, device=device, resume_path=resume_path, resume_extra=resume_extra)
     child.pat_cost = _cost(child, state, data, device, bn_samples)
     return {"train_samples": samples, **final_metrics(child, data, device=device, amp=config.amp)}
 
@@ -231,6 +234,11 @@ def _faster_together(model: _Together, child: nn.Module, train: _Zipped, amp: bo
     return best[0] <= m * best[1]
 
 
+def _check_together_step(config: TuneConfig) -> None:
+    check(config.step == "sgd", f"--together tunes with the plain 'sgd' step only; step {config.step!r} "
+          "takes one norm over all the weights it updates, which would couple the children. Tune them one by one.")
+
+
 def tune_together(
     children: Sequence[nn.Module],
     masks: Sequence[dict[str, torch.Tensor] | None],
@@ -256,8 +264,7 @@ def tune_together(
     cannot be grouped.
     """
     config = resolve_max_lr(config)
-    check(config.step == "sgd", f"--together tunes with the plain 'sgd' step only; step {config.step!r} "
-          "takes one norm over all the weights it updates, which would couple the children. Tune them one by one.")
+    _check_together_step(config)
     check(len(children) == len(masks) == len(indices),
           f"tune_together needs one mask and one index per child. Got {len(children)} children, "
           f"{len(masks)} masks, {len(indices)} indices.")
@@ -275,12 +282,10 @@ def tune_together(
     train = _Zipped([loader for loader, _, _ in prepared])
     if auto and not _faster_together(model, children[0], train, config.amp, device):
         return None
-    torch.manual_seed(config.seed * 100_003 + indices[0])
+    torch.manual_seed(member_seed(config.seed, indices[0]))
     optimizer, scheduler = _optimization(model, config, config.epochs * len(train))
     m = len(children)
     evals = {"val": _Fanned(data.loader("val", batch_size=512, device=device), m)} if len(data.val.y) else {}
-    if resume_path is not None:
-        Path(resume_path).parent.mkdir(parents=True, exist_ok=True)
     state = fit(model, train, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler,
                 loss_fn=_summed_loss, eval_data=evals, callbacks=[MaskEnforcer(packed_masks), *callbacks],
                 amp=config.amp, device=device, resume_path=resume_path, resume_extra=resume_extra)
@@ -343,165 +348,168 @@ def tune_directory(
 ) -> EnsembleDir:
     """Tune the children in an ensemble directory that are not tuned yet.
 
-    Each child is written (atomically) the moment it finishes and the manifest is updated, so
-    an interrupted run loses at most the child in progress, which restarts from its split
-    weights next time. Under torchrun each rank tunes its share and rank 0 writes the manifest.
-    Rank 0 holds the directory's lock (:mod:`pat.lock`) throughout: a second tune of
-    the same directory is refused, or with ``wait`` queues behind the first.
+    Each child is a job of :func:`pat.jobs.run_jobs`: written (atomically) the moment it
+    finishes and recorded in the manifest, so an interrupted run loses at most the epoch in
+    progress. Under torchrun each rank tunes its share and rank 0 writes the manifest. The
+    children of a packed file are one job (they are one network), and with
+    ``config.together`` each rank's share is one job. Rank 0 holds the directory's lock
+    (:mod:`pat.lock`) throughout: a second tune of the same directory is refused, or with
+    ``wait`` queues behind the first.
     """
     from pat.lock import directory_lock
 
     ranks = ranks if ranks is not None else Ranks()
     lock = directory_lock(path, wait=wait, argument="CHILDREN_DIR") if ranks.is_main else contextlib.nullcontext()
     with lock:
-        return _tune_directory(path, data, config, ranks=ranks, callbacks=callbacks, on_done=on_done)
+        ens = EnsembleDir.load(path)
+        if ens.manifest.get("num_classes") not in (None, data.num_classes):
+            raise PatError(f"--dataset {data.name!r} has {data.num_classes} classes but the children "
+                           f"were made for {ens.manifest['num_classes']}.")
+        ledger = ChildLedger(ens, config)
+        todo = [record for record in ens.members if ledger.finished_record(record) is None]
+        if todo:  # the peak follows the parent's LR: read only when there is work
+            ledger.config = resolve_max_lr(config, parent_lr_of(ens.manifest.get("parent")))
+        jobs = _jobs(ens, ledger.config, data, todo, callbacks, ranks)
+        run_jobs(ens, jobs, ledger, ranks=ranks,
+                 on_member=lambda record, skipped: None if skipped else on_done(record))
+        return EnsembleDir.load(path)
 
 
-def _tune_directory(path: str, data: Dataset, config: TuneConfig, *, ranks: Ranks,
-                    callbacks: Callable[[str], Iterable[Callback]],
-                    on_done: Callable[[dict[str, Any]], None]) -> EnsembleDir:
-    from pat.children import load_child, save_child
-    from pat.producers.common import plain_config
+class ChildLedger:
+    """Children of an ensemble directory, tuned in place: finished when their status is ``tuned``.
 
-    ens = EnsembleDir.load(path)
-    if ranks.is_main:
-        _reconcile(ens)  # children finished by an earlier run that stopped before its manifest write
-    ranks.barrier()
-    ens = EnsembleDir.load(path)
-    if ens.manifest.get("num_classes") not in (None, data.num_classes):
-        raise PatError(f"--dataset {data.name!r} has {data.num_classes} classes but the children "
-                       f"were made for {ens.manifest['num_classes']}.")
-    todo = [(i, m) for i, m in enumerate(ens.members) if m["status"] == "split"]
-    if todo:
-        config = resolve_max_lr(config, parent_lr_of(ens.manifest.get("parent")))
-    jobs = ranks.shard(_jobs(ens, todo))  # a packed file's children are one job: one network
-    for job in jobs:
-        if "packed" in job[0][1]:
-            _tune_packed(ens, job, data, config, ranks=ranks, callbacks=callbacks, on_done=on_done)
-    share = [job[0] for job in jobs if "packed" not in job[0][1]]
-
-    def finish(record: dict[str, Any], child: nn.Module, metrics: dict[str, float]) -> None:
-        cost = {**child.pat_cost, "parent": record.get("parent")}
-        record = {**record, "status": "tuned", "metrics": metrics, "tune": to_dict(config), "cost": cost}
-        save_child(ens.member_path(record), child, status="tuned", metrics=metrics, tune=to_dict(config),
-                   cost=cost)
-        if not ranks.distributed:
-            ens.upsert_member(ens.stamp(record))
-            ens.save()
-        on_done(record)
-
-    if config.together and len(share) > 1:
-        children = [load_child(ens.member_path(record)) for _, record in share]
-        names = [record["name"] for _, record in share]
-        resume = ens.path / ".work" / f"together-{ranks.rank}.partial.pt"
-        extra = {"children": names, "tune": plain_config(config)}
-        _discard_stale(resume, extra)
-        results = tune_together(children, [getattr(c, "pat_masks", None) for c in children], data, config,
-                                indices=[index for index, _ in share], callbacks=callbacks(", ".join(names)),
-                                resume_path=resume, resume_extra=extra)
-        if results is not None:
-            for (_, record), child, metrics in zip(share, children, results, strict=True):
-                finish(record, child, metrics)
-            resume.unlink(missing_ok=True)
-            share = []
-    for index, record in share:
-        child = load_child(ens.member_path(record))
-        masks = getattr(child, "pat_masks", None)  # load_child has checked them against the weights
-        finish(record, child, tune_child(child, masks, data, config, index=index, callbacks=callbacks(record["name"])))
-    ranks.barrier()
-    if ranks.distributed and ranks.is_main:
-        _reconcile(ens)
-    ranks.barrier()
-    return EnsembleDir.load(path)
-
-
-def _jobs(ens: EnsembleDir, todo: list[tuple[int, dict[str, Any]]]) -> list[list[tuple[int, dict[str, Any]]]]:
-    """The tuning jobs: one per child file, the records of a packed file (all of them) as one."""
-    jobs, packed = [], {}
-    for index, record in todo:
-        if "packed" not in record:
-            jobs.append([(index, record)])
-        elif record["file"] not in packed:
-            packed[record["file"]] = sorted(((i, r) for i, r in enumerate(ens.members) if r["file"] == record["file"]),
-                                            key=lambda item: item[1]["packed"]["index"])
-            jobs.append(packed[record["file"]])
-    return jobs
-
-
-def _tune_packed(ens: EnsembleDir, job: list[tuple[int, dict[str, Any]]], data: Dataset, config: TuneConfig, *,
-                 ranks: Ranks, callbacks: Callable[[str], Iterable[Callback]],
-                 on_done: Callable[[dict[str, Any]], None]) -> None:
-    """Tune the children of one packed file together (they are one network) and rewrite it.
-
-    The file is replaced (atomically) once every child has finished; until then the run's
-    state is kept at epoch boundaries in ``.work/together-<file>.partial.pt``, so an
-    interrupted run resumes where it stopped.
+    A child file that says it is tuned while the manifest does not yet (written by another
+    rank, or by a run that stopped before its manifest write) counts as finished too.
     """
-    from pat.engine.checkpoint import load_checkpoint
-    from pat.pack import group, load_packed, save_packed, unpack
-    from pat.producers.common import plain_config
 
-    records = [record for _, record in job]
-    names = [record["name"] for record in records]
-    check(config.step == "sgd", f"--step {config.step!r}: the children of packed file {records[0]['file']!r} "
-          "are one network and tune together, which takes the plain 'sgd' step only.")
-    file = ens.member_path(records[0])
-    argument = f"member {names[0]!r}"
-    header = load_checkpoint(file, mmap=True, argument=argument)
-    packed = load_packed(file, argument=argument)
-    children = unpack(packed)
-    resume = ens.path / ".work" / f"together-{file.stem}.partial.pt"
-    extra = {"children": names, "tune": plain_config(config)}
-    _discard_stale(resume, extra)
-    results = tune_together(children, [None] * len(children), data, replace(config, together=True),
-                            indices=[index for index, _ in job], callbacks=callbacks(", ".join(names)),
-                            resume_path=resume, resume_extra=extra)
-    assert results is not None  # together=True never declines
-    tune = to_dict(config)
-    costs = [{**child.pat_cost, "parent": record.get("parent")} for child, record in zip(children, records, strict=True)]
-    save_packed(file, group(children), names, arch=header["arch"], input_shape=header["input_shape"],
-                recipes=packed.recipes, status="tuned", dataset=header.get("dataset"),
-                num_classes=header.get("num_classes"), metrics=results, tune=tune, costs=costs)
-    for record, metrics, cost in zip(records, results, costs, strict=True):
-        record = ens.stamp({**record, "status": "tuned", "metrics": metrics, "tune": tune, "cost": cost})
-        if not ranks.distributed:
-            ens.upsert_member(record)
-        on_done(record)
-    if not ranks.distributed:
-        ens.save()
-    resume.unlink(missing_ok=True)
+    def __init__(self, ens: EnsembleDir, config: TuneConfig) -> None:
+        self.ens, self.config = ens, config
+
+    def signature(self) -> dict[str, Any]:
+        return {"tune": plain_config(self.config)}
+
+    def finished(self, job: Job) -> list[dict[str, Any]] | None:
+        records = [self.finished_record(self.ens.member(name)) for name in job.members]
+        return None if any(r is None for r in records) else records  # type: ignore[return-value]
+
+    def finished_record(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        from pat.engine.checkpoint import load_checkpoint
+
+        if record["status"] == "tuned":
+            return record
+        ckpt = load_checkpoint(self.ens.member_path(record), mmap=True)
+        if ckpt.get("status") != "tuned":
+            return None
+        metrics, cost = ckpt.get("metrics", {}), ckpt.get("cost")
+        if "packed" in record:  # a packed file lists them per child
+            index = record["packed"]["index"]
+            metrics, cost = metrics[index], ckpt["costs"][index]
+        return self.ens.stamp({**record, "status": "tuned", "metrics": metrics, "tune": ckpt.get("tune", {}),
+                               "cost": cost})
+
+    def save(self, job: Job, trained: Sequence[Trained]) -> list[dict[str, Any]]:
+        """Rewrite the children's files (a packed file once, for all its children)."""
+        from pat.children import save_child
+
+        records = [self.ens.member(name) for name in job.members]
+        tune = to_dict(self.config)
+        costs = [{**t.cost, "parent": r.get("parent")} for t, r in zip(trained, records, strict=True)]
+        if "packed" in records[0]:
+            self._save_packed(records, trained, tune, costs)
+        else:
+            for record, t, cost in zip(records, trained, costs, strict=True):
+                save_child(self.ens.member_path(record), t.model, status="tuned", metrics=t.metrics, tune=tune,
+                           cost=cost)
+        return [self.ens.stamp({**r, "status": "tuned", "metrics": t.metrics, "tune": tune, "cost": cost})
+                for r, t, cost in zip(records, trained, costs, strict=True)]
+
+    def _save_packed(self, records: list[dict[str, Any]], trained: Sequence[Trained], tune: dict[str, Any],
+                     costs: list[dict[str, Any]]) -> None:
+        from pat.engine.checkpoint import load_checkpoint
+        from pat.pack import group, save_packed
+
+        file = self.ens.member_path(records[0])
+        header = load_checkpoint(file, mmap=True, argument=f"member {records[0]['name']!r}")
+        save_packed(file, group([t.model for t in trained]), [r["name"] for r in records], arch=header["arch"],
+                    input_shape=header["input_shape"], recipes=header.get("recipes"), status="tuned",
+                    dataset=header.get("dataset"), num_classes=header.get("num_classes"),
+                    metrics=[t.metrics for t in trained], tune=tune, costs=costs)
 
 
-def _discard_stale(resume: Path, extra: dict[str, Any]) -> None:
-    """Remove a together-run's resume state left by a run of other children or settings."""
-    from pat.engine.checkpoint import load_checkpoint
-
-    if not resume.is_file():
-        return
-    try:
-        old = load_checkpoint(resume, argument="together resume state")
-        same = old.get("children") == extra["children"] and old.get("tune") == extra["tune"]
-    except PatError:
-        same = False
-    if not same:
-        resume.unlink()
-
-
-def _reconcile(ens: EnsembleDir) -> None:
-    """Mark children whose files say they are tuned (written by other ranks) in the manifest."""
-    from pat.engine.checkpoint import load_checkpoint
-
-    changed = False
+def _jobs(ens: EnsembleDir, config: TuneConfig, data: Dataset, todo: list[dict[str, Any]],
+          callbacks: Callable[[str], Iterable[Callback]], ranks: Ranks) -> list[Job]:
+    """One job per child; a packed file's children as one; with ``together``, a rank's share as one."""
+    index = {record["name"]: i for i, record in enumerate(ens.members)}
+    waiting = {record["name"] for record in todo}
+    jobs, packed, plain = [], set(), []
     for record in ens.members:
-        if record["status"] == "split":
-            ckpt = load_checkpoint(ens.member_path(record), mmap=True)
-            if ckpt.get("status") == "tuned":
-                metrics, cost = ckpt.get("metrics", {}), ckpt.get("cost")
-                if "packed" in record:  # a packed file lists them per child
-                    index = record["packed"]["index"]
-                    metrics, cost = metrics[index], ckpt["costs"][index]
-                ens.upsert_member(ens.stamp({**record, "status": "tuned", "metrics": metrics,
-                                             "tune": ckpt.get("tune", {}), "cost": cost}))
-                changed = True
-    if changed:
-        ens.save()
+        name = record["name"]
+        if name not in waiting:
+            jobs.append(Job(name, _unused))  # finished: the runner skips it and records it
+        elif "packed" in record:
+            if record["file"] not in packed:
+                packed.add(record["file"])
+                jobs.append(_packed_job(ens, record["file"], config, data, index, callbacks))
+        else:
+            plain.append(name)
+    if config.together and len(plain) > 1:
+        shares = [share for share in (plain[r :: ranks.world_size] for r in range(ranks.world_size)) if share]
+        return jobs + [_together_job(ens, share, config, data, index, callbacks) for share in shares]
+    return jobs + [_child_job(ens, name, config, data, index[name], callbacks) for name in plain]
+
+
+def _unused(ctx: JobContext) -> list[Trained]:
+    raise AssertionError("a finished child is never tuned again")
+
+
+def _child_job(ens: EnsembleDir, name: str, config: TuneConfig, data: Dataset, index: int,
+               callbacks: Callable[[str], Iterable[Callback]]) -> Job:
+    def train(ctx: JobContext) -> list[Trained]:
+        from pat.children import load_child
+
+        child = load_child(ens.member_path(name))
+        masks = getattr(child, "pat_masks", None)  # load_child has checked them against the weights
+        metrics = tune_child(child, masks, data, config, index=index, callbacks=callbacks(name),
+                             resume_path=ctx.partial, resume_extra=ctx.extra)
+        return [Trained(child, metrics, cost=child.pat_cost)]
+    return Job(name, train)
+
+
+def _together_job(ens: EnsembleDir, names: list[str], config: TuneConfig, data: Dataset,
+                  index: dict[str, int], callbacks: Callable[[str], Iterable[Callback]]) -> Job:
+    """``names`` tuned in one grouped network (one by one where ``"auto"`` finds that faster)."""
+    _check_together_step(config)
+
+    def train(ctx: JobContext) -> list[Trained]:
+        from pat.children import load_child
+
+        children = [load_child(ens.member_path(name)) for name in names]
+        masks = [getattr(c, "pat_masks", None) for c in children]
+        results = tune_together(children, masks, data, config, indices=[index[n] for n in names],
+                                callbacks=callbacks(", ".join(names)), resume_path=ctx.partial,
+                                resume_extra=ctx.extra)
+        if results is None:  # "auto" declined: one by one
+            results = [tune_child(c, m, data, config, index=index[n], callbacks=callbacks(n))
+                       for c, m, n in zip(children, masks, names, strict=True)]
+        return [Trained(c, metrics, cost=c.pat_cost) for c, metrics in zip(children, results, strict=True)]
+    return Job(f"together-{'+'.join(names)}", train, members=tuple(names))
+
+
+def _packed_job(ens: EnsembleDir, file: str, config: TuneConfig, data: Dataset, index: dict[str, int],
+                callbacks: Callable[[str], Iterable[Callback]]) -> Job:
+    """The children of one packed file, tuned together as the one network they are."""
+    records = sorted((r for r in ens.members if r["file"] == file), key=lambda r: r["packed"]["index"])
+    names = [r["name"] for r in records]
+    check(config.step == "sgd", f"--step {config.step!r}: the children of packed file {file!r} "
+          "are one network and tune together, which takes the plain 'sgd' step only.")
+
+    def train(ctx: JobContext) -> list[Trained]:
+        from pat.pack import load_packed, unpack
+
+        children = unpack(load_packed(ens.member_path(records[0]), argument=f"member {names[0]!r}"))
+        results = tune_together(children, [None] * len(children), data, replace(config, together=True),
+                                indices=[index[n] for n in names], callbacks=callbacks(", ".join(names)),
+                                resume_path=ctx.partial, resume_extra=ctx.extra)
+        assert results is not None  # together=True never declines
+        return [Trained(c, metrics, cost=c.pat_cost) for c, metrics in zip(children, results, strict=True)]
+    return Job(f"packed-{Path(file).stem}", train, members=tuple(names))

@@ -158,7 +158,7 @@ def test_tuning_a_packed_directory_equals_tuning_its_children_one_by_one(dirs, d
     with pytest.raises(KeyboardInterrupt):
         tune_directory(str(packed), digits, TUNE, callbacks=lambda name: [StopAfterFirstEpoch()])
     assert (packed / "packed.pt").read_bytes() == before  # the file is replaced only when all finish
-    partial = packed / ".work" / "together-packed.partial.pt"
+    partial = packed / ".work" / "packed-packed.partial.pt"  # the runner names the job after its file
     assert load_checkpoint(partial)["epoch"] == 1
     done = []
     tune_directory(str(packed), digits, TUNE, on_done=lambda r: done.append(r["name"]))

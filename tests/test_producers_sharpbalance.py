@@ -235,3 +235,25 @@ def test_indexed_loader_reports_each_batchs_sample_indices(tiny_data):
     n = len(tiny_data.train.y)
     assert sorted(torch.cat(seen).tolist()) == list(range(n))
     assert not torch.equal(torch.cat(seen), torch.arange(n))  # shuffled
+
+
+def test_phase_two_continues_from_the_saved_phase_one_stage_not_from_a_leftover_resume_file(tmp_path, tiny_data):
+    class StopAtPhaseTwo(Callback):
+        def on_fit_start(self, state) -> None:
+            if state.step > 0:  # a run that continues phase 1's: phase 2 is starting
+                raise Boom
+
+    train_sharpbalance(config(), tmp_path / "whole", data=tiny_data)
+    out = tmp_path / "cut"
+    with pytest.raises(Boom):
+        train_sharpbalance(config(), out, data=tiny_data, callbacks=lambda name: [StopAtPhaseTwo()])
+    work = out / ".work"
+    assert sorted(p.name for p in work.glob("phase1-*.pt")) == ["phase1-member-0.pt", "phase1-member-1.pt"]
+    for partial in work.glob("*.partial.pt"):
+        partial.unlink()  # nothing of phase 1 is left but its stages
+    train_sharpbalance(config(), out, data=tiny_data)
+    for name in ("member-0", "member-1"):
+        a = load_checkpoint(tmp_path / "whole" / f"{name}.pt")
+        b = load_checkpoint(out / f"{name}.pt")
+        assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+        assert b["cost"]["steps"] == a["cost"]["steps"]  # both phases counted

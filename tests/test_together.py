@@ -132,7 +132,7 @@ def test_directory_together_equals_one_by_one_and_resumes_at_epoch_boundaries(tw
         tune_directory(together, digits, _together(CONFIG), callbacks=lambda name: [StopAfterFirstEpoch()])
     ens = EnsembleDir.load(together)
     assert [m["status"] for m in ens.members] == ["split"] * 3  # nothing finished, nothing claimed
-    partial = ens.path / ".work" / "together-0.partial.pt"
+    partial = ens.path / ".work" / "together-child-0+child-1+child-2.partial.pt"  # the runner's job name
     assert load_checkpoint(partial)["epoch"] == 1
     done = []
     tune_directory(together, digits, _together(CONFIG), on_done=lambda r: done.append(r["name"]))

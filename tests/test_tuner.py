@@ -111,6 +111,36 @@ def test_interrupted_child_restarts_and_finished_children_are_kept(children_dir,
     assert done == ["child-1", "child-2"]
 
 
+def test_child_interrupted_after_an_epoch_resumes_from_it_and_ends_as_if_never_stopped(tmp_path, digits_parent,
+                                                                                     digits):
+    config = TuneConfig(epochs=2, max_lr=0.05, data=DataConfig(batch_size=64))
+    whole, cut = (str(split_to_directory(digits_parent, tmp_path / n, SplitConfig(children=2)).path)
+                  for n in ("whole", "cut"))
+    tune_directory(whole, digits, config)
+
+    class StopAfterFirstEpoch(Callback):
+        def on_epoch_end(self, state):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tune_directory(cut, digits, config, callbacks=lambda n: [StopAfterFirstEpoch()] if n == "child-1" else [])
+    assert load_checkpoint(f"{cut}/.work/child-1.partial.pt")["epoch"] == 1
+    starts = []
+
+    class FirstStep(Callback):
+        def on_fit_start(self, state):
+            starts.append(state.step)
+
+    tune_directory(cut, digits, config, callbacks=lambda n: [FirstStep()])
+    steps_per_epoch = load_checkpoint(f"{whole}/child-1.pt")["cost"]["steps"] // 2
+    assert starts == [steps_per_epoch]  # child-1 alone, from its second epoch
+    for name in ("child-0", "child-1"):
+        a, b = load_checkpoint(f"{whole}/{name}.pt"), load_checkpoint(f"{cut}/{name}.pt")
+        assert max(float((a["state_dict"][k] - b["state_dict"][k]).abs().max()) for k in a["state_dict"]) < 1e-6
+        assert a["cost"]["steps"] == b["cost"]["steps"] and a["metrics"] == pytest.approx(b["metrics"], abs=1e-6)
+    assert not Path(cut, ".work").exists()
+
+
 def test_child_whose_weights_break_its_mask_is_refused(children_dir, digits):
     path = f"{children_dir}/child-0.pt"
     ckpt = load_checkpoint(path)

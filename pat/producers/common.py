@@ -1,11 +1,10 @@
-"""What every member producer shares: the output directory, resume, sharding, final metrics.
+"""What every member producer shares: the output directory, its ledger, data and loaders.
 
-A producer turns a config into named *jobs* (one member each). An unfinished member's training
-state lives in ``<out>/.work/`` (see :func:`partial_file`); each finished member is saved
-atomically as ``<out>/<name>.pt`` (``kind="member"``, with its manifest record and the
-producer's config), so a member file that exists and carries the same config is finished:
-a rerun skips it, under ``torchrun`` as well, where each rank trains its share
-(:meth:`pat.engine.distributed.Ranks.shard`) and rank 0 alone writes ``ensemble.json``.
+A producer turns a config into :class:`pat.jobs.Job` s (one per member, plus stages where
+members depend on each other) and runs them with :func:`pat.jobs.run_jobs`. Each finished
+member is saved atomically as ``<out>/<name>.pt`` (``kind="member"``, with its manifest
+record and the producer's config), so a member file that exists and carries the same
+config is finished (:class:`MemberLedger`): a rerun skips it, under ``torchrun`` as well.
 """
 
 from __future__ import annotations
@@ -18,31 +17,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from pat.config import to_dict
+from pat.config import plain_config
 from pat.data import Dataset, DeviceLoader, IndexedBatches, load_dataset
 from pat.engine.callbacks import Callback
 from pat.engine.checkpoint import load_checkpoint, save_model
 from pat.engine.distributed import Ranks
 from pat.errors import PatError
+from pat.jobs import Job, Trained, work_dir
 from pat.lock import acquire, release
 from pat.store import MANIFEST, EnsembleDir
 
 __all__ = [
     "CallbackFactory",
-    "plain_config",
     "load_data",
     "indexed_loader",
     "open_ensemble",
-    "finished_record",
-    "save_member",
-    "write_manifest",
+    "close_ensemble",
+    "MemberLedger",
     "member_file",
-    "work_dir",
-    "partial_file",
-    "gather_records",
-    "finalize",
 ]
 
 # member name -> callbacks for that member's fit() (the CLI passes rich progress bars)
@@ -50,11 +43,6 @@ CallbackFactory = Callable[[str], Iterable[Callback]]
 # settings that may change between a run and its resumption without changing any member
 _RUNTIME_KEYS = ("device", "amp")
 _LOCATION_KEYS = ("data_dir",)  # where the data lives, not what it is: the data may move
-
-
-def plain_config(config: Any) -> dict[str, Any]:
-    """The config as JSON would read it back (tuples become lists), for equality checks."""
-    return json.loads(json.dumps(to_dict(config)))
 
 
 def _recipe_of(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -104,7 +92,7 @@ def open_ensemble(
     An existing ensemble made by the same producer with the same config (device aside) is
     resumed; any other existing ensemble is refused unless ``force``, which deletes the old
     member files first so that none of them is mistaken for a finished member. Rank 0 takes
-    the directory's lock (:mod:`pat.lock`) here and :func:`finalize` gives it back.
+    the directory's lock (:mod:`pat.lock`) here and :func:`close_ensemble` gives it back.
     """
     out, cfg = Path(out), plain_config(config)
     manifest = out / MANIFEST
@@ -129,8 +117,8 @@ def open_ensemble(
     else:
         ens = EnsembleDir.create(out, arch=arch, num_classes=num_classes, force=True,
                                  config={"producer": producer, producer: cfg, **(extra or {})},
-                                 data=to_dict(config.data), image_shape=image_shape)
-    if ranks.is_main:  # held until finalize(); the CLI's lock_scope gives it back on any failure
+                                 data=plain_config(config.data), image_shape=image_shape)
+    if ranks.is_main:  # held until close_ensemble(); the CLI's lock_scope gives it back on any failure
         acquire(out, argument="--out", create=True)
     if not resume:
         if ranks.is_main:
@@ -156,76 +144,56 @@ def member_file(ens: EnsembleDir, name: str) -> Path:
     return ens.path / f"{name}.pt"
 
 
-def work_dir(ens: EnsembleDir) -> Path:
-    """``<out>/.work``: resume states of unfinished members; removed when a run starts afresh."""
-    return ens.path / ".work"
-
-
-def partial_file(ens: EnsembleDir, name: str) -> Path:
-    """Where member ``name``'s training state lives until the member is finished."""
-    return work_dir(ens) / f"{name}.partial.pt"
-
-
-def finished_record(ens: EnsembleDir, name: str, producer: str, config: Any) -> dict[str, Any] | None:
-    """The manifest record of member ``name`` if its file is there and made with ``config``."""
-    path = member_file(ens, name)
-    if not path.is_file():
-        return None
-    try:
-        ckpt = load_checkpoint(path)
-    except PatError:
-        return None  # unreadable: train it again
-    if ckpt.get("producer") != producer or _recipe_of(ckpt.get("config") or {}) != _recipe_of(plain_config(config)):
-        return None
-    if (ckpt.get("member") or {}).get("name") != name:
-        return None  # another member's file copied over this one: train this one again
-    return ens.stamp(dict(ckpt["member"]))
-
-
-def save_member(
-    ens: EnsembleDir,
-    model: nn.Module,
-    *,
-    name: str,
-    producer: str,
-    config: Any,
-    recipe: Mapping[str, Any],
-    metrics: Mapping[str, float],
-    history: Sequence[Mapping[str, float]] = (),
-    parent: str | None = None,
-    cost: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Write ``<out>/<name>.pt`` atomically and return its manifest record.
-
-    ``cost`` is the member's :func:`pat.engine.cost.training_cost` record (``"parent"`` is
-    added when the member started from another); it goes into the record and the file.
-    """
-    cost = None if cost is None else {**cost, **({"parent": parent} if parent is not None else {})}
-    record = {"name": name, "file": f"{name}.pt", "producer": producer, "status": "trained",
-              "parent": parent, "recipe": dict(recipe), "metrics": dict(metrics), "cost": cost}
-    save_model(member_file(ens, name), model, kind="member", member=record, producer=producer,
-               config=plain_config(config), metrics=dict(metrics), history=list(history), cost=cost)
-    return ens.stamp(record)
-
-
-def write_manifest(ens: EnsembleDir, records: Iterable[dict[str, Any] | None]) -> None:
-    """Set the member list (in job order, unfinished ones left out) and save the manifest."""
-    ens.manifest["members"] = [r for r in records if r is not None]
-    ens.save()
-
-
-def finalize(ens: EnsembleDir, names: Sequence[str], producer: str, config: Any, ranks: Ranks) -> None:
-    """After every rank's share: rank 0 writes the manifest and, if all are done, drops ``.work``."""
-    final = gather_records(ens, names, producer, config, ranks)
+def close_ensemble(ens: EnsembleDir, ranks: Ranks) -> None:
+    """Rank 0 gives back the directory's lock taken by :func:`open_ensemble`."""
     if ranks.is_main:
-        write_manifest(ens, final)
-        if all(r is not None for r in final):
-            shutil.rmtree(work_dir(ens), ignore_errors=True)  # resume states are spent
-        release(ens.path)  # taken by open_ensemble
+        release(ens.path)
 
 
-def gather_records(ens: EnsembleDir, names: Sequence[str], producer: str, config: Any,
-                   ranks: Ranks) -> list[dict[str, Any] | None]:
-    """After every rank's share is done: records of all finished members, in job order."""
-    ranks.barrier()
-    return [finished_record(ens, name, producer, config) for name in names]
+class MemberLedger:
+    """Members a producer makes from scratch: ``<out>/<name>.pt`` files of ``kind="member"``.
+
+    A member is finished when its file is there, names it, and was made by ``producer`` with
+    the same config (device and data location aside).
+    """
+
+    def __init__(self, ens: EnsembleDir, producer: str, config: Any) -> None:
+        self.ens, self.producer, self.config = ens, producer, config
+        self.recipe = _recipe_of(plain_config(config))
+
+    def signature(self) -> dict[str, Any]:
+        return {"producer": self.producer, "config": self.recipe}
+
+    def finished(self, job: Job) -> list[dict[str, Any]] | None:
+        records = [self._finished(name) for name in job.members]
+        return None if any(r is None for r in records) else records  # type: ignore[return-value]
+
+    def _finished(self, name: str) -> dict[str, Any] | None:
+        path = member_file(self.ens, name)
+        if not path.is_file():
+            return None
+        try:
+            ckpt = load_checkpoint(path, mmap=True)
+        except PatError:
+            return None  # unreadable: train it again
+        if ckpt.get("producer") != self.producer or _recipe_of(ckpt.get("config") or {}) != self.recipe:
+            return None
+        if (ckpt.get("member") or {}).get("name") != name:
+            return None  # another member's file copied over this one: train this one again
+        return self.ens.stamp(dict(ckpt["member"]))
+
+    def save(self, job: Job, trained: Sequence[Trained]) -> list[dict[str, Any]]:
+        """Write each member's file atomically; its record goes into the file and the manifest.
+
+        A member's cost gets ``"parent"`` when it started from another member.
+        """
+        records = []
+        for name, t in zip(job.members, trained, strict=True):
+            cost = None if t.cost is None else {**t.cost, **({"parent": t.parent} if t.parent is not None else {})}
+            record = {"name": name, "file": f"{name}.pt", "producer": self.producer, "status": "trained",
+                      "parent": t.parent, "recipe": dict(t.recipe), "metrics": dict(t.metrics), "cost": cost}
+            save_model(member_file(self.ens, name), t.model, kind="member", member=record,
+                       producer=self.producer, config=plain_config(self.config), metrics=dict(t.metrics),
+                       history=list(t.history), cost=cost)
+            records.append(self.ens.stamp(record))
+        return records

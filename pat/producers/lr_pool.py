@@ -23,19 +23,17 @@ from pat.data import Dataset
 from pat.engine.cost import example_input, fit_cost
 from pat.engine.distributed import Ranks, init_ranks
 from pat.engine.loop import final_metrics, fit, resolve_device
-from pat.engine.optim import create_optimizer
+from pat.engine.optim import recipe
 from pat.engine.schedules import create_schedule
 from pat.errors import check
+from pat.jobs import Job, JobContext, Trained, member_seed, run_jobs
 from pat.models import create_model
 from pat.producers.common import (
     CallbackFactory,
-    finalize,
-    finished_record,
+    MemberLedger,
+    close_ensemble,
     load_data,
     open_ensemble,
-    partial_file,
-    save_member,
-    write_manifest,
 )
 from pat.registry import OPTIMIZERS, SCHEDULES
 from pat.store import EnsembleDir
@@ -67,7 +65,7 @@ class PoolConfig:
     optimizer: str = "sgd"  # sgd (Nesterov) | adam
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    seed: int = 0  # member k of the grid is initialised with seed + k
+    seed: int = 0  # member k of the grid: init and data order seeded by pat.jobs.member_seed(seed, k)
     device: str = "auto"
     amp: bool | None = None
 
@@ -104,21 +102,22 @@ def pool_jobs(config: PoolConfig) -> list[tuple[str, str, float]]:
 
 def train_member(config: PoolConfig, data: Dataset, policy: str, lr: float, index: int, *,
                  device: torch.device, callbacks: CallbackFactory | None = None,
-                 resume_path: str | os.PathLike | None = None) -> tuple[Any, list, dict[str, Any]]:
-    """Train one pool member; returns ``(model, fit history, cost)``."""
-    torch.manual_seed(config.seed + index)
+                 resume_path: str | os.PathLike | None = None,
+                 resume_extra: Mapping[str, Any] | None = None) -> Trained:
+    """Train member ``index`` of the grid (``policy`` at ``lr``) from a fresh initialisation."""
+    seed = member_seed(config.seed, index)
+    torch.manual_seed(seed)
     model = create_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels,
                          **config.model_kwargs).to(device)
-    batch = config.data.batch_size
-    train = data.loader("train", batch_size=batch, device=device, seed=config.data.seed + index)
-    optimizer = create_optimizer(model, config.optimizer, lr=lr, momentum=config.momentum,
-                                 weight_decay=config.weight_decay)
-    scheduler = create_schedule(policy, optimizer, total_steps=config.epochs * len(train))
+    train = data.loader("train", batch_size=config.data.batch_size, device=device, seed=seed)
+    optimizer, scheduler = recipe(model, config, lr=lr, schedule=policy, total_steps=config.epochs * len(train))
     name = member_name(policy, lr)
     state = fit(model, train, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler,
                 callbacks=callbacks(name) if callbacks else (), amp=config.amp, device=device,
-                resume_path=resume_path)
-    return model, state.history, fit_cost(state, example_input(data, device))
+                resume_path=resume_path, resume_extra=resume_extra)
+    return Trained(model, final_metrics(model, data, device=device, amp=config.amp),
+                   cost=fit_cost(state, example_input(data, device)), history=state.history,
+                   recipe={"policy": policy, "lr": lr, "epochs": config.epochs, "seed": seed})
 
 
 def train_pool(
@@ -133,8 +132,9 @@ def train_pool(
 ) -> EnsembleDir:
     """Train every (policy, LR) member of ``config`` into the ensemble directory ``out``.
 
-    Finished members are skipped on a rerun with the same config; an interrupted member
-    resumes from ``<out>/.work/<name>.partial.pt``. Under ``torchrun`` each rank trains its share.
+    The members are independent jobs of :func:`pat.jobs.run_jobs`: finished ones are skipped on
+    a rerun with the same config, an interrupted one resumes from its last epoch, and under
+    ``torchrun`` each rank trains its share.
 
     Args:
         callbacks: ``name -> callbacks`` for each member's training (progress bars).
@@ -146,34 +146,21 @@ def train_pool(
     ranks = ranks or init_ranks()
     device = resolve_device(ranks.device(config.device))
     data = data or load_data(config)
-    jobs = pool_jobs(config)
     spec = create_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels,
                         **config.model_kwargs).pat_spec  # fails fast on a bad model name
     ens = open_ensemble(out, producer=PRODUCER, config=config, arch=spec,
                         num_classes=data.num_classes, force=force, ranks=ranks,
                         image_shape=(data.in_channels, data.image_size, data.image_size))
-    index = {name: k for k, (name, _, _) in enumerate(jobs)}
-    records: dict[str, dict[str, Any]] = {}
-    for name, policy, lr in ranks.shard(jobs):
-        record = finished_record(ens, name, PRODUCER, config)
-        skipped = record is not None
-        if record is None:
-            partial = partial_file(ens, name)
-            model, history, cost = train_member(config, data, policy, lr, index[name], device=device,
-                                          callbacks=callbacks, resume_path=partial)
-            metrics = final_metrics(model, data, device=device, amp=config.amp)
-            record = save_member(ens, model, name=name, producer=PRODUCER, config=config,
-                                 recipe={"policy": policy, "lr": lr, "epochs": config.epochs,
-                                         "seed": config.seed + index[name]},
-                                 metrics=metrics, history=history, cost=cost)
-            partial.unlink(missing_ok=True)
-        records[name] = record
-        if ranks.is_main and not ranks.distributed:
-            write_manifest(ens, [records.get(n) or finished_record(ens, n, PRODUCER, config)
-                                 for n, _, _ in jobs])
-        if on_member is not None:
-            on_member(record, skipped)
-    finalize(ens, [n for n, _, _ in jobs], PRODUCER, config, ranks)
+
+    def job(index: int, name: str, policy: str, lr: float) -> Job:
+        def train(ctx: JobContext) -> list[Trained]:
+            return [train_member(config, data, policy, lr, index, device=device, callbacks=callbacks,
+                                 resume_path=ctx.partial, resume_extra=ctx.extra)]
+        return Job(name, train)
+
+    jobs = [job(k, *grid) for k, grid in enumerate(pool_jobs(config))]
+    run_jobs(ens, jobs, MemberLedger(ens, PRODUCER, config), ranks=ranks, on_member=on_member)
+    close_ensemble(ens, ranks)
     return ens
 
 

@@ -9,10 +9,12 @@ Two phases over one training run per member (one schedule across all ``epochs``)
    members' scores (:func:`sam_subsets`) and trains the remaining epochs with the mixed step:
    SAM on its subset, plain SGD on the rest (:class:`pat.engine.sam.MixedSAMStep`).
 
-The phases are two passes of a plain loop (phase 1 for every member, then phase 2 for every
-member), not processes waiting on each other: each member's state between them is its
-``fit`` resume file, so an interrupted run continues where it stopped. ``mode="sam"`` (SAM
-throughout) and ``mode="plain"`` (SGD throughout) are the baselines.
+The phases are two waves of jobs for :func:`pat.jobs.run_jobs`, not processes waiting on each
+other: member i's phase 1 is a *stage* job whose result — its training state after
+``initial_epochs`` and its scores — is saved like a member (``<out>/.work/phase1-member-i.pt``),
+and member i's phase 2 is a job that reads every member's stage, continuing its own. An
+interrupted run continues where it stopped; a missing stage is trained again.
+``mode="sam"`` (SAM throughout) and ``mode="plain"`` (SGD throughout) are the baselines.
 
 References:
     Li et al., "Achieving Flat and Diverse Minima: SharpBalance", 2024 (arXiv:2407.12996).
@@ -33,26 +35,23 @@ from pat.config import DataConfig
 from pat.data import Dataset
 from pat.data.loader import seeded_generator
 from pat.engine.callbacks import FitState
-from pat.engine.checkpoint import load_checkpoint, save_checkpoint
+from pat.engine.checkpoint import save_checkpoint
 from pat.engine.cost import example_input, fit_cost
 from pat.engine.distributed import Ranks, init_ranks
-from pat.engine.loop import final_metrics, fit, resolve_device
-from pat.engine.optim import create_optimizer
+from pat.engine.loop import final_metrics, fit, resolve_device, train_state
+from pat.engine.optim import recipe
 from pat.engine.sam import MixedSAMStep, SAMStep, per_sample_sharpness
-from pat.engine.schedules import create_schedule
 from pat.engine.steps import sgd_step
-from pat.errors import PatError, check
+from pat.errors import check
+from pat.jobs import Job, JobContext, Trained, member_seed, run_jobs
 from pat.models import create_model
 from pat.producers.common import (
     CallbackFactory,
-    finalize,
-    finished_record,
+    MemberLedger,
+    close_ensemble,
     indexed_loader,
     load_data,
     open_ensemble,
-    partial_file,
-    save_member,
-    work_dir,
 )
 from pat.registry import OPTIMIZERS, SCHEDULES
 from pat.store import EnsembleDir
@@ -85,7 +84,7 @@ class SharpBalanceConfig:
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    seed: int = 0  # member i: init seed + i, data order data.seed + i
+    seed: int = 0  # member i's init and data order: pat.jobs.member_seed(seed, i)
     device: str = "auto"
     amp: bool | None = None
 
@@ -161,15 +160,62 @@ def sharpness_scores(model: torch.nn.Module, data: Dataset, *, batch_size: int,
 
 def _setup(config: SharpBalanceConfig, data: Dataset, i: int, device: torch.device):
     """Member i's model, indexed loader, optimizer and whole-run scheduler (fresh)."""
-    torch.manual_seed(config.seed + i)
+    seed = member_seed(config.seed, i)
+    torch.manual_seed(seed)
     model = create_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels,
                          **config.model_kwargs).to(device)
-    loader = indexed_loader(data, batch_size=config.data.batch_size, device=device,
-                            seed=config.data.seed + i)
-    optimizer = create_optimizer(model, config.optimizer, lr=config.lr, momentum=config.momentum,
-                                 weight_decay=config.weight_decay)
-    scheduler = create_schedule(config.schedule, optimizer, total_steps=config.epochs * len(loader))
+    loader = indexed_loader(data, batch_size=config.data.batch_size, device=device, seed=seed)
+    optimizer, scheduler = recipe(model, config, lr=config.lr, schedule=config.schedule,
+                                  total_steps=config.epochs * len(loader))
     return model, loader, optimizer, scheduler
+
+
+def _jobs(config: SharpBalanceConfig, data: Dataset, device: torch.device,
+          callbacks: CallbackFactory | None) -> list[Job]:
+    """Phase-1 stages then members (SharpBalance), or one job per member (the baselines)."""
+    names = [f"member-{i}" for i in range(config.members)]
+    stages = [f"phase1-{name}" for name in names]
+    two_phase = config.mode == "sharpbalance"
+    first_step = sgd_step if config.mode == "plain" else SAMStep(config.rho, config.adaptive)
+
+    def trained(i: int, model: torch.nn.Module, state: FitState, mask: Tensor | None) -> Trained:
+        fraction = 1.0 if config.mode == "sam" else 0.0 if mask is None else float(mask.float().mean())
+        record = {"index": i, "mode": config.mode, "rho": config.rho, "subset": config.subset,
+                  "flat_ratio": config.flat_ratio, "epochs": config.epochs, "sam_fraction": fraction,
+                  "seed": member_seed(config.seed, i)}
+        return Trained(model, final_metrics(model, data, device=device, amp=config.amp),
+                       cost=fit_cost(state, example_input(data, device)), history=state.history, recipe=record)
+
+    def first(i: int, ctx: JobContext) -> Any:
+        model, loader, optimizer, scheduler = _setup(config, data, i, device)
+        epochs = config.initial_epochs if two_phase else config.epochs
+        state = fit(model, loader, epochs=epochs, optimizer=optimizer, scheduler=scheduler, step=first_step,
+                    callbacks=callbacks(names[i]) if callbacks else (), amp=config.amp, device=device,
+                    resume_path=ctx.partial, resume_extra=ctx.extra)
+        if not two_phase:
+            return [trained(i, model, state, None)]
+        scores = sharpness_scores(model, data, batch_size=config.data.batch_size, device=device)
+        return {"state": train_state(state), "scores": scores}
+
+    def second(i: int, ctx: JobContext) -> list[Trained]:
+        scores = torch.stack([ctx.stage(stage)["scores"] for stage in stages])
+        mask = sam_subsets(scores, config.flat_ratio, config.subset, seed=config.seed)[i]
+        model, loader, optimizer, scheduler = _setup(config, data, i, device)
+        if not ctx.partial.is_file():  # phase 2 continues phase 1's run: same schedule, optimizer, counts
+            save_checkpoint(ctx.partial, {**ctx.stage(stages[i])["state"], **ctx.extra})
+        step = MixedSAMStep(config.rho, mask.to(device), loader, adaptive=config.adaptive)
+        state = fit(model, loader, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler, step=step,
+                    callbacks=callbacks(names[i]) if callbacks else (), amp=config.amp, device=device,
+                    resume_path=ctx.partial, resume_extra=ctx.extra)
+        return [trained(i, model, state, mask)]  # its counts cover both phases
+
+    def bind(fn: Callable[[int, JobContext], Any], i: int) -> Callable[[JobContext], Any]:
+        return lambda ctx: fn(i, ctx)
+
+    if not two_phase:
+        return [Job(names[i], bind(first, i)) for i in range(config.members)]
+    return ([Job(stages[i], bind(first, i), stage=True) for i in range(config.members)]
+            + [Job(names[i], bind(second, i), after=tuple(stages)) for i in range(config.members)])
 
 
 def train_sharpbalance(
@@ -185,7 +231,7 @@ def train_sharpbalance(
     """Train ``config.members`` members into the ensemble directory ``out`` (see module doc).
 
     Under ``torchrun`` each rank trains its share of members in both phases; the ranks meet
-    once, between the phases, when every member's scores are on disk.
+    once, between the phases, when every member's phase-1 stage is on disk.
     """
     ranks = ranks or init_ranks()
     device = resolve_device(ranks.device(config.device))
@@ -195,60 +241,7 @@ def train_sharpbalance(
     ens = open_ensemble(out, producer=PRODUCER, config=config, arch=spec,
                         num_classes=data.num_classes, force=force, ranks=ranks,
                         image_shape=(data.in_channels, data.image_size, data.image_size))
-    names = [f"member-{i}" for i in range(config.members)]
-    todo = [i for i in ranks.shard(list(range(config.members)))
-            if finished_record(ens, names[i], PRODUCER, config) is None]
-    two_phase = config.mode == "sharpbalance"
-    scores_file = lambda i: work_dir(ens) / f"{names[i]}.scores.pt"  # noqa: E731
-    first_step = sgd_step if config.mode == "plain" else SAMStep(config.rho, config.adaptive)
-    sam_masks: Tensor | None = None
-
-    def finish(i: int, model: torch.nn.Module, state: FitState, mask: Tensor | None) -> None:
-        recipe = {"index": i, "mode": config.mode, "rho": config.rho, "subset": config.subset,
-                  "flat_ratio": config.flat_ratio, "epochs": config.epochs,
-                  "sam_fraction": 1.0 if config.mode == "sam" else 0.0}
-        if mask is not None:
-            recipe["sam_fraction"] = float(mask.float().mean())
-        record = save_member(ens, model, name=names[i], producer=PRODUCER, config=config,
-                             recipe=recipe, history=state.history,
-                             metrics=final_metrics(model, data, device=device, amp=config.amp),
-                             cost=fit_cost(state, example_input(data, device)))
-        partial_file(ens, names[i]).unlink(missing_ok=True)
-        if on_member is not None:
-            on_member(record, False)
-
-    # phase 1: every member of this rank (full SAM, or the whole run for the baselines)
-    for i in todo:
-        model, loader, optimizer, scheduler = _setup(config, data, i, device)
-        epochs = config.initial_epochs if two_phase else config.epochs
-        state = fit(model, loader, epochs=epochs, optimizer=optimizer, scheduler=scheduler,
-                    step=first_step, callbacks=callbacks(names[i]) if callbacks else (),
-                    amp=config.amp, device=device, resume_path=partial_file(ens, names[i]))
-        if not two_phase:
-            finish(i, model, state, None)
-        elif not scores_file(i).is_file():
-            save_checkpoint(scores_file(i), {"kind": "sharpness", "scores": sharpness_scores(
-                model, data, batch_size=config.data.batch_size, device=device)})
-    # phase 2: subsets need every member's scores, so all of phase 1 must be done first
-    if two_phase:
-        ranks.barrier()
-        if todo:
-            missing = [names[i] for i in range(config.members) if not scores_file(i).is_file()]
-            if missing:
-                raise PatError(f"--out {str(ens.path)!r}: phase-1 scores of {missing} are missing "
-                               "(was .work removed?); pass --force to start again.")
-            scores = torch.stack([load_checkpoint(scores_file(i))["scores"] for i in range(config.members)])
-            sam_masks = sam_subsets(scores, config.flat_ratio, config.subset, seed=config.seed)
-        for i in todo:
-            model, loader, optimizer, scheduler = _setup(config, data, i, device)
-            step = MixedSAMStep(config.rho, sam_masks[i].to(device), loader, adaptive=config.adaptive)
-            state = fit(model, loader, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler,
-                        step=step, callbacks=callbacks(names[i]) if callbacks else (), amp=config.amp,
-                        device=device, resume_path=partial_file(ens, names[i]))
-            # phase 2 resumed phase 1's state, so its counts cover both phases
-            finish(i, model, state, sam_masks[i])
-    for i in ranks.shard(list(range(config.members))):
-        if i not in todo and on_member is not None:
-            on_member(finished_record(ens, names[i], PRODUCER, config), True)
-    finalize(ens, names, PRODUCER, config, ranks)
+    run_jobs(ens, _jobs(config, data, device, callbacks), MemberLedger(ens, PRODUCER, config), ranks=ranks,
+             on_member=on_member)
+    close_ensemble(ens, ranks)
     return ens

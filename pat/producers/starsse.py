@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,20 +32,18 @@ from pat.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from pat.engine.cost import example_input, fit_cost
 from pat.engine.distributed import Ranks, init_ranks
 from pat.engine.loop import final_metrics, fit, resolve_device
-from pat.engine.optim import create_optimizer
-from pat.engine.schedules import create_schedule
+from pat.engine.optim import recipe
 from pat.errors import PatError, check
+from pat.jobs import Job, JobContext, Trained, member_seed, run_jobs
 from pat.models import create_model, get_classifier
 from pat.models._classifier import module_path
 from pat.producers.common import (
     CallbackFactory,
-    finalize,
-    finished_record,
+    MemberLedger,
+    close_ensemble,
     load_data,
     member_file,
     open_ensemble,
-    partial_file,
-    save_member,
 )
 from pat.registry import OPTIMIZERS
 from pat.store import EnsembleDir
@@ -72,7 +69,7 @@ class StarSSEConfig:
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    seed: int = 0  # seed of a new classifier head; member k shuffles data with data.seed + k
+    seed: int = 0  # a new classifier head's init; member k's data order: pat.jobs.member_seed(seed, k)
     device: str = "auto"
     amp: bool | None = None
 
@@ -129,25 +126,26 @@ def load_pretrained(config: StarSSEConfig, data: Dataset) -> nn.Module:
     return _fit_head(ckpt, data.num_classes, where)
 
 
-def _train_one(config: StarSSEConfig, data: Dataset, model: nn.Module, k: int, *,
-               device: torch.device, callbacks: CallbackFactory | None,
-               partial: Path) -> tuple[list[dict[str, float]], dict[str, Any]]:
+def _train_one(config: StarSSEConfig, data: Dataset, model: nn.Module, k: int, origin: str, *,
+               device: torch.device, callbacks: CallbackFactory | None, ctx: JobContext) -> Trained:
     """Member 1: fine-tune (cosine from lr); member k > 1: one cycle from lr * mult.
 
-    Returns the fit history and the cycle's cost (this member's own training only).
+    The cost is this member's own training only (the member it started from has its own).
     """
     epochs = config.epochs if k == 1 else config.cycle_epochs
     peak = config.lr if k == 1 else config.lr * config.cycle_lr_mult
-    train = data.loader("train", batch_size=config.data.batch_size, device=device,
-                        seed=config.data.seed + k)
+    seed = member_seed(config.seed, k)
+    model.to(device)
+    train = data.loader("train", batch_size=config.data.batch_size, device=device, seed=seed)
     # a fresh optimizer each cycle: momentum from the previous member must not carry over
-    optimizer = create_optimizer(model, config.optimizer, lr=peak, momentum=config.momentum,
-                                 weight_decay=config.weight_decay)
-    scheduler = create_schedule("cosine", optimizer, total_steps=epochs * len(train))
+    optimizer, scheduler = recipe(model, config, lr=peak, schedule="cosine", total_steps=epochs * len(train))
     state = fit(model, train, epochs=epochs, optimizer=optimizer, scheduler=scheduler,
                 callbacks=callbacks(f"member-{k}") if callbacks else (), amp=config.amp,
-                device=device, resume_path=partial)
-    return state.history, fit_cost(state, example_input(data, device))
+                device=device, resume_path=ctx.partial, resume_extra=ctx.extra)
+    return Trained(model, final_metrics(model, data, device=device, amp=config.amp),
+                   cost=fit_cost(state, example_input(data, device)), history=state.history, parent=origin,
+                   recipe={"index": k, "start": origin, "peak_lr": peak, "epochs": epochs,
+                           "mode": "sse" if config.sse else "star", "seed": seed})
 
 
 def train_starsse(
@@ -162,61 +160,29 @@ def train_starsse(
 ) -> EnsembleDir:
     """Make members ``member-1`` … ``member-N`` of ``config`` in the ensemble directory ``out``.
 
-    Finished members are kept on a rerun with the same config (and serve as starting points);
-    an interrupted member resumes from ``<out>/.work/<name>.partial.pt``.
+    Each member is a job of :func:`pat.jobs.run_jobs` that reads the member it starts from:
+    finished members are kept on a rerun with the same config (and serve as starting points),
+    an interrupted one resumes from its last epoch, and under ``torchrun`` the star members
+    are shared out once member 1 exists (an SSE chain runs one member at a time).
     """
     ranks = ranks or init_ranks()
     device = resolve_device(ranks.device(config.device))
     data = data or load_data(config)
     start = load_pretrained(config, data)  # validates before any directory is touched
-    spec = start.pat_spec
-    ens = open_ensemble(out, producer=PRODUCER, config=config, arch=spec,
+    ens = open_ensemble(out, producer=PRODUCER, config=config, arch=start.pat_spec,
                         num_classes=data.num_classes, force=force, ranks=ranks,
                         image_shape=(data.in_channels, data.image_size, data.image_size))
     names = [f"member-{k}" for k in range(1, config.members + 1)]
 
-    def ensure(k: int) -> None:
-        name = names[k - 1]
-        record = finished_record(ens, name, PRODUCER, config)
-        if record is None:
-            origin = "pretrained" if k == 1 else names[k - 2] if config.sse else names[0]
-            if k == 1:
-                model = start
-            else:
-                model = model_from_checkpoint(load_checkpoint(member_file(ens, origin)))
-            model.to(device)
-            partial = partial_file(ens, name)
-            history, cost = _train_one(config, data, model, k, device=device, callbacks=callbacks,
-                                 partial=partial)
-            epochs = config.epochs if k == 1 else config.cycle_epochs
-            peak = config.lr if k == 1 else config.lr * config.cycle_lr_mult
-            record = save_member(
-                ens, model, name=name, producer=PRODUCER, config=config, parent=origin,
-                recipe={"index": k, "start": origin, "peak_lr": peak, "epochs": epochs,
-                        "mode": "sse" if config.sse else "star"},
-                metrics=final_metrics(model, data, device=device, amp=config.amp), history=history,
-                cost=cost,
-            )  # fmt: skip
-            partial.unlink(missing_ok=True)
-            skipped = False
-        else:
-            skipped = True
-        if on_member is not None:
-            on_member(record, skipped)
-        if ranks.is_main and not ranks.distributed:
-            ens.upsert_member(record)
-            ens.save()
+    def job(k: int) -> Job:
+        origin = "pretrained" if k == 1 else names[k - 2] if config.sse else names[0]
 
-    if ranks.is_main:
-        ensure(1)
-    ranks.barrier()  # every star member starts from member 1's file
-    later = list(range(2, config.members + 1))
-    if config.sse:
-        if ranks.is_main:
-            for k in later:
-                ensure(k)
-    else:
-        for k in ranks.shard(later):
-            ensure(k)
-    finalize(ens, names, PRODUCER, config, ranks)
+        def train(ctx: JobContext) -> list[Trained]:
+            model = start if k == 1 else model_from_checkpoint(load_checkpoint(member_file(ens, origin)))
+            return [_train_one(config, data, model, k, origin, device=device, callbacks=callbacks, ctx=ctx)]
+        return Job(names[k - 1], train, after=() if k == 1 else (origin,))
+
+    jobs = [job(k) for k in range(1, config.members + 1)]
+    run_jobs(ens, jobs, MemberLedger(ens, PRODUCER, config), ranks=ranks, on_member=on_member)
+    close_ensemble(ens, ranks)
     return ens
