@@ -18,8 +18,7 @@ from pat.engine.checkpoint import save_model
 from pat.engine.cost import example_input, fit_cost
 from pat.engine.distributed import Ranks, RankShard, data_parallel, init_ranks
 from pat.engine.loop import final_metrics, fit, resolve_device
-from pat.engine.optim import create_optimizer
-from pat.engine.schedules import create_schedule
+from pat.engine.optim import recipe
 from pat.models import create_model
 
 __all__ = ["TrainResult", "train_parent", "resume_path_for"]
@@ -71,9 +70,8 @@ def train_parent(
         model = model.to(memory_format=torch.channels_last)
     train = data.loader("train", batch_size=config.data.batch_size, device=device, seed=config.data.seed)
     evals = {"val": data.loader("val", batch_size=512, device=device)} if len(data.val.y) else {}
-    optimizer = create_optimizer(model, config.optimizer, lr=config.lr, momentum=config.momentum,
-                                 weight_decay=config.weight_decay)
-    scheduler = create_schedule(config.schedule, optimizer, total_steps=config.epochs * len(train))
+    optimizer, scheduler = recipe(model, config, lr=config.lr, schedule=config.schedule,
+                                  total_steps=config.epochs * len(train))
     resume = resume_path_for(out) if out is not None else None
     net: nn.Module = model
     if ranks.distributed:
