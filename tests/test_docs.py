@@ -325,7 +325,12 @@ def _run_shell(case: Case, text: str) -> None:
 
 
 def _parse(cli, args: list[str]) -> None:
-    """Parse a command line the way click would, without running it."""
-    command = cli.commands[args[0]]
-    with command.make_context(args[0], list(args[1:])):
+    """Parse a command line the way click would, without running it.
+
+    The command's context has the group's as parent, as when run: click caches a command's
+    help option from the first context it sees, and one without the group's ``-h`` would
+    change ``pat X -h`` (and docs/cli.md) for the rest of the session.
+    """
+    group = cli.make_context("pat", [args[0]], resilient_parsing=True)
+    with cli.commands[args[0]].make_context(args[0], list(args[1:]), parent=group):
         pass
