@@ -54,10 +54,16 @@ class TrainConfig:
     seed: int = 0  # weight initialisation seed
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool | None = None  # bf16 autocast; None = on for CUDA only
+    pretrained: bool = False  # start from torchvision's DEFAULT ImageNet weights (tv: models only)
 
     def __post_init__(self) -> None:
         check(self.epochs > 0, f"epochs must be positive. Got {self.epochs}.")
         check(self.lr > 0, f"lr must be positive. Got {self.lr}.")
+        check(isinstance(self.pretrained, bool), f"pretrained must be true or false. Got {self.pretrained!r}.")
+        # checked here, not only by create_model, so a run is refused before any data is loaded
+        check(not self.pretrained or self.model.startswith("tv:"),
+              f"--pretrained needs a torchvision model (tv:<name>); pat's zoo has no pretrained weights. "
+              f"Got --pretrained with model {self.model!r}.")
         OPTIMIZERS.get(self.optimizer)
         SCHEDULES.get(self.schedule)
 

@@ -65,7 +65,7 @@ def train_parent(
                                 val_fraction=config.data.val_fraction, seed=config.data.seed)
     torch.manual_seed(config.seed)
     model = create_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels,
-                         **config.model_kwargs).to(device)
+                         pretrained=config.pretrained, **config.model_kwargs).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     train = data.loader("train", batch_size=config.data.batch_size, device=device, seed=config.data.seed)

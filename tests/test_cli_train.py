@@ -87,3 +87,55 @@ def test_help_lists_every_command_with_one_line():
     assert result.exit_code == 0
     for command in ("train", "info"):
         assert command in result.output
+
+
+def test_pretrained_is_listed_in_train_help():
+    result = run("train", "--help")
+    assert result.exit_code == 0 and "--pretrained" in result.output and "ImageNet" in result.output
+
+
+def test_pretrained_with_a_zoo_model_is_one_line_naming_both(tmp_path):
+    out = tmp_path / "p.pt"
+    result = run("train", "--model", "lenet-s", "--pretrained", "--dataset", "digits", "--out", str(out))
+    assert result.exit_code == 2, result.output
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and "--pretrained" in err[0] and "'lenet-s'" in err[0], result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_pretrained_weights_that_cannot_be_fetched_are_one_line_and_write_nothing(tmp_path, monkeypatch):
+    from urllib.error import URLError
+
+    from torchvision.models._api import WeightsEnum
+
+    def offline(self, *args, **kwargs):  # what torchvision raises without a network
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", offline)
+    out = tmp_path / "p.pt"
+    result = run("train", "--model", "tv:resnet18", "--pretrained", "--dataset", "digits", "--epochs", "1",
+                 "--out", str(out))
+    assert result.exit_code == 2, result.output
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and "tv:resnet18" in err[0] and "could not be downloaded" in err[0], result.stderr
+    assert not list(tmp_path.iterdir())  # no checkpoint, no .partial
+
+
+def test_pretrained_reaches_create_model_and_the_saved_config(tmp_path, monkeypatch):
+    import pat.parent
+    from pat.models import create_model
+
+    seen = []
+
+    def recording(name, *, pretrained=False, **kwargs):  # a LeNet-S stands in for a torchvision download
+        seen.append((name, pretrained))
+        return create_model("lenet-s", **kwargs)
+
+    monkeypatch.setattr(pat.parent, "create_model", recording)
+    out = tmp_path / "p.pt"
+    result = run("train", "--model", "tv:resnet18", "--pretrained", "--dataset", "digits", "--epochs", "1",
+                 "--out", str(out))
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert seen == [("tv:resnet18", True)]
+    assert "from ImageNet weights" in result.stdout.splitlines()[0]
+    assert load_checkpoint(out)["config"]["pretrained"] is True

@@ -28,3 +28,11 @@ def test_yaml_round_trip(tmp_path):
 def test_bad_values_name_argument_and_value(data, message):
     with pytest.raises(PatError, match=message):
         from_dict(TrainConfig, data)
+
+
+def test_train_config_pretrained_needs_a_torchvision_model():
+    assert TrainConfig(model="tv:resnet18", pretrained=True).pretrained is True
+    with pytest.raises(PatError, match=r"--pretrained .* Got --pretrained with model 'resnet20'\.$"):
+        TrainConfig(model="resnet20", pretrained=True)
+    with pytest.raises(PatError, match=r"pretrained must be true or false\. Got 'yes'"):
+        TrainConfig(model="tv:resnet18", pretrained="yes")  # type: ignore[arg-type]

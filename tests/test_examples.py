@@ -37,19 +37,6 @@ def test_example_runs(script):
         assert len(counts) == 3 and all(c < counts[0] for c in counts[1:]), proc.stdout
 
 
-def _python_blocks(path: Path) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
-
-
-@pytest.mark.slow
-def test_readme_python_snippet_runs_as_written(tmp_path):
-    blocks = _python_blocks(EXAMPLES.parent / "README.md")
-    assert blocks, "the README shows a Python snippet"
-    for code in blocks:
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-
-
 def test_tune_refuses_a_model_that_does_not_take_the_data():
     import pat
     from pat.errors import PatError

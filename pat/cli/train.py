@@ -28,11 +28,15 @@ from pat.cli.render import EpochProgress, console, fmt, metrics_table
 @click.option("--weight-decay", default=5e-4, type=float)
 @click.option("--schedule", default="parent", help="LR policy: parent (0.1 for 50%, linear to 0.001 at 90%), one-cycle, cosine, constant.")
 @click.option("--seed", default=0, type=int, help="Initialisation seed.")
+@click.option("--pretrained", is_flag=True,
+              help="Start from torchvision's DEFAULT ImageNet weights (tv: models only; downloaded once into "
+                   "torch's cache): the head is replaced for the dataset's classes, the first conv adapted "
+                   "to its channels.")
 @device_options
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write (e.g. parent.pt).")
 @force_option
 def train(model, dataset, data_dir, batch_size, val_fraction, data_seed, epochs, optimizer, lr,
-          weight_decay, schedule, seed, device, amp, out, force) -> None:
+          weight_decay, schedule, seed, pretrained, device, amp, out, force) -> None:
     """Train a parent network into a checkpoint.
 
     An interrupted run resumes from OUT.partial when started again with the same --out.
@@ -57,7 +61,7 @@ def train(model, dataset, data_dir, batch_size, val_fraction, data_seed, epochs,
         sources["lr"] = "adam default"
     config = TrainConfig(
         model=model, epochs=settings["epochs"], optimizer=optimizer, lr=settings["lr"], weight_decay=weight_decay,
-        schedule=schedule, seed=seed, device=device, amp=amp,
+        schedule=schedule, seed=seed, device=device, amp=amp, pretrained=pretrained,
         data=DataConfig(dataset=d["dataset"], data_dir=d["data_dir"], val_fraction=d["val_fraction"],
                         batch_size=settings["batch_size"], seed=d["seed"]),
     )
@@ -69,7 +73,8 @@ def train(model, dataset, data_dir, batch_size, val_fraction, data_seed, epochs,
     say = console.print if ranks.is_main else (lambda *a, **k: None)
     where = f" on {ranks.world_size} ranks" if ranks.distributed else ""
     say(f"[bold]pat train[/] {model} on {dataset}{where}: {describe_settings(settings, sources)}, "
-        f"{optimizer}, schedule {schedule}", highlight=False, soft_wrap=True)
+        f"{optimizer}, schedule {schedule}{', from ImageNet weights' if pretrained else ''}",
+        highlight=False, soft_wrap=True)
     start = time.perf_counter()
     progress = [EpochProgress(f"train {model}")] if ranks.is_main else []
     result = train_parent(config, data=data, callbacks=progress, out=out, ranks=ranks)
