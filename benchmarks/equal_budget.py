@@ -68,6 +68,7 @@ from pat.ensemble.calibration import deep_ensemble_equivalent, fit_temperature, 
 from pat.ensemble.metrics import accuracy, brier, ece, nll
 from pat.ensemble.predict import collect_logits
 from pat.parent import train_parent
+from pat.records import child_record, masks_of
 from pat.tuner import tune
 
 Row = dict[str, float]
@@ -276,7 +277,7 @@ def pat_members(args: argparse.Namespace, data: Dataset, budget: int, recipe: Re
                         data=DataConfig(dataset=args.dataset, data_dir=args.data_dir,
                                         batch_size=args.batch_size, seed=seed))
     if recipe.gradual > 0:
-        masks = [k.pat_masks for k in kids]
+        masks = [masks_of(k) for k in kids]
         dense = [copy.deepcopy(parent) for _ in kids]
         steps = epochs * len(data.loader("train", batch_size=args.batch_size))
         kids = tune(dense, data, config, masks=[None] * len(kids),
@@ -286,7 +287,7 @@ def pat_members(args: argparse.Namespace, data: Dataset, budget: int, recipe: Re
             assert all(int(params[n][~m].count_nonzero()) == 0 for n, m in mask.items())
     else:
         kids = tune(kids, data, config)
-    cost = sum_costs([parent_cost, *(k.pat_cost for k in kids)])
+    cost = sum_costs([parent_cost, *(child_record(k).cost for k in kids)])
     info = {"parent_epochs": parent_epochs, "children": children, "child_epochs": epochs,
             **{k: v for k, v in chosen.items() if k != "last"}}
     return kids, cost, parent, {"cost": parent_cost, **info}
@@ -317,12 +318,12 @@ def paper_arms(args: argparse.Namespace, data: Dataset, budget: int, seed: int) 
     parent = adam(half)
     for method in ("random", "anti-random"):
         kids = children(parent.model, 8, method, half // 8, "one-cycle")
-        arms[f"paper {method} (8x{half // 8} ep)"] = (kids, sum_costs([parent.cost, *(k.pat_cost for k in kids)]))
+        arms[f"paper {method} (8x{half // 8} ep)"] = (kids, sum_costs([parent.cost, *(child_record(k).cost for k in kids)]))
     for method in ("random", "anti-random"):
         for schedule in ("constant", "one-cycle"):
             kids = children(parent.model, 2, method, half // 2, schedule)
             arms[f"paper ablation {method} {schedule} (2x{half // 2} ep)"] = (
-                kids, sum_costs([parent.cost, *(k.pat_cost for k in kids)]))
+                kids, sum_costs([parent.cost, *(child_record(k).cost for k in kids)]))
     full = adam(budget)
     arms["paper independent (adam)"] = ([full.model], full.cost)
     arms["paper parent (adam)"] = ([parent.model], parent.cost)

@@ -35,7 +35,7 @@ _API = {
     "save_model": "pat.engine.checkpoint", "load_model": "pat.engine.checkpoint",
     # prune and tune
     "split": "pat.children", "iter_split": "pat.children", "save_child": "pat.children",
-    "load_child": "pat.children",
+    "load_child": "pat.children", "Child": "pat.records",
     "generate_masks": "pat.masks", "MaskEnforcer": "pat.engine.masking", "tune": "pat.tuner",
     "run": "pat.pipeline",
     # ensembles
@@ -100,4 +100,5 @@ if TYPE_CHECKING:  # let type checkers and IDEs see the real objects
     from pat.models import create_model, get_classifier, list_models
     from pat.parent import train_parent
     from pat.pipeline import run
+    from pat.records import Child
     from pat.tuner import tune

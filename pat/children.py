@@ -5,13 +5,10 @@
 ...                  level="neuron", physical=True)            # thinner dense networks
 
 A child is a deep copy of the parent, so it trains, evaluates and saves like any module.
-It carries its mask set and recipe as attributes:
-
-* ``child.pat_masks``: ``{parameter name: bool tensor}`` (True = keep); empty for a
-  physical child, whose pruned channels are gone;
-* ``child.pat_recipe``: ``{"method", "sparsity", "level", "scope", "seed", "index",
-  "physical", "children"}`` (plus ``"input_shape"`` for a physical child);
-* ``child.pat_kept``: physical children only, ``{root layer: [kept output channels]}``.
+It carries one typed record, ``child.pat_child`` (:class:`pat.records.Child`): its recipe,
+its masks (``{parameter name: bool tensor}``, True = keep; empty for a physical child, whose
+pruned channels are gone), a physical child's kept channels, and once tuned its metrics and
+cost.
 
 Train a masked child with :class:`pat.engine.masking.MaskEnforcer` among the callbacks so that the
 masked weights stay zero; save and load it with :func:`save_child` / :func:`load_child`.
@@ -49,6 +46,7 @@ from pat.masks.physical import (
     slim,
 )
 from pat.masks.rescale import normalized_layers, rescale_kept_
+from pat.records import Child, child_record
 
 __all__ = ["split", "iter_split", "save_child", "load_child"]
 
@@ -104,8 +102,8 @@ def split(
             does not rescale.
 
     Returns:
-        N children, deep copies of ``model`` with ``pat_masks`` / ``pat_recipe`` (and
-        ``pat_kept`` when physical) attributes.
+        N children, deep copies of ``model``, each carrying its :class:`pat.records.Child`
+        record as ``pat_child``.
     """
     return list(iter_split(
         model, children, method=method, sparsity=sparsity, level=level, scope=scope, physical=physical,
@@ -204,19 +202,17 @@ def _children(model: nn.Module, masks: list[dict[str, torch.Tensor]], recipe: di
         slimmed = index == 0 and first is not None
         child = first if slimmed else copy.deepcopy(model)
         first = None
-        child.pat_recipe = {**recipe, "index": index}
         if physical:
-            child.pat_kept = kept_channels(groups, mask)
+            kept = kept_channels(groups, mask)
             if not slimmed:
-                slim(child, child.pat_kept, example_inputs)
+                slim(child, kept, example_inputs)
                 check_runs(child, example_inputs, expected, model_name=type(model).__name__)
-            child.pat_masks = {}
-            child.pat_recipe["input_shape"] = input_shape
+            child.pat_child = Child(recipe={**recipe, "index": index, "input_shape": input_shape}, kept=kept)
         else:
             apply_masks(child, mask)
             if rescale:
                 rescale_kept_(child, mask, skip=normalized)
-            child.pat_masks = mask
+            child.pat_child = Child(recipe={**recipe, "index": index}, masks=mask)
         yield child
 
 
@@ -272,7 +268,8 @@ def _within(name: str, scope: str) -> bool:
 
 def _input_shape(model: nn.Module, example_inputs: Any) -> list[int]:
     """The shape that rebuilds a physical child's trace (checked before any work)."""
-    if getattr(model, "pat_kept", None):
+    record = child_record(model)
+    if record is not None and record.kept:
         raise PatError(
             "model is already a physical child; split its parent, whose architecture "
             "checkpoints can rebuild."
@@ -300,16 +297,14 @@ def save_child(
             spec :func:`pat.models.create_model` attached.
         **extra: more plain entries (config, metrics, ...).
     """
+    record = child_record(child) or Child()
     payload: dict[str, Any] = {
-        "masks": {
-            k: v.detach().cpu() for k, v in (getattr(child, "pat_masks", None) or {}).items()
-        },
-        "recipe": dict(getattr(child, "pat_recipe", None) or {}),
+        "masks": {k: v.detach().cpu() for k, v in record.masks.items()},
+        "recipe": dict(record.recipe),
         **extra,
     }
-    kept = getattr(child, "pat_kept", None)
-    if kept:
-        payload["kept"] = {k: [int(i) for i in v] for k, v in kept.items()}
+    if record.kept:
+        payload["kept"] = {k: [int(i) for i in v] for k, v in record.kept.items()}
         payload["input_shape"] = payload["recipe"].get("input_shape")
     save_model(path, child, kind="child", arch=arch, **payload)
 
@@ -330,8 +325,7 @@ def load_child(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
         )
     masks = {k: v.to(device=device, dtype=torch.bool) for k, v in (ckpt.get("masks") or {}).items()}
     check_masks(model, masks)
-    model.pat_masks = masks
-    model.pat_recipe = dict(ckpt.get("recipe") or {})
-    if ckpt.get("kept"):
-        model.pat_kept = {k: list(v) for k, v in ckpt["kept"].items()}
+    kept = {k: list(v) for k, v in ckpt["kept"].items()} if ckpt.get("kept") else None
+    model.pat_child = Child(recipe=dict(ckpt.get("recipe") or {}), masks=masks, kept=kept,
+                            metrics=ckpt.get("metrics"), cost=ckpt.get("cost"))
     return model

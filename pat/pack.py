@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from pat.errors import PatError, check, first_line
 from pat.masks.apply import default_example_inputs
 from pat.modes import eval_mode
+from pat.records import Child, child_record
 
 __all__ = ["PackedLinear", "PackedEnsemble", "group", "group_masks", "pack", "verify", "unpack", "child_state",
            "save_packed", "load_packed", "packed_header"]
@@ -107,23 +108,23 @@ def _packed_layer(name: str, layers: Sequence[nn.Module]) -> nn.Module | None:
 
 def _check_children(children: Sequence[nn.Module]) -> None:
     check(len(children) >= 2, f"pack needs at least 2 children. Got {len(children)}.")
-    for i, child in enumerate(children):
-        if not getattr(child, "pat_kept", None):
+    kept = [(child_record(child) or Child()).kept for child in children]
+    for i, record in enumerate(kept):
+        if not record:
             raise PatError(f"pack: children[{i}] is not a physical neuron-level child; split with "
                            "level='neuron', method='partition', physical=True (--level neuron "
                            "--method partition --physical).")
-    first = children[0].pat_kept
-    for i, child in enumerate(children[1:], start=1):
-        check(set(child.pat_kept) == set(first),
-              f"pack: children[{i}] was split over other layers than children[0].")
+    first = kept[0]
+    for i, record in enumerate(kept[1:], start=1):
+        check(set(record) == set(first), f"pack: children[{i}] was split over other layers than children[0].")
     for layer in first:
         seen: set[int] = set()
-        for i, child in enumerate(children):
-            kept = set(child.pat_kept[layer])
-            if kept & seen:
+        for i, record in enumerate(kept):
+            channels = set(record[layer])
+            if channels & seen:
                 raise PatError(f"pack: children[{i}] shares channels of layer {layer!r} with an earlier "
                                "child; pack needs disjoint children (method 'partition').")
-            seen |= kept
+            seen |= channels
     shapes = {k: v.shape for k, v in children[0].state_dict().items()}
     for i, child in enumerate(children[1:], start=1):
         for key, value in child.state_dict().items():
@@ -136,8 +137,7 @@ def _check_children(children: Sequence[nn.Module]) -> None:
 def _bare_copy(child: nn.Module) -> nn.Module:
     """A copy of ``child`` without the records :func:`pat.split` attaches to it."""
     copied = copy.deepcopy(child)
-    for attr in ("pat_masks", "pat_kept", "pat_recipe", "pat_metrics", "pat_cost"):
-        copied.__dict__.pop(attr, None)
+    copied.__dict__.pop("pat_child", None)
     return copied
 
 
@@ -173,7 +173,7 @@ def group(children: Sequence[nn.Module]) -> PackedEnsemble:
             owner, _, attr = name.rpartition(".")
             setattr(network.get_submodule(owner) if owner else network, attr, new)
     return PackedEnsemble(network, len(children), _bare_copy(children[0]).to("meta"),
-                          [dict(getattr(child, "pat_kept", None) or {}) for child in children])
+                          [dict((child_record(child) or Child()).kept or {}) for child in children])
 
 
 def group_masks(packed: PackedEnsemble, masks: Sequence[dict[str, Tensor] | None]) -> dict[str, Tensor]:
@@ -276,7 +276,8 @@ def unpack(packed: PackedEnsemble, *, device: str | torch.device | None = None) 
     for i in range(packed.members):
         child = copy.deepcopy(packed._template).to_empty(device=device)
         child.load_state_dict(child_state(packed, i))
-        child.pat_kept, child.pat_masks = packed.kept[i], {}
+        recipes = getattr(packed, "recipes", None)  # a packed file's (load_packed)
+        child.pat_child = Child(recipe=dict(recipes[i]) if recipes else {}, kept=packed.kept[i])
         children.append(child)
     return children
 
@@ -298,7 +299,7 @@ def save_packed(path: str | os.PathLike, packed: PackedEnsemble, names: Sequence
             :func:`pat.models.create_model` attached to the children.
         input_shape: the shape the parent was traced with when the children were slimmed;
             default ``recipes[0]["input_shape"]``.
-        recipes: each child's recipe (:func:`pat.split`'s ``pat_recipe``).
+        recipes: each child's recipe (the ``recipe`` of its :class:`pat.records.Child`).
         **extra: more plain entries (status, dataset, num_classes, ...).
     """
     from pat.engine.checkpoint import save_model
@@ -333,7 +334,7 @@ def load_packed(path: str | os.PathLike, *, device: str | torch.device = "cpu",
     where = f"{argument} {str(path)!r}"
     header = packed_header(ckpt, where)
     skeleton = _skeleton(ckpt, where)
-    skeleton.pat_kept = header["kept"][0]
+    skeleton.pat_child = Child(kept=header["kept"][0])
     packed = group([skeleton] * header["members"])
     packed.kept = header["kept"]
     try:

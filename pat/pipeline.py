@@ -42,6 +42,7 @@ from pat.ensemble.predict import collect_probs
 from pat.errors import PatError, check, first_line
 from pat.io import atomic_write
 from pat.parent import train_parent
+from pat.records import child_record
 from pat.store import MANIFEST, EnsembleDir
 from pat.tuner import tune_directory
 
@@ -129,7 +130,8 @@ def split_to_directory(parent_path: str | Path, out: str | Path, config: SplitCo
         shutil.rmtree(staging, ignore_errors=True)  # left behind by a killed split
         try:
             for child in children:
-                index = child.pat_recipe["index"]
+                recipe = child_record(child).recipe
+                index = recipe["index"]
                 name, file = f"child-{index}", PACKED_FILE if packed is not None else f"child-{index}.pt"
                 if packed is None:
                     save_child(staging / file, child, arch=ckpt.get("arch"), status="split",
@@ -137,7 +139,7 @@ def split_to_directory(parent_path: str | Path, out: str | Path, config: SplitCo
                 params, macs = count_params_macs(child, example) if example is not None else (None, None)
                 record = {
                     "name": name, "file": file, "producer": "split", "status": "split",
-                    "parent": str(Path(parent_path).resolve()), "recipe": dict(child.pat_recipe),
+                    "parent": str(Path(parent_path).resolve()), "recipe": dict(recipe),
                     "stats": {"kept_params": params, "total_params": total_params,
                               "sparsity": None if params is None else 1 - params / total_params, "macs": macs},
                 }  # fmt: skip

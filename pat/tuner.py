@@ -37,6 +37,7 @@ from pat.engine.steps import create_step
 from pat.errors import PatError, check
 from pat.jobs import Job, JobContext, Trained, member_seed, run_jobs
 from pat.models import check_takes
+from pat.records import Child, child_record, masks_of
 from pat.store import EnsembleDir
 
 __all__ = ["TuneConfig", "tune", "tune_child", "tune_together", "tune_directory", "resolve_max_lr"]
@@ -123,7 +124,8 @@ def tune_child(
 ) -> dict[str, float]:
     """Tune one child in place; returns its validation and test metrics.
 
-    The run's cost (:func:`pat.engine.cost.training_cost`) is left on the child as ``pat_cost``.
+    The metrics and the run's cost (:func:`pat.engine.cost.fit_cost`) are also left in the
+    child's :class:`pat.records.Child` record (one is attached to a plain model).
 
     ``index`` is the child's position in the ensemble: it seeds the child's bagged subset and
     shuffling, so a child tuned alone, in a rerun or on another rank sees the same batches.
@@ -140,8 +142,18 @@ def tune_child(
     state = fit(child, train, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler,
                 step=create_step(config.step), eval_data=evals, callbacks=[*enforcer, *callbacks],
                 amp=config.amp, device=device, resume_path=resume_path, resume_extra=resume_extra)
-    child.pat_cost = _cost(child, state, data, device, bn_samples)
-    return {"train_samples": samples, **final_metrics(child, data, device=device, amp=config.amp)}
+    metrics = {"train_samples": samples, **final_metrics(child, data, device=device, amp=config.amp)}
+    _record(child, metrics, _cost(child, state, data, device, bn_samples))
+    return metrics
+
+
+def _record(child: nn.Module, metrics: dict[str, Any], cost: dict[str, Any]) -> Child:
+    """Put a tuning run's metrics and cost into the child's record."""
+    record = child_record(child)
+    if record is None:
+        record = child.pat_child = Child()
+    record.metrics, record.cost = metrics, cost
+    return record
 
 
 class _Together(nn.Module):
@@ -257,7 +269,8 @@ def tune_together(
     enforced on its group, and the loss is the sum of the children's losses, so every child
     gets exactly the gradient, the optimizer state and the schedule it would get alone: the
     result equals tuning them one by one up to float rounding (dropout aside: its draws come
-    from one stream). Returns each child's metrics; costs are left as ``pat_cost``.
+    from one stream). Returns each child's metrics, also left with the costs in each child's
+    record.
 
     With ``config.together == "auto"`` the grouped step is timed against M one-child steps
     first and ``None`` is returned (nothing tuned) when it is not faster, or when the model
@@ -294,9 +307,10 @@ def tune_together(
     results = []
     for i, (child, (_, samples, bn_samples)) in enumerate(zip(children, prepared, strict=True)):
         child.load_state_dict(child_state(model.packed, i))
-        child.pat_cost = _cost(child, state, data, device, bn_samples, together=m)
-        child.pat_cost["seconds"] = state.seconds / m  # one run for all: each child's share
+        cost = _cost(child, state, data, device, bn_samples, together=m)
+        cost["seconds"] = state.seconds / m  # one run for all: each child's share
         results.append({"train_samples": samples, **final_metrics(child, data, device=device, amp=config.amp)})
+        _record(child, results[-1], cost)
     return results
 
 
@@ -312,7 +326,7 @@ def tune(
     """Tune every child in place (Python API); returns the same modules.
 
     Args:
-        children: models from :func:`pat.split` (each carries its mask as ``pat_masks``) or
+        children: models from :func:`pat.split` (each carries its masks in ``pat_child``) or
             any models, with ``masks`` given explicitly (``None`` entries are tuned densely).
         callbacks: ``index -> callbacks`` for that child's run (progress, logging); a
             together-run (``config.together``) gets ``callbacks(0)``.
@@ -320,19 +334,16 @@ def tune(
             ``config.max_lr_share`` times it (:func:`resolve_max_lr`).
     """
     config = resolve_max_lr(config if config is not None else TuneConfig(), parent_lr)
-    masks = masks if masks is not None else [getattr(c, "pat_masks", None) for c in children]
+    masks = masks if masks is not None else [masks_of(c) for c in children]
     check(len(masks) == len(children), f"masks must have one entry per child. Got {len(masks)} for {len(children)}.")
     for i, child in enumerate(children):
         check_takes(child, data, argument=f"children[{i}]")
     if config.together and len(children) > 1:
-        results = tune_together(children, masks, data, config, indices=range(len(children)),
-                                callbacks=callbacks(0))
-        if results is not None:
-            for child, metrics in zip(children, results, strict=True):
-                child.pat_metrics = metrics
+        if tune_together(children, masks, data, config, indices=range(len(children)),
+                         callbacks=callbacks(0)) is not None:
             return list(children)
     for i, (child, mask) in enumerate(zip(children, masks, strict=True)):
-        child.pat_metrics = tune_child(child, mask, data, config, index=i, callbacks=callbacks(i))
+        tune_child(child, mask, data, config, index=i, callbacks=callbacks(i))
     return list(children)
 
 
@@ -468,10 +479,10 @@ def _child_job(ens: EnsembleDir, name: str, config: TuneConfig, data: Dataset, i
         from pat.children import load_child
 
         child = load_child(ens.member_path(name))
-        masks = getattr(child, "pat_masks", None)  # load_child has checked them against the weights
-        metrics = tune_child(child, masks, data, config, index=index, callbacks=callbacks(name),
+        # load_child has checked the masks against the weights
+        metrics = tune_child(child, masks_of(child), data, config, index=index, callbacks=callbacks(name),
                              resume_path=ctx.partial, resume_extra=ctx.extra)
-        return [Trained(child, metrics, cost=child.pat_cost)]
+        return [Trained(child, metrics, cost=child_record(child).cost)]
     return Job(name, train)
 
 
@@ -484,14 +495,14 @@ def _together_job(ens: EnsembleDir, names: list[str], config: TuneConfig, data: 
         from pat.children import load_child
 
         children = [load_child(ens.member_path(name)) for name in names]
-        masks = [getattr(c, "pat_masks", None) for c in children]
+        masks = [masks_of(c) for c in children]
         results = tune_together(children, masks, data, config, indices=[index[n] for n in names],
                                 callbacks=callbacks(", ".join(names)), resume_path=ctx.partial,
                                 resume_extra=ctx.extra)
         if results is None:  # "auto" declined: one by one
             results = [tune_child(c, m, data, config, index=index[n], callbacks=callbacks(n))
                        for c, m, n in zip(children, masks, names, strict=True)]
-        return [Trained(c, metrics, cost=c.pat_cost) for c, metrics in zip(children, results, strict=True)]
+        return [Trained(c, metrics, cost=child_record(c).cost) for c, metrics in zip(children, results, strict=True)]
     return Job(f"together-{'+'.join(names)}", train, members=tuple(names))
 
 
@@ -511,5 +522,5 @@ def _packed_job(ens: EnsembleDir, file: str, config: TuneConfig, data: Dataset, 
                                 indices=[index[n] for n in names], callbacks=callbacks(", ".join(names)),
                                 resume_path=ctx.partial, resume_extra=ctx.extra)
         assert results is not None  # together=True never declines
-        return [Trained(c, metrics, cost=c.pat_cost) for c, metrics in zip(children, results, strict=True)]
+        return [Trained(c, metrics, cost=child_record(c).cost) for c, metrics in zip(children, results, strict=True)]
     return Job(f"packed-{Path(file).stem}", train, members=tuple(names))

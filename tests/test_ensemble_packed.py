@@ -68,7 +68,7 @@ def test_packed_directory_predicts_what_the_unpacked_one_does(dirs, digits, monk
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     torch.testing.assert_close(got.softmax(-1), want.softmax(-1), atol=1e-5, rtol=0)
     children = Ensemble.load(packed).members
-    assert children[0].pat_kept != children[1].pat_kept and children[1].pat_recipe["index"] == 1
+    assert children[0].pat_child.kept != children[1].pat_child.kept and children[1].pat_child.recipe["index"] == 1
 
 
 @pytest.mark.parametrize("command", [["eval"], ["calibrate"], ["select", "--method", "top-k", "--size", 1]])
@@ -92,7 +92,7 @@ def test_selected_only_loads_the_team_from_the_packed_file(dirs, tmp_path):
     packed = _copy(dirs[0], tmp_path, lambda m: m.__setitem__(
         "selection", {"method": "top-k", "selected": ["child-1"], "weights": [1.0]}))
     team = Ensemble.load(packed, selected_only=True)
-    assert team.names == ["child-1"] and team.members[0].pat_recipe["index"] == 1
+    assert team.names == ["child-1"] and team.members[0].pat_child.recipe["index"] == 1
 
 
 def _drop_last(m):
@@ -171,7 +171,7 @@ def test_tuning_a_packed_directory_equals_tuning_its_children_one_by_one(dirs, d
         assert rp["cost"]["steps"] == ru["cost"]["steps"] and rp["cost"]["together"] == 2
     got, want = Ensemble.load(packed).members, Ensemble.load(plain).members
     for a, b, record in zip(got, want, u.members, strict=True):
-        assert a.pat_kept == load_checkpoint(u.member_path(record))["kept"]
+        assert a.pat_child.kept == load_checkpoint(u.member_path(record))["kept"]
         for (key, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
             torch.testing.assert_close(x, y, atol=1e-5, rtol=0, msg=key)
     assert load_checkpoint(packed / "packed.pt")["status"] == "tuned"

@@ -154,7 +154,7 @@ def test_iter_split_holds_one_child_at_a_time_and_matches_split(digits_parent):
     eager = split(parent, 4, method="random", sparsity=0.3, seed=3)
     lazy = list(iter_split(parent, 4, method="random", sparsity=0.3, seed=3))
     for a, b in zip(eager, lazy, strict=True):
-        assert a.pat_recipe == b.pat_recipe
+        assert a.pat_child.recipe == b.pat_child.recipe
         assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
 
 

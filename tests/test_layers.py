@@ -19,7 +19,7 @@ PAT = Path(__file__).resolve().parents[1] / "pat"
 # first name under pat -> layer; a new module must be placed here
 LAYERS = {
     "errors": 0, "registry": 0, "modes": 0,
-    "io": 1, "data": 1, "models": 1, "config": 1, "budget": 1,
+    "io": 1, "records": 1, "data": 1, "models": 1, "config": 1, "budget": 1,
     "masks": 2,
     "engine": 3,
     "children": 4, "pack": 4, "tuner": 4, "producers": 4, "jobs": 4, "parent": 4, "store": 4, "lock": 4,

@@ -19,6 +19,7 @@ from pat.masks import (
     prunable_parameters,
     sparsity_report,
 )
+from pat.records import Child
 
 
 class HeadFirst(nn.Module):
@@ -163,7 +164,7 @@ def test_without_enforcement_the_masked_weights_revive():
 
 def test_enforcer_defaults_to_the_childs_own_masks():
     model, masks = masked_net()
-    model.pat_masks = masks
+    model.pat_child = Child(masks=masks)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     train_steps(model, opt, 2, MaskEnforcer())
     check_masks(model, masks)
@@ -197,8 +198,8 @@ def test_masks_that_do_not_fit_the_model_are_refused():
 
 def test_bake_makes_zeros_permanent_and_drops_masks():
     model, masks = masked_net()
-    model.pat_masks = masks
-    assert bake(model) is model and not hasattr(model, "pat_masks")
+    model.pat_child = Child(masks=masks)
+    assert bake(model) is model and model.pat_child.masks == {}
     check_masks(model, masks)
 
 

@@ -23,11 +23,11 @@ def mlp(width: int = 256) -> nn.Module:
 def test_kept_weights_are_scaled_by_n_over_kept_and_pairs_average_to_the_parent():
     parent = mlp()
     a, b = split(parent, 2, method="anti-random", example_inputs=torch.randn(1, 32))
-    assert a.pat_recipe["rescale"] is True and set(a.pat_masks) == {"0.weight", "2.weight"}
+    assert a.pat_child.recipe["rescale"] is True and set(a.pat_child.masks) == {"0.weight", "2.weight"}
     for name, w in parent.named_parameters():
         wa, wb = dict(a.named_parameters())[name], dict(b.named_parameters())[name]
-        if name in a.pat_masks:
-            mask = a.pat_masks[name]
+        if name in a.pat_child.masks:
+            mask = a.pat_child.masks[name]
             factor = mask.numel() / int(mask.sum())
             assert torch.equal(wa[mask], w[mask] * factor) and not wa[~mask].any()
             # a complement pair of even-sized tensors: the average is the parent again
@@ -39,8 +39,8 @@ def test_kept_weights_are_scaled_by_n_over_kept_and_pairs_average_to_the_parent(
 def test_rescale_false_keeps_the_parents_values():
     parent = mlp()
     child = split(parent, 2, rescale=False, example_inputs=torch.randn(1, 32))[0]
-    assert child.pat_recipe["rescale"] is False
-    for name, mask in child.pat_masks.items():
+    assert child.pat_child.recipe["rescale"] is False
+    for name, mask in child.pat_child.masks.items():
         w, wc = dict(parent.named_parameters())[name], dict(child.named_parameters())[name]
         assert torch.equal(wc[mask], w[mask])
 
@@ -86,7 +86,7 @@ def test_layers_that_feed_a_norm_are_found_by_trace_and_left_unscaled():
     assert normalized_layers(model) == {"c1", "c3"}  # no inputs: registered just before a norm
     parent_w = {n: p.clone() for n, p in model.named_parameters()}
     child = split(model, 2, example_inputs=x)[0]
-    for name, mask in child.pat_masks.items():
+    for name, mask in child.pat_child.masks.items():
         w = dict(child.named_parameters())[name]
         factor = 1.0 if name != "c4.weight" else mask.numel() / int(mask.sum())
         assert torch.equal(w[mask], parent_w[name][mask] * factor), name

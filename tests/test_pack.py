@@ -61,7 +61,7 @@ def test_unpack_returns_independent_children() -> None:
     kids, x = _children("resnet8", 2)
     packed = pack(kids, example_inputs=x)
     first, second = unpack(packed)
-    assert [first.pat_kept, second.pat_kept] == [k.pat_kept for k in kids]  # each its own record
+    assert [first.pat_child.kept, second.pat_child.kept] == [k.pat_child.kept for k in kids]  # each its own record
     with torch.no_grad():
         next(first.parameters()).zero_()
     assert next(packed.parameters()).abs().sum() > 0
@@ -111,18 +111,18 @@ def test_save_and_load_packed_gives_the_same_children(tmp_path) -> None:
     kids, x = _children("resnet8", 4)
     packed = pack(kids, example_inputs=x)
     names = [f"kid-{i}" for i in range(4)]
-    save_packed(tmp_path / "packed.pt", packed, names, recipes=[k.pat_recipe for k in kids])
+    save_packed(tmp_path / "packed.pt", packed, names, recipes=[k.pat_child.recipe for k in kids])
     ckpt = load_checkpoint(tmp_path / "packed.pt")  # weights_only: plain data only
     assert ckpt["kind"] == "packed" and ckpt["members"] == 4 and ckpt["names"] == names
     loaded = load_packed(tmp_path / "packed.pt")
     assert loaded.names == names and [r["index"] for r in loaded.recipes] == [0, 1, 2, 3]
-    assert loaded.kept == [k.pat_kept for k in kids]
+    assert loaded.kept == [k.pat_child.kept for k in kids]
     loaded.eval()
     packed.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), packed(x), atol=0, rtol=0)
     for got, want in zip(unpack(loaded), kids, strict=True):  # each child its own channels again
-        assert got.pat_kept == want.pat_kept
+        assert got.pat_child.kept == want.pat_child.kept
         for (key, a), b in zip(got.state_dict().items(), want.state_dict().values(), strict=True):
             torch.testing.assert_close(a, b, atol=0, rtol=0, msg=key)
     with pytest.raises(PatError, match="holds 4 packed children, not one model"):
@@ -135,7 +135,7 @@ def test_load_packed_refuses_weights_and_records_that_do_not_fit(tmp_path) -> No
 
     kids, x = _children("lenet-s", 2)
     save_packed(tmp_path / "packed.pt", pack(kids, example_inputs=x), ["a", "b"],
-                recipes=[k.pat_recipe for k in kids])
+                recipes=[k.pat_child.recipe for k in kids])
     ckpt = load_checkpoint(tmp_path / "packed.pt")
     ckpt.pop("format_version"), ckpt.pop("pat_version")
     state = dict(ckpt["state_dict"])

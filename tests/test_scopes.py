@@ -83,8 +83,8 @@ def test_scoped_physical_child_equals_neuron_masked_child():
 def test_scoped_child_is_rebuilt_from_its_kept_record():
     parent = randomized(Shuffled()).eval()
     child = pat.split(parent, 2, method="partition", level="neuron", physical=True, example_inputs=X)[1]
-    assert all("/" in k for k in child.pat_kept)  # "scope/root": replayed within the block
-    fresh = rebuild_physical(Shuffled(), child.pat_kept, input_shape=[1, 3, 16, 16])
+    assert all("/" in k for k in child.pat_child.kept)  # "scope/root": replayed within the block
+    fresh = rebuild_physical(Shuffled(), child.pat_child.kept, input_shape=[1, 3, 16, 16])
     fresh.load_state_dict(child.state_dict())  # same shapes everywhere
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(X), child.eval()(X))

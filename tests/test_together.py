@@ -46,10 +46,10 @@ def test_together_equals_one_by_one_for_masked_children(digits):
     for a, b in zip(one_by_one, together, strict=True):
         assert _max_diff(a, b) < 1e-5
         assert _max_diff(a, children[0]) > 1e-2  # it did train
-        assert a.pat_metrics == pytest.approx(b.pat_metrics, abs=1e-6)
-        assert b.pat_cost["steps"] == a.pat_cost["steps"] and b.pat_cost["flops"] == a.pat_cost["flops"]
-        assert b.pat_cost["together"] == 3
-        masks = b.pat_masks
+        assert a.pat_child.metrics == pytest.approx(b.pat_child.metrics, abs=1e-6)
+        assert b.pat_child.cost["steps"] == a.pat_child.cost["steps"] and b.pat_child.cost["flops"] == a.pat_child.cost["flops"]
+        assert b.pat_child.cost["together"] == 3
+        masks = b.pat_child.masks
         assert all(not b.state_dict()[k][~m].any() for k, m in masks.items())  # pruned weights still zero
     # the children saw different bagged batches: their tuned weights are not the same update
     assert _max_diff(together[0], together[1]) > 1e-2
@@ -94,7 +94,7 @@ def test_together_refuses_what_it_cannot_do_and_auto_falls_back(digits):
     fallback, one_by_one = copy.deepcopy(children), copy.deepcopy(children)
     tune(fallback, digits, _together(CONFIG, "auto"))
     tune(one_by_one, digits, CONFIG)
-    assert all(_max_diff(a, b) == 0 and "together" not in b.pat_cost
+    assert all(_max_diff(a, b) == 0 and "together" not in b.pat_child.cost
                for a, b in zip(one_by_one, fallback, strict=True))
     with pytest.raises(PatError, match="plain 'sgd' step only; step 'sam'"):
         tune(copy.deepcopy(children), digits, TuneConfig(**{**_together(CONFIG).__dict__, "step": "sam"}))

@@ -63,8 +63,8 @@ def test_pruned_weights_stay_exactly_zero_after_tuning(digits):
     tune(children, digits, TuneConfig(epochs=2, max_lr=0.1, weight_decay=5e-4, data=DataConfig(batch_size=64)))
     for child in children:
         params = dict(child.named_parameters())
-        assert child.pat_masks
-        for name, mask in child.pat_masks.items():
+        assert child.pat_child.masks
+        for name, mask in child.pat_child.masks.items():
             assert torch.count_nonzero(params[name][~mask]) == 0, name
             assert torch.count_nonzero(params[name][mask]) > 0.9 * mask.sum()
 
@@ -74,7 +74,7 @@ def test_bagging_gives_each_child_its_subset(digits):
     children = split(create_model("lenet-s", in_channels=1), 2)
     tune(children, digits, TuneConfig(epochs=1, bagging=0.9, data=DataConfig(batch_size=64)))
     n = len(digits.train.y)
-    assert [c.pat_metrics["train_samples"] for c in children] == [round(0.9 * n)] * 2
+    assert [c.pat_child.metrics["train_samples"] for c in children] == [round(0.9 * n)] * 2
 
 
 def test_directory_tuning_saves_each_child_and_resume_skips_finished(children_dir, digits):
@@ -90,7 +90,7 @@ def test_directory_tuning_saves_each_child_and_resume_skips_finished(children_di
     assert again == []
     assert stamps == [ens.member_path(m).stat().st_mtime_ns for m in ens.members]
     child = load_child(ens.member_path("child-0"))  # masks still consistent with the weights
-    assert load_checkpoint(ens.member_path("child-0"))["status"] == "tuned" and child.pat_masks
+    assert load_checkpoint(ens.member_path("child-0"))["status"] == "tuned" and child.pat_child.masks
 
 
 def test_interrupted_child_restarts_and_finished_children_are_kept(children_dir, digits):
@@ -204,7 +204,7 @@ def test_batchnorm_statistics_are_the_childs_own_when_tuning_starts(digits, reco
     tune([child], digits, config, callbacks=lambda i: [start])
     if not recompute:
         assert torch.equal(start.mean, torch.full((8,), 5.0))
-        assert "bn_samples" not in child.pat_cost
+        assert "bn_samples" not in child.pat_child.cost
         return
     # the pruned conv's output means over the (unaugmented) training batches, averaged
     conv = split(parent, 2, sparsity=0.5)[0][0]
@@ -213,7 +213,7 @@ def test_batchnorm_statistics_are_the_childs_own_when_tuning_starts(digits, reco
                  digits.loader("train", batch_size=64, augment=False, shuffle=False)]
     expected = torch.stack(means).mean(0)
     assert torch.allclose(start.mean, expected, atol=1e-4)
-    assert child.pat_cost["bn_samples"] == len(digits.train.y)
+    assert child.pat_child.cost["bn_samples"] == len(digits.train.y)
 
 
 def test_unset_peak_lr_is_a_share_of_the_parents_lr(children_dir, digits):

@@ -14,6 +14,7 @@ from torch import nn
 
 from pat.engine.callbacks import Callback, FitState
 from pat.masks.apply import MaskPlan
+from pat.records import masks_of
 
 __all__ = ["MaskEnforcer"]
 
@@ -22,8 +23,8 @@ class MaskEnforcer(Callback):
     """Keep a child's masked entries at zero through training.
 
     After every optimizer step (and once at the start) it zeroes the masked weights and
-    their optimizer state. ``masks`` defaults to the model's ``pat_masks`` attribute
-    (set by :func:`pat.split`).
+    their optimizer state. ``masks`` defaults to the masks of the model's
+    :class:`pat.records.Child` record (set by :func:`pat.split`).
     """
 
     def __init__(self, masks: Mapping[str, torch.Tensor] | None = None) -> None:
@@ -32,7 +33,7 @@ class MaskEnforcer(Callback):
         self._key: tuple[int, torch.device | None] | None = None
 
     def _plan_for(self, model: nn.Module) -> MaskPlan | None:
-        masks = self.masks if self.masks is not None else getattr(model, "pat_masks", None)
+        masks = self.masks if self.masks is not None else masks_of(model)
         if not masks:
             return None
         # Rebuild when the model (or the device it lives on) changed since the last step.

@@ -24,7 +24,7 @@ def load_members(ens: EnsembleDir, records: Sequence[dict[str, Any]], *,
     """The models of ``records`` (members of ``ens``), in order, on ``device``.
 
     A packed file is loaded once and unpacked for all the records that point at it; each of
-    its children carries ``pat_kept`` and ``pat_recipe`` as a loaded physical child does.
+    its children carries its kept channels and recipe (``pat_child``) as a loaded physical child does.
     """
     from pat.engine.checkpoint import load_model
     from pat.pack import load_packed, unpack
@@ -38,10 +38,7 @@ def load_members(ens: EnsembleDir, records: Sequence[dict[str, Any]], *,
             continue
         if record["file"] not in unpacked:
             packed = load_packed(ens.member_path(record), device=device, argument=argument)
-            children = unpack(packed, device=device)
-            for child, recipe in zip(children, packed.recipes, strict=True):
-                child.pat_recipe = recipe
-            unpacked[record["file"]] = children
+            unpacked[record["file"]] = unpack(packed, device=device)
         models.append(unpacked[record["file"]][record["packed"]["index"]])
     return models
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pat.errors import PatError
+from pat.records import child_record, masks_of
 
 __all__ = [
     "MaskSet",
@@ -254,14 +255,15 @@ def check_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
 
 
 def bake(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
-    """Make the zeros permanent: apply the masks and drop ``model.pat_masks``.
+    """Make the zeros permanent: apply the masks and drop them from the model's child record.
 
     The returned model (the same object) trains densely from then on.
     """
-    masks = masks if masks is not None else getattr(model, "pat_masks", None) or {}
+    masks = masks if masks is not None else masks_of(model) or {}
     apply_masks(model, masks)
-    if hasattr(model, "pat_masks"):
-        del model.pat_masks
+    record = child_record(model)
+    if record is not None:
+        record.masks = {}
     return model
 
 
@@ -293,7 +295,7 @@ def count_params_macs(
 ) -> tuple[int, int]:
     """``(parameters, MACs)`` of one forward pass on ``example_inputs``.
 
-    For a masked child (``masks``, or the model's ``pat_masks``) the parameters count only
+    For a masked child (``masks``, or its record's) the parameters count only
     the kept entries; the MACs stay dense, since masked zeros are still multiplied. A
     physical child is genuinely smaller in both.
     """
@@ -303,6 +305,6 @@ def count_params_macs(
     if not isinstance(example_inputs, (tuple, list, Mapping)):
         example_inputs = (example_inputs,)  # so torch-pruning does not unpack the batch
     macs, params = tp.utils.count_ops_and_params(model, example_inputs)
-    masks = masks if masks is not None else getattr(model, "pat_masks", None) or {}
+    masks = masks if masks is not None else masks_of(model) or {}
     pruned = sum(int((~m.bool()).sum()) for _, _, m in _lookup(model, masks))
     return int(params) - pruned, int(macs)
