@@ -3,7 +3,8 @@
 An output directory holds ``config.yaml`` (the resolved config), ``parent.pt``, ``children/``
 (an ensemble directory), ``metrics.json`` and, with ``baseline``, ``independent.pt`` (one
 model trained for the whole budget). Every stage is skipped when its output is already
-there, so an interrupted run continues where it stopped when started again.
+there, so an interrupted run continues where it stopped when started again. Under
+``torchrun`` the same call runs on every rank (:func:`run`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pat.config import (
 from pat.data import Dataset, load_dataset
 from pat.engine.callbacks import Callback
 from pat.engine.checkpoint import load_model
+from pat.engine.distributed import Ranks, init_ranks
 from pat.engine.loop import resolve_device
 from pat.ensemble.ensemble import Ensemble
 from pat.ensemble.metrics import accuracy_vs_size, classification_metrics, evaluate
@@ -334,7 +336,7 @@ def parent_check(children_dir: str | Path, data: Dataset, *, parent_path: str | 
 
 
 def run(config: RunConfig, *, force: bool = False, progress: Progress = lambda stage: (),
-        announce: Callable[[str], None] = lambda line: None) -> RunResult:
+        announce: Callable[[str], None] = lambda line: None, ranks: Ranks | None = None) -> RunResult | None:
     """Run (or continue) the whole Prune-and-Tune pipeline described by ``config``.
 
     With ``config.budget`` the stages' lengths and the number of children come from
@@ -342,33 +344,46 @@ def run(config: RunConfig, *, force: bool = False, progress: Progress = lambda s
     constant LR and the children peak at it); the resolved config is what ``config.yaml`` keeps.
     ``announce`` receives one line describing the allocation before training starts.
 
-    One process: to spread children over GPUs, run the stages separately and tune with
-    ``torchrun ... -m pat tune``.
+    Under ``torchrun`` (``ranks``, default read from its environment) every rank calls this:
+    the parent and the baseline train data-parallel (:func:`pat.parent.train_parent`), the
+    children are tuned sharded across the ranks (:func:`pat.tuner.tune_directory`), and rank 0
+    alone claims the output, splits, evaluates and writes ``metrics.json``; it returns the
+    result and every other rank returns None. ``announce`` is called on rank 0 only;
+    ``progress`` on every rank (a callback may steer training). ``force`` applies to the first
+    attempt only: a group restarted by ``torchrun --max-restarts`` continues what that attempt
+    started instead of deleting it.
     """
     start = time.perf_counter()
+    ranks = ranks if ranks is not None else init_ranks()
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        force = False  # the first attempt already cleared the directory; keep what it finished
     pdata = config.parent.data
     data = load_dataset(pdata.dataset, data_dir=pdata.data_dir, val_fraction=pdata.val_fraction, seed=pdata.seed)
     recipe = config.parent  # the baseline trains with the user's recipe, not the trunk's constant LR
     config, allocation = resolve_budget(config, data)
-    if allocation is not None:
+    if allocation is not None and ranks.is_main:
         announce(allocation.describe())
-    out = _claim_output(config, force, allocation)
+    out = Path(config.out)
+    _on_main(ranks, lambda: _claim_output(config, force, allocation))
     parent_path, children_dir = out / "parent.pt", out / "children"
     if not parent_path.exists():
-        train_parent(config.parent, data=data, callbacks=progress("parent"), out=parent_path)
+        train_parent(config.parent, data=data, callbacks=progress("parent"), out=parent_path, ranks=ranks)
     if not (children_dir / "ensemble.json").exists():
-        split_to_directory(parent_path, children_dir, config.split)
-    tune_directory(children_dir, data, config.tune, callbacks=progress)
+        _on_main(ranks, lambda: split_to_directory(parent_path, children_dir, config.split))
+    tune = dataclasses.replace(config.tune, device=ranks.device(config.tune.device))  # one GPU per local rank
+    tune_directory(str(children_dir), data, tune, ranks=ranks, callbacks=progress)
     baseline = None
     if config.baseline:
         epochs = run_epochs(config)
         baseline = (f"independent ({epochs} ep)", out / "independent.pt")
         if not baseline[1].exists():
             train_parent(dataclasses.replace(recipe, epochs=epochs), data=data,
-                         callbacks=progress("independent"), out=baseline[1])
-    rows, diversity = evaluate_run(children_dir, data, parent_path=parent_path, device=config.tune.device,
+                         callbacks=progress("independent"), out=baseline[1], ranks=ranks)
+    if not ranks.is_main:
+        return None
+    rows, diversity = evaluate_run(children_dir, data, parent_path=parent_path, device=tune.device,
                                    baseline=baseline)
-    validation = parent_check(children_dir, data, parent_path=parent_path, device=config.tune.device)
+    validation = parent_check(children_dir, data, parent_path=parent_path, device=tune.device)
     seconds = time.perf_counter() - start
     record = {"test": rows, "diversity": diversity, "validation": validation, "seconds": seconds,
               "allocation": allocation.as_dict() if allocation else None}
@@ -376,3 +391,29 @@ def run(config: RunConfig, *, force: bool = False, progress: Progress = lambda s
     atomic_write(out / "metrics.json", lambda f: f.write(text.encode()))
     return RunResult(out=out, rows=rows, diversity=diversity, seconds=seconds, validation=validation,
                      allocation=allocation)
+
+
+def _on_main(ranks: Ranks, work: Callable[[], Any]) -> None:
+    """Do ``work`` on rank 0 while the other ranks wait for it; its failure is raised on every rank.
+
+    Without this a refusal on rank 0 (a directory holding another run) would leave the
+    other ranks waiting at the next collective for the process group's 24-hour timeout
+    wherever no torchrun agent is there to stop them.
+    """
+    if not ranks.distributed:
+        work()
+        return
+    import torch.distributed as dist
+
+    failure: list[Any] = [None]
+    if ranks.is_main:
+        try:
+            work()
+        except Exception as e:
+            failure = [(isinstance(e, PatError), first_line(e))]
+            dist.broadcast_object_list(failure, src=0)
+            raise
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        refused, line = failure[0]
+        raise PatError(line) if refused else RuntimeError(f"rank 0 failed: {line}")

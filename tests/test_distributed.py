@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -123,3 +125,88 @@ def test_elastic_restart_after_a_killed_rank_resumes_the_parent_from_its_last_ep
     uninterrupted = load_checkpoint(one_and_two_ranks / "ddp.pt")
     assert ckpt["config"]["epochs"] == uninterrupted["config"]["epochs"]
     _assert_same_weights(out, one_and_two_ranks / "ddp.pt", atol=1e-6)
+
+
+RUN_CONFIG = """
+parent: {{model: lenet-s, epochs: 1, lr: 0.05, device: cpu, data: {{dataset: digits, batch_size: 64}}}}
+split: {{children: {children}}}
+tune: {{epochs: 1, device: cpu, data: {{dataset: digits, batch_size: 64}}}}
+baseline: {baseline}
+out: {out}
+"""
+
+
+@pytest.mark.slow
+def test_pat_run_under_torchrun_trains_the_parent_data_parallel_and_reports_once(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(RUN_CONFIG.format(children=3, baseline="true", out=tmp_path / "out"))
+    done = _torchrun("-m", "pat", "run", config)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    out = tmp_path / "out"
+    assert load_checkpoint(out / "parent.pt")["cost"]["ranks"] == 2
+    assert load_checkpoint(out / "independent.pt")["cost"]["ranks"] == 2  # the baseline too
+    assert [m["status"] for m in EnsembleDir.load(out / "children").members] == ["tuned"] * 3
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["name"] for r in metrics["test"]][:4] == ["parent", "child-0", "child-1", "child-2"]
+    assert done.stdout.count("test split —") == 1 and done.stdout.count("validation:") == 1
+
+
+ELASTIC_RUN = """
+import hashlib, json, os, sys
+from pathlib import Path
+from pat.config import RunConfig, from_dict, load_yaml
+from pat.engine.callbacks import Callback
+from pat.engine.checkpoint import load_checkpoint
+from pat.pipeline import run
+
+config = from_dict(RunConfig, load_yaml(sys.argv[1]))
+out, attempt, rank = Path(config.out), os.environ["TORCHELASTIC_RESTART_COUNT"], os.environ["RANK"]
+log = out.parent / "log.jsonl"
+
+def write(**entry):
+    with open(log, "a") as f:
+        f.write(json.dumps({"attempt": attempt, "rank": rank, **entry}) + "\\n")
+
+class Record(Callback):  # every fit a rank starts; the first attempt's rank 1 dies at its second child
+    def __init__(self, stage):
+        self.stage = stage
+
+    def on_fit_start(self, state):
+        write(start=self.stage)
+        if attempt == "0" and rank == "1" and self.stage == "child-3":
+            tuned = {}
+            for file in sorted((out / "children").glob("child-*.pt")):
+                if load_checkpoint(file).get("status") == "tuned":
+                    tuned[file.stem] = hashlib.sha256(file.read_bytes()).hexdigest()
+            write(tuned_at_kill=tuned)
+            os._exit(1)
+
+result = run(config, force=True, progress=lambda stage: [Record(stage)])
+write(returned=None if result is None else [r["name"] for r in result.rows])
+"""
+
+
+@pytest.mark.slow
+def test_elastic_restart_of_pat_run_keeps_the_parent_and_every_finished_child(tmp_path):
+    config, script = tmp_path / "run.yaml", tmp_path / "run.py"
+    config.write_text(RUN_CONFIG.format(children=4, baseline="false", out=tmp_path / "out"))
+    script.write_text(ELASTIC_RUN)
+    done = _torchrun(script, config, restarts=1)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    starts = {(e["attempt"], e["start"]) for e in log if "start" in e}
+    assert ("1", "child-3") in starts  # the killed child ran again, in the restarted group
+    # force=True cleared the directory on the first attempt only: the parent trained once
+    assert ("0", "parent") in starts and ("1", "parent") not in starts
+    [tuned] = [e["tuned_at_kill"] for e in log if "tuned_at_kill" in e]
+    assert "child-1" in tuned  # rank 1's first child, saved before it died
+    children = tmp_path / "out" / "children"
+    for name, sha in tuned.items():  # a child finished before the kill is neither tuned again nor rewritten
+        assert ("1", name) not in starts
+        assert hashlib.sha256((children / f"{name}.pt").read_bytes()).hexdigest() == sha
+    assert [m["status"] for m in EnsembleDir.load(children).members] == ["tuned"] * 4
+    returned = {e["rank"]: e["returned"] for e in log if "returned" in e}
+    assert returned["1"] is None and returned["0"][-1] == "ensemble (4)"  # rank 0 alone evaluates
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["test"][-1]["name"] == "ensemble (4)"

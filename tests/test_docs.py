@@ -68,7 +68,7 @@ class Case:
 
 def _check_make_targets(text: str, tmp: Path) -> None:
     targets = re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), flags=re.M)
-    for line in text.splitlines():
+    for line in text.replace("\\\n", " ").splitlines():  # a line continued with a backslash is one
         words = shlex.split(line, comments=True)
         assert words[0] == "make" and words[1] in targets, f"{line!r}: no such Makefile target"
 
@@ -215,6 +215,7 @@ BLOCKS: dict[tuple[str, int], Case] = {
     ("docs/tuning.md", 5): Case("check", "parent: {model: lenet-s", check=_check_run_config),
     ("docs/tuning.md", 6): Case("check", "budget 48 epochs", check=_check_budget_line),
     ("docs/tuning.md", 7): Case("shell", "torchrun"),
+    ("docs/tuning.md", 8): Case("shell", "torchrun"),
 }
 
 
@@ -302,7 +303,7 @@ def _run_python(case: Case, text: str, tmp: Path) -> None:
 def _run_shell(case: Case, text: str) -> None:
     from pat.cli import cli
 
-    for line in text.splitlines():
+    for line in text.replace("\\\n", " ").splitlines():  # a line continued with a backslash is one
         words = shlex.split(line.replace("[", " ").replace("]", " "), comments=True)
         if not words:
             continue

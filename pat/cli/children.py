@@ -148,22 +148,38 @@ def _with_device(config, device: str):
 def run(config_file, out, force) -> None:
     """Parent → split → tune → eval from a YAML file.
 
-    Every finished stage is kept, so rerunning continues an interrupted run.
+    Every finished stage is kept, so rerunning continues an interrupted run. Under torchrun
+    (torchrun --nproc-per-node N -m pat run CONFIG_FILE) the parent trains data-parallel and
+    the children are sharded across ranks.
     """
     import dataclasses
-    import os
 
     from pat.config import RunConfig, from_dict, load_yaml
-    from pat.errors import PatError
-    from pat.pipeline import run as run_pipeline
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise PatError("pat run trains its parent in one process; under torchrun run `pat train` and "
-                       "`pat split` first, then `torchrun ... -m pat tune CHILDREN_DIR`.")
     config = from_dict(RunConfig, load_yaml(config_file), where=str(config_file))
     if out is not None:
         config = dataclasses.replace(config, out=out)
-    _render(run_pipeline(config, force=force, progress=_progress, announce=_announce))
+    _run_on_ranks(config, force, announce=_announce)
+
+
+def _run_on_ranks(config, force: bool, announce=lambda line: None) -> None:
+    """``pat.pipeline.run`` on every torchrun rank (or the one process); rank 0 alone prints."""
+    import sys
+
+    from pat.engine.distributed import init_ranks
+    from pat.errors import PatError
+    from pat.pipeline import run as run_pipeline
+
+    ranks = init_ranks()
+    try:
+        result = run_pipeline(config, force=force, progress=_progress if ranks.is_main else lambda stage: [],
+                              announce=announce, ranks=ranks)
+    except PatError:
+        if ranks.is_main:
+            raise
+        sys.exit(2)  # the same refusal, which rank 0 shows
+    if result is not None:
+        _render(result)
 
 
 def _announce(line: str) -> None:
@@ -178,16 +194,17 @@ def demo(out, device, force) -> None:
     """Prune and Tune end to end on embedded digits."""
     import dataclasses
 
+    from pat.engine.distributed import init_ranks
     from pat.pipeline import demo_config
-    from pat.pipeline import run as run_pipeline
 
     config = demo_config(out)
     config = dataclasses.replace(
         config, parent=dataclasses.replace(config.parent, device=device),
         tune=dataclasses.replace(config.tune, device=device))
-    console.print(f"[bold]pat demo[/]: LeNet-S parent on digits → {config.split.children} "
-                  f"{config.split.method} children → one-cycle tuning → softmax average")
-    _render(run_pipeline(config, force=force, progress=_progress))
+    if init_ranks().is_main:
+        console.print(f"[bold]pat demo[/]: LeNet-S parent on digits → {config.split.children} "
+                      f"{config.split.method} children → one-cycle tuning → softmax average")
+    _run_on_ranks(config, force)
 
 
 def _validation_line(check: dict) -> None:

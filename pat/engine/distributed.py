@@ -69,7 +69,17 @@ def init_ranks() -> Ranks:
             torch.cuda.set_device(local)
         # ranks wait at barriers while others train whole members (StarSSE's member 1, a
         # SharpBalance phase), far longer than the default 30-minute collective timeout
-        dist.init_process_group(backend=backend, timeout=timedelta(hours=24))
+        timeout = timedelta(hours=24)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is None:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            # torchrun keeps one store across an elastic restart, and the restarted group's
+            # gloo would connect to the addresses the killed attempt left in it (connection
+            # refused, measured with torch 2.14): each attempt gets keys of its own
+            store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"pat-attempt-{attempt}", store),
+                                    rank=rank, world_size=world, timeout=timeout)
     return Ranks(rank=rank, world_size=world, local_rank=local)
 
 
