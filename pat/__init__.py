@@ -36,6 +36,13 @@ _API = {
     # prune and tune
     "split": "pat.children", "iter_split": "pat.children", "save_child": "pat.children",
     "load_child": "pat.children", "Child": "pat.records",
+    # other producers
+    "PoolConfig": "pat.producers.lr_pool", "train_pool": "pat.producers.lr_pool",
+    "pool_members": "pat.producers.lr_pool", "StarSSEConfig": "pat.producers.starsse",
+    "train_starsse": "pat.producers.starsse", "starsse_members": "pat.producers.starsse",
+    "SharpBalanceConfig": "pat.producers.sharpbalance",
+    "train_sharpbalance": "pat.producers.sharpbalance",
+    "sharpbalance_members": "pat.producers.sharpbalance", "Member": "pat.records",
     "generate_masks": "pat.masks", "MaskEnforcer": "pat.engine.masking", "tune": "pat.tuner",
     "run": "pat.pipeline",
     # ensembles
@@ -100,5 +107,12 @@ if TYPE_CHECKING:  # let type checkers and IDEs see the real objects
     from pat.models import create_model, get_classifier, list_models
     from pat.parent import train_parent
     from pat.pipeline import run
-    from pat.records import Child
+    from pat.producers.lr_pool import PoolConfig, pool_members, train_pool
+    from pat.producers.sharpbalance import (
+        SharpBalanceConfig,
+        sharpbalance_members,
+        train_sharpbalance,
+    )
+    from pat.producers.starsse import StarSSEConfig, starsse_members, train_starsse
+    from pat.records import Child, Member
     from pat.tuner import tune

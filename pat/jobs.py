@@ -19,11 +19,15 @@ way for all of them:
 - **record**: rank 0 puts each of its members into ``ensemble.json`` as it finishes, and after
   the last wave every rank's members, read back from their files, in job order.
 
-Every member's seeds come from one rule, :func:`member_seed`.
+The same jobs also run in memory (:func:`run_in_memory`: no directory, nothing skipped or
+kept), which is how the producers' Python API returns members as modules, like
+:func:`pat.split` and :func:`pat.tune` do. Every member's seeds come from one rule,
+:func:`member_seed`.
 """
 
 from __future__ import annotations
 
+import copy
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,12 +36,13 @@ from typing import Any, Protocol
 
 from torch import nn
 
-from pat.engine.checkpoint import load_checkpoint, save_checkpoint
+from pat.engine.checkpoint import load_checkpoint, load_model, save_checkpoint
 from pat.engine.distributed import Ranks
 from pat.errors import PatError, check
 from pat.store import EnsembleDir
 
-__all__ = ["Job", "JobContext", "Trained", "Ledger", "run_jobs", "member_seed", "work_dir", "stage_file"]
+__all__ = ["Job", "JobContext", "Trained", "Ledger", "run_jobs", "run_in_memory", "member_seed", "work_dir",
+           "stage_file"]
 
 
 def member_seed(seed: int, index: int) -> int:
@@ -63,15 +68,25 @@ class Trained:
 
 @dataclass(frozen=True)
 class JobContext:
-    """What the runner gives a job's ``train`` function."""
+    """What the runner gives a job's ``train`` function: where to keep its state, and earlier results.
 
-    ens: EnsembleDir
-    partial: Path  # fit's resume_path: this job's state at its last finished epoch
-    extra: dict[str, Any]  # fit's resume_extra: identifies the job and its settings
+    ``partial`` and ``extra`` are ``fit``'s ``resume_path`` and ``resume_extra`` (``None`` and
+    ``{}`` in memory, where nothing is kept); :meth:`stage` and :meth:`member` give the results
+    of the jobs named in ``after``.
+    """
+
+    partial: Path | None
+    extra: dict[str, Any]
+    stages: Callable[[str], dict[str, Any]]
+    members: Callable[[str], nn.Module]
 
     def stage(self, name: str) -> dict[str, Any]:
-        """The saved result of stage job ``name`` (its tensors memory-mapped)."""
-        return load_checkpoint(stage_file(self.ens, name), argument=f"stage {name!r}", mmap=True)["result"]
+        """The result of stage job ``name``."""
+        return self.stages(name)
+
+    def member(self, name: str) -> nn.Module:
+        """A fresh copy of member ``name``'s model, to train on from where it ended."""
+        return self.members(name)
 
 
 @dataclass(frozen=True)
@@ -213,7 +228,14 @@ def _run(ens: EnsembleDir, job: Job, ledger: Ledger, signature: dict[str, Any], 
     extra = {"job": job.name, "signature": signature}
     partial.parent.mkdir(parents=True, exist_ok=True)
     _discard_stale(partial, extra)
-    result = job.train(JobContext(ens=ens, partial=partial, extra=extra))
+
+    def stage(name: str) -> dict[str, Any]:  # tensors memory-mapped: a stage may be a whole run's state
+        return load_checkpoint(stage_file(ens, name), argument=f"stage {name!r}", mmap=True)["result"]
+
+    def member(name: str) -> nn.Module:  # a member job's file is <dir>/<name>.pt
+        return load_model(ens.path / f"{name}.pt", argument=f"member {name!r}")[0]
+
+    result = job.train(JobContext(partial=partial, extra=extra, stages=stage, members=member))
     if job.stage:
         save_checkpoint(stage_file(ens, job.name), {"kind": "stage", "job": job.name, "signature": signature,
                                                     "result": result})
@@ -247,3 +269,25 @@ def _record_all(ens: EnsembleDir, jobs: Sequence[Job], ledger: Ledger) -> None:
     ens.save()
     if complete:
         shutil.rmtree(work_dir(ens), ignore_errors=True)  # resume states and stages are spent
+
+
+def run_in_memory(jobs: Sequence[Job]) -> dict[str, Trained]:
+    """Run every job in order in this process, with nothing read from or written to disk.
+
+    Returns:
+        ``{member name: Trained}`` in job order (stages are used and dropped).
+    """
+    _check_jobs(jobs)
+    stages: dict[str, dict[str, Any]] = {}
+    members: dict[str, Trained] = {}
+    ctx = JobContext(partial=None, extra={}, stages=stages.__getitem__,
+                     members=lambda name: copy.deepcopy(members[name].model))  # its own copy to train
+    for job in jobs:
+        result = job.train(ctx)
+        if job.stage:
+            stages[job.name] = result
+            continue
+        check(len(result) == len(job.members),
+              f"job {job.name!r} trained {len(result)} members for {len(job.members)} names.")
+        members.update(zip(job.members, result, strict=True))
+    return members

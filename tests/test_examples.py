@@ -17,6 +17,8 @@ CASES = {
     "evaluate_checkpoints.py": ([], r"ensemble +accuracy \d"),
     "greedy_selection.py": (["--size", "2"], r"team \[\d+, \d+\]"),
     "soup_children.py": ([], r"soup +accuracy \d"),
+    "lr_pool_greedy.py": (["--size", "2"], r"team \['[\w.-]+', '[\w.-]+'\]: accuracy \d"),
+    "starsse_soup.py": ([], r"ensemble of 4 accuracy \d.*\nsoup +accuracy \d"),
 }
 
 

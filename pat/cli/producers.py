@@ -72,7 +72,7 @@ def _summary(title: str, ens: Any, extra: list[str]) -> None:
 @click.option("--lrs", default=None, help="Comma-separated LRs for every policy [default: the paper's grid per policy].")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd")
 @click.option("--weight-decay", default=5e-4, type=float)
-@click.option("--seed", default=0, type=int, help="Member k of the grid is initialised with seed + k.")
+@click.option("--seed", default=0, type=int, help="Seeds every member: member k is initialised and shuffled with seed x 100003 + k.")
 @device_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Ensemble directory to write.")
 @click.option("--plot-policies", "plot", default=None, type=click.Path(dir_okay=False),
@@ -119,7 +119,7 @@ def pool(model, dataset, data_dir, batch_size, val_fraction, data_seed, epochs, 
 @click.option("--sse", is_flag=True, help="Start member k from member k-1 (plain SSE) instead of member 1.")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd")
 @click.option("--weight-decay", default=5e-4, type=float)
-@click.option("--seed", default=0, type=int, help="Seed of a new classifier head.")
+@click.option("--seed", default=0, type=int, help="Seeds a new classifier head and member k's data order (seed x 100003 + k).")
 @device_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Ensemble directory to write.")
 @force_option
@@ -167,7 +167,7 @@ def starsse(pretrained, model, dataset, data_dir, batch_size, val_fraction, data
 @click.option("--lr", default=0.1, type=float)
 @click.option("--schedule", default="cosine", help="LR policy over all epochs (see docs/schedules.md).")
 @click.option("--weight-decay", default=5e-4, type=float)
-@click.option("--seed", default=0, type=int, help="Member i is initialised with seed + i.")
+@click.option("--seed", default=0, type=int, help="Seeds every member: member i is initialised and shuffled with seed x 100003 + i.")
 @device_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Ensemble directory to write.")
 @force_option

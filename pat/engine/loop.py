@@ -121,10 +121,9 @@ def train_state(state: FitState, extra: Mapping[str, Any] | None = None) -> dict
     }
 
 
-def _restore_state(path: Path, state: FitState) -> int:
-    ckpt = load_checkpoint(path, argument="resume state")
+def _restore_state(ckpt: Mapping[str, Any], state: FitState, where: str) -> int:
     if ckpt.get("kind") != "train-state":
-        raise PatError(f"resume state {str(path)!r} is a {ckpt.get('kind')!r} file, not a train-state.")
+        raise PatError(f"{where} is a {ckpt.get('kind')!r} record, not a train-state.")
     _inner(state.model).load_state_dict(ckpt["state_dict"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
     if state.scheduler is not None and ckpt.get("scheduler") is not None:
@@ -154,6 +153,7 @@ def fit(
     device: str | torch.device | None = None,
     resume_path: str | os.PathLike | None = None,
     resume_extra: Mapping[str, Any] | None = None,
+    start: Mapping[str, Any] | None = None,
 ) -> FitState:
     """Train ``model`` for ``epochs`` passes over ``train``.
 
@@ -171,16 +171,18 @@ def fit(
             epoch, and an existing file there is resumed from; the caller deletes it when done.
             A ``DistributedDataParallel`` model's is written by rank 0 and every rank resumes
             from it; any other model's by the rank that trains it.
-
-    A ``DistributedDataParallel`` model (:func:`pat.engine.distributed.data_parallel`) trains
-    on each rank's rows; the epoch's train metrics and sample counts are summed over the ranks,
-    and evaluation and the resume state use the wrapped module.
         resume_extra: plain data stored with the resume state (e.g. the config).
+        start: a :func:`train_state` to continue when there is no resume state to resume
+            (SharpBalance's second phase continues its first); its epochs count as done.
 
     Returns:
         The final :class:`FitState` (``history`` holds one metrics dict per epoch; ``step``,
         ``samples``, ``sample_passes`` and ``seconds`` count the whole run, resumed part
         included, for :func:`pat.engine.cost.fit_cost`).
+
+    A ``DistributedDataParallel`` model (:func:`pat.engine.distributed.data_parallel`) trains
+    on each rank's rows; the epoch's train metrics and sample counts are summed over the ranks,
+    and evaluation and the resume state use the wrapped module.
     """
     check(epochs > 0, f"epochs must be positive. Got {epochs}.")
     check(interval in ("step", "epoch"), f"interval must be 'step' or 'epoch'. Got {interval!r}.")
@@ -192,7 +194,12 @@ def fit(
                      steps_per_epoch=steps_per_epoch)
     cbs = CallbackList(callbacks)
     resume = Path(resume_path) if resume_path is not None else None
-    first_epoch = _restore_state(resume, state) if resume is not None and resume.exists() else 0
+    first_epoch = 0
+    if resume is not None and resume.exists():
+        first_epoch = _restore_state(load_checkpoint(resume, argument="resume state"), state,
+                                     f"resume state {str(resume)!r}")
+    elif start is not None:
+        first_epoch = _restore_state(start, state, "start")
 
     cbs.on_fit_start(state)
     for epoch in range(first_epoch, epochs):

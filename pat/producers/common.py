@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from pat.config import plain_config
 from pat.data import Dataset, DeviceLoader, IndexedBatches, load_dataset
@@ -26,6 +27,7 @@ from pat.engine.distributed import Ranks
 from pat.errors import PatError
 from pat.jobs import Job, Trained, work_dir
 from pat.lock import acquire, release
+from pat.records import Member
 from pat.store import MANIFEST, EnsembleDir
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "close_ensemble",
     "MemberLedger",
     "member_file",
+    "as_members",
 ]
 
 # member name -> callbacks for that member's fit() (the CLI passes rich progress bars)
@@ -183,17 +186,28 @@ class MemberLedger:
         return self.ens.stamp(dict(ckpt["member"]))
 
     def save(self, job: Job, trained: Sequence[Trained]) -> list[dict[str, Any]]:
-        """Write each member's file atomically; its record goes into the file and the manifest.
-
-        A member's cost gets ``"parent"`` when it started from another member.
-        """
+        """Write each member's file atomically; its record goes into the file and the manifest."""
         records = []
         for name, t in zip(job.members, trained, strict=True):
-            cost = None if t.cost is None else {**t.cost, **({"parent": t.parent} if t.parent is not None else {})}
-            record = {"name": name, "file": f"{name}.pt", "producer": self.producer, "status": "trained",
-                      "parent": t.parent, "recipe": dict(t.recipe), "metrics": dict(t.metrics), "cost": cost}
+            member = _member(name, self.producer, t)
+            record = member.record(f"{name}.pt")
             save_model(member_file(self.ens, name), t.model, kind="member", member=record,
-                       producer=self.producer, config=plain_config(self.config), metrics=dict(t.metrics),
-                       history=list(t.history), cost=cost)
+                       producer=self.producer, config=plain_config(self.config), metrics=member.metrics,
+                       history=member.history, cost=member.cost)
             records.append(self.ens.stamp(record))
         return records
+
+
+def _member(name: str, producer: str, t: Trained) -> Member:
+    return Member(name=name, producer=producer, recipe=dict(t.recipe), metrics=dict(t.metrics), cost=t.cost,
+                  parent=t.parent, history=list(t.history))
+
+
+def as_members(trained: Mapping[str, Trained], producer: str) -> list[nn.Module]:
+    """The models of an in-memory run (:func:`pat.jobs.run_in_memory`), each carrying its
+    :class:`pat.records.Member` record as ``pat_member``."""
+    models = []
+    for name, t in trained.items():
+        t.model.pat_member = _member(name, producer, t)
+        models.append(t.model)
+    return models

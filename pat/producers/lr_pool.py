@@ -26,11 +26,12 @@ from pat.engine.loop import final_metrics, fit, resolve_device
 from pat.engine.optim import recipe
 from pat.engine.schedules import create_schedule
 from pat.errors import check
-from pat.jobs import Job, JobContext, Trained, member_seed, run_jobs
+from pat.jobs import Job, JobContext, Trained, member_seed, run_in_memory, run_jobs
 from pat.models import create_model
 from pat.producers.common import (
     CallbackFactory,
     MemberLedger,
+    as_members,
     close_ensemble,
     load_data,
     open_ensemble,
@@ -38,7 +39,7 @@ from pat.producers.common import (
 from pat.registry import OPTIMIZERS, SCHEDULES
 from pat.store import EnsembleDir
 
-__all__ = ["PAPER_GRID", "PoolConfig", "pool_jobs", "train_pool", "plot_policies"]
+__all__ = ["PAPER_GRID", "PoolConfig", "pool_jobs", "train_pool", "pool_members", "plot_policies"]
 
 PRODUCER = "pool"
 
@@ -151,17 +152,33 @@ def train_pool(
     ens = open_ensemble(out, producer=PRODUCER, config=config, arch=spec,
                         num_classes=data.num_classes, force=force, ranks=ranks,
                         image_shape=(data.in_channels, data.image_size, data.image_size))
+    run_jobs(ens, _jobs(config, data, device, callbacks), MemberLedger(ens, PRODUCER, config), ranks=ranks,
+             on_member=on_member)
+    close_ensemble(ens, ranks)
+    return ens
 
+
+def pool_members(config: PoolConfig, *, data: Dataset | None = None,
+                 callbacks: CallbackFactory | None = None) -> list[torch.nn.Module]:
+    """Train the pool in this process and return its members (the Python API; nothing is written).
+
+    The members are those :func:`train_pool` writes, seed for seed, in grid order; each
+    carries its :class:`pat.records.Member` record as ``pat_member``.
+    """
+    data = data or load_data(config)
+    trained = run_in_memory(_jobs(config, data, resolve_device(config.device), callbacks))
+    return as_members(trained, PRODUCER)
+
+
+def _jobs(config: PoolConfig, data: Dataset, device: torch.device, callbacks: CallbackFactory | None) -> list[Job]:
+    """One independent job per (policy, LR) member."""
     def job(index: int, name: str, policy: str, lr: float) -> Job:
         def train(ctx: JobContext) -> list[Trained]:
             return [train_member(config, data, policy, lr, index, device=device, callbacks=callbacks,
                                  resume_path=ctx.partial, resume_extra=ctx.extra)]
         return Job(name, train)
 
-    jobs = [job(k, *grid) for k, grid in enumerate(pool_jobs(config))]
-    run_jobs(ens, jobs, MemberLedger(ens, PRODUCER, config), ranks=ranks, on_member=on_member)
-    close_ensemble(ens, ranks)
-    return ens
+    return [job(k, *grid) for k, grid in enumerate(pool_jobs(config))]
 
 
 def plot_policies(config: PoolConfig, path: str | os.PathLike, *, steps: int = 1000) -> Path:

@@ -35,7 +35,6 @@ from pat.config import DataConfig
 from pat.data import Dataset
 from pat.data.loader import seeded_generator
 from pat.engine.callbacks import FitState
-from pat.engine.checkpoint import save_checkpoint
 from pat.engine.cost import example_input, fit_cost
 from pat.engine.distributed import Ranks, init_ranks
 from pat.engine.loop import final_metrics, fit, resolve_device, train_state
@@ -43,11 +42,12 @@ from pat.engine.optim import recipe
 from pat.engine.sam import MixedSAMStep, SAMStep, per_sample_sharpness
 from pat.engine.steps import sgd_step
 from pat.errors import check
-from pat.jobs import Job, JobContext, Trained, member_seed, run_jobs
+from pat.jobs import Job, JobContext, Trained, member_seed, run_in_memory, run_jobs
 from pat.models import create_model
 from pat.producers.common import (
     CallbackFactory,
     MemberLedger,
+    as_members,
     close_ensemble,
     indexed_loader,
     load_data,
@@ -57,7 +57,7 @@ from pat.registry import OPTIMIZERS, SCHEDULES
 from pat.store import EnsembleDir
 
 __all__ = ["SUBSET_RULES", "MODES", "SharpBalanceConfig", "sam_subsets", "sharpness_scores",
-           "train_sharpbalance"]
+           "train_sharpbalance", "sharpbalance_members"]
 
 PRODUCER = "sharpbalance"
 SUBSET_RULES = ("others-flat", "others-sharp", "random")
@@ -201,12 +201,11 @@ def _jobs(config: SharpBalanceConfig, data: Dataset, device: torch.device,
         scores = torch.stack([ctx.stage(stage)["scores"] for stage in stages])
         mask = sam_subsets(scores, config.flat_ratio, config.subset, seed=config.seed)[i]
         model, loader, optimizer, scheduler = _setup(config, data, i, device)
-        if not ctx.partial.is_file():  # phase 2 continues phase 1's run: same schedule, optimizer, counts
-            save_checkpoint(ctx.partial, {**ctx.stage(stages[i])["state"], **ctx.extra})
         step = MixedSAMStep(config.rho, mask.to(device), loader, adaptive=config.adaptive)
+        # phase 2 continues phase 1's run (same schedule, optimizer state and counts)
         state = fit(model, loader, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler, step=step,
                     callbacks=callbacks(names[i]) if callbacks else (), amp=config.amp, device=device,
-                    resume_path=ctx.partial, resume_extra=ctx.extra)
+                    resume_path=ctx.partial, resume_extra=ctx.extra, start=ctx.stage(stages[i])["state"])
         return [trained(i, model, state, mask)]  # its counts cover both phases
 
     def bind(fn: Callable[[int, JobContext], Any], i: int) -> Callable[[JobContext], Any]:
@@ -245,3 +244,15 @@ def train_sharpbalance(
              on_member=on_member)
     close_ensemble(ens, ranks)
     return ens
+
+
+def sharpbalance_members(config: SharpBalanceConfig, *, data: Dataset | None = None,
+                         callbacks: CallbackFactory | None = None) -> list[torch.nn.Module]:
+    """Train the members in this process and return them (the Python API; nothing is written).
+
+    The members are those :func:`train_sharpbalance` writes, seed for seed; each carries its
+    :class:`pat.records.Member` record as ``pat_member``.
+    """
+    data = data or load_data(config)
+    trained = run_in_memory(_jobs(config, data, resolve_device(config.device), callbacks))
+    return as_members(trained, PRODUCER)

@@ -34,21 +34,21 @@ from pat.engine.distributed import Ranks, init_ranks
 from pat.engine.loop import final_metrics, fit, resolve_device
 from pat.engine.optim import recipe
 from pat.errors import PatError, check
-from pat.jobs import Job, JobContext, Trained, member_seed, run_jobs
+from pat.jobs import Job, JobContext, Trained, member_seed, run_in_memory, run_jobs
 from pat.models import create_model, get_classifier
 from pat.models._classifier import module_path
 from pat.producers.common import (
     CallbackFactory,
     MemberLedger,
+    as_members,
     close_ensemble,
     load_data,
-    member_file,
     open_ensemble,
 )
 from pat.registry import OPTIMIZERS
 from pat.store import EnsembleDir
 
-__all__ = ["StarSSEConfig", "load_pretrained", "train_starsse"]
+__all__ = ["StarSSEConfig", "load_pretrained", "train_starsse", "starsse_members"]
 
 PRODUCER = "starsse"
 
@@ -172,17 +172,37 @@ def train_starsse(
     ens = open_ensemble(out, producer=PRODUCER, config=config, arch=start.pat_spec,
                         num_classes=data.num_classes, force=force, ranks=ranks,
                         image_shape=(data.in_channels, data.image_size, data.image_size))
+    run_jobs(ens, _jobs(config, data, start, device, callbacks), MemberLedger(ens, PRODUCER, config),
+             ranks=ranks, on_member=on_member)
+    close_ensemble(ens, ranks)
+    return ens
+
+
+def starsse_members(config: StarSSEConfig, *, data: Dataset | None = None,
+                    callbacks: CallbackFactory | None = None) -> list[nn.Module]:
+    """Make the members in this process and return them (the Python API; nothing is written).
+
+    The members are those :func:`train_starsse` writes, seed for seed; each carries its
+    :class:`pat.records.Member` record as ``pat_member``. They share one architecture, so
+    :func:`pat.uniform_soup` averages them.
+    """
+    data = data or load_data(config)
+    start = load_pretrained(config, data)
+    return as_members(run_in_memory(_jobs(config, data, start, resolve_device(config.device), callbacks)),
+                      PRODUCER)
+
+
+def _jobs(config: StarSSEConfig, data: Dataset, start: nn.Module, device: torch.device,
+          callbacks: CallbackFactory | None) -> list[Job]:
+    """Member 1 from ``start``; every later member from member 1 (or, for SSE, the one before)."""
     names = [f"member-{k}" for k in range(1, config.members + 1)]
 
     def job(k: int) -> Job:
         origin = "pretrained" if k == 1 else names[k - 2] if config.sse else names[0]
 
         def train(ctx: JobContext) -> list[Trained]:
-            model = start if k == 1 else model_from_checkpoint(load_checkpoint(member_file(ens, origin)))
+            model = start if k == 1 else ctx.member(origin)
             return [_train_one(config, data, model, k, origin, device=device, callbacks=callbacks, ctx=ctx)]
         return Job(names[k - 1], train, after=() if k == 1 else (origin,))
 
-    jobs = [job(k) for k in range(1, config.members + 1)]
-    run_jobs(ens, jobs, MemberLedger(ens, PRODUCER, config), ranks=ranks, on_member=on_member)
-    close_ensemble(ens, ranks)
-    return ens
+    return [job(k) for k in range(1, config.members + 1)]
