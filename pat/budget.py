@@ -62,6 +62,7 @@ class BudgetConfig:
 
     @property
     def unit(self) -> str:
+        """The unit the budget is given in: ``epochs``, ``steps`` or ``flops``."""
         return "epochs" if self.epochs is not None else "steps" if self.steps is not None else "flops"
 
 
@@ -78,19 +79,23 @@ class Allocation:
 
     @property
     def spent_epochs(self) -> float:
+        """Parent epochs spent: the parent's plus each child's, scaled by its share of the data."""
         share = self.child_steps_per_epoch / self.steps_per_epoch
         return self.parent_epochs + self.children * self.child_epochs * share
 
     @property
     def steps(self) -> int:
+        """Optimizer steps taken in all, parent and children."""
         return self.parent_epochs * self.steps_per_epoch + self.children * self.child_epochs * self.child_steps_per_epoch
 
     def as_dict(self) -> dict[str, float | int]:
+        """The allocation as a plain dict, for a run's metrics and config files."""
         return {"budget_epochs": self.budget_epochs, "parent_epochs": self.parent_epochs,
                 "children": self.children, "child_epochs": self.child_epochs,
                 "steps": self.steps, "spent_epochs": round(self.spent_epochs, 4)}
 
     def describe(self) -> str:
+        """One line for a person: the budget and how it was split, in epochs and steps."""
         return (f"budget {self.budget_epochs:g} epochs → parent {self.parent_epochs} + "
                 f"{self.children} children × {self.child_epochs} "
                 f"({self.steps} optimizer steps, {self.child_epochs * self.child_steps_per_epoch} a child)")
@@ -108,6 +113,7 @@ def allocate_budget(
     """Split ``budget`` between a parent and at most ``children`` children (see the module doc).
 
     Args:
+        budget: the total budget and the rule that splits it.
         train_size: samples in the training split.
         batch_size: samples per optimizer step.
         children: children asked for; fewer are made if they would not get

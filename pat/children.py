@@ -94,8 +94,11 @@ def split(
         seed: the masks are a pure function of it, the same on CPU and CUDA.
         example_inputs: a batch for tracing, e.g. ``torch.randn(1, 3, 32, 32)``; needed
             at neuron level for models without a pat spec, optional otherwise.
-        include_first, include_classifier, include, exclude: which layers are pruned
-            (:func:`pat.masks.prunable_parameters`).
+        include_first: prune the first layer too (the one a forward pass calls first).
+        include_classifier: prune the final classifier layer too.
+        include: fnmatch patterns on module names; when given, only matching layers.
+        exclude: fnmatch patterns on module names to leave dense. These four choose the
+            pruned layers as in :func:`pat.masks.prunable_parameters`.
         rescale: multiply each pruned tensor's kept weights by ``n / kept`` so that the
             child starts at the parent's scale, except layers that feed a normalisation
             layer (:mod:`pat.masks.rescale`). None: on at connection level; neuron level

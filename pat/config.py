@@ -27,6 +27,8 @@ C = TypeVar("C")
 
 @dataclass(frozen=True)
 class DataConfig:
+    """Which dataset, how it is split for validation, and how it is batched."""
+
     dataset: str = "digits"
     data_dir: str = "./data"
     val_fraction: float = 0.1  # share of the training split held out for selection
@@ -109,6 +111,8 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class TuneConfig:
+    """Tuning each pruned child back to accuracy: its schedule, optimizer and data."""
+
     epochs: int = 10  # passes over the (bagged) training split, per child
     schedule: str = "one-cycle"  # one-cycle | constant
     max_lr: float | None = None  # one-cycle peak per batch of data.batch_size; None: max_lr_share x parent's LR
@@ -198,6 +202,11 @@ def from_dict(cls: type[C], data: dict[str, Any], *, where: str = "config") -> C
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file as a dict (empty for an empty file).
+
+    Raises:
+        PatError: the file is missing or is not valid YAML.
+    """
     path = Path(path)
     if not path.is_file():
         raise PatError(f"config file {str(path)!r} does not exist.")

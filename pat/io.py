@@ -89,6 +89,7 @@ def free_disk(path: str | os.PathLike) -> int:
 
 
 def human_bytes(n: float) -> str:
+    """``n`` bytes in decimal units for a person, e.g. ``"1.5 GB"``."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

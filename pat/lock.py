@@ -71,11 +71,13 @@ def acquire(path: str | os.PathLike, *, wait: bool | None = None, command: str |
     """Take the lock of directory ``path``; pair with :func:`release`.
 
     Args:
+        path: the directory to lock; its lock file lives inside it.
         create: make the directory if it is missing; otherwise a missing directory is not
             locked (the caller's own check then names it).
         wait: block until the holder finishes; None: the enclosing :func:`lock_scope`'s choice
             (default False: refuse at once).
         command: recorded for the refusal message of a second writer; default ``sys.argv``.
+        argument: how the refusal message names ``path``, e.g. the CLI argument it came from.
 
     Raises:
         PatError: another process holds the lock and ``wait`` is off.
@@ -148,8 +150,11 @@ def directory_lock(path: str | os.PathLike, *, wait: bool | None = None, command
 
 @contextlib.contextmanager
 def lock_scope(*, wait: bool = False) -> Iterator[None]:
-    """One command's run: locks taken inside wait or not as ``wait`` says, and are all given
-    back when the block ends, however it ends (a producer that failed half-way included)."""
+    """Scope one command's run: the locks it takes and whether they wait.
+
+    Locks taken inside wait or not as ``wait`` says, and are all given back when the block
+    ends, however it ends (a producer that failed half-way included).
+    """
     token_wait, token_scope = _wait.set(wait), _scope.set([])
     try:
         yield
@@ -163,8 +168,11 @@ def lock_scope(*, wait: bool = False) -> Iterator[None]:
 
 
 def writes_directory(func: F) -> F:
-    """Decorate a function whose first argument is an ensemble directory it rewrites
-    (load, change, save): it runs holding that directory's lock, so no update is lost."""
+    """Run ``func`` holding the lock of the ensemble directory it rewrites.
+
+    ``func``'s first argument is the directory, which it loads, changes and saves; holding
+    the lock throughout means no concurrent update is lost.
+    """
 
     @functools.wraps(func)
     def wrapper(path: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:

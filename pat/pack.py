@@ -45,6 +45,14 @@ class PackedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(members, out_features)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
+        """Apply member m's layer to block m of ``x``.
+
+        Args:
+            x: (..., M * in_features) the members' inputs side by side.
+
+        Returns:
+            (..., M * out_features) the members' outputs side by side.
+        """
         x = x.unflatten(-1, (self.members, self.in_features))
         out = torch.einsum("...mi,moi->...mo", x, self.weight)
         if self.bias is not None:
@@ -52,6 +60,7 @@ class PackedLinear(nn.Module):
         return out.flatten(-2)
 
     def extra_repr(self) -> str:
+        """The layer's sizes, shown in ``repr(module)``."""
         return f"members={self.members}, in_features={self.in_features}, out_features={self.out_features}"
 
 
@@ -67,6 +76,14 @@ class PackedEnsemble(nn.Module):
         object.__setattr__(self, "_template", template)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Run every child on the same batch.
+
+        Args:
+            x: (B, C, ...) one batch, the parent's input.
+
+        Returns:
+            (M, B, num_classes) each child's logits.
+        """
         out = self.network(torch.cat([x] * self.members, dim=1))
         return out.unflatten(1, (self.members, -1)).transpose(0, 1)
 

@@ -26,6 +26,8 @@ __all__ = ["TrainResult", "train_parent", "resume_path_for"]
 
 @dataclass
 class TrainResult:
+    """A trained parent with its per-epoch history, final metrics and training cost."""
+
     model: nn.Module
     history: list[dict[str, float]]
     metrics: dict[str, float] = field(default_factory=dict)  # final val/test loss and accuracy

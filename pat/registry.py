@@ -64,14 +64,16 @@ class Registry(Generic[T]):
         self._entries.pop(name, None)
 
     def names(self) -> list[str]:
+        """The registered names, sorted if the registry sorts, else in registration order."""
         self._load()
         return sorted(self._entries) if self.sort else list(self._entries)
 
     def unknown(self, name: object, *, argument: str | None = None) -> PatError:
-        """The one refusal of a name: ``unknown <kind> 'x'; choose one of: a, b.``
+        """The one refusal of a name, as a :class:`PatError` to raise.
 
-        ``argument`` names the option that held the value when it is not the kind itself
-        (``"policy"`` for a schedule given in ``policies``).
+        It reads ``unknown <kind> 'x'; choose one of: a, b.``; ``argument`` names the option
+        that held the value when it is not the kind itself (``"policy"`` for a schedule given
+        in ``policies``).
         """
         choices = ", ".join(self.names()) + (f" or {self.also}" if self.also else "")
         return PatError(f"unknown {argument or self.kind} {name!r}; choose one of: {choices}.")

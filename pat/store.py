@@ -225,6 +225,7 @@ class EnsembleDir:
     # -- members --------------------------------------------------------------------------
     @property
     def members(self) -> list[dict[str, Any]]:
+        """The manifest's member records, in manifest order."""
         return self.manifest["members"]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -234,6 +235,7 @@ class EnsembleDir:
         return len(self.members)
 
     def member(self, name: str) -> dict[str, Any]:
+        """The manifest record of the member called ``name``; :class:`PatError` if none."""
         for m in self.members:
             if m["name"] == name:
                 return m

@@ -56,4 +56,5 @@ _register()
 
 
 def main() -> None:
+    """Run the ``pat`` command line (the console-script entry point)."""
     cli(prog_name="pat")

@@ -60,6 +60,7 @@ def data_options(func: F | None = None, *, from_manifest: bool = False, resumes:
 
 
 def override_option(func: F) -> F:
+    """--override-data: use the data options given over those the ensemble directory records."""
     return click.option(OVERRIDE_FLAG, "override_data", is_flag=True,
                         help="Use the data options given even where they differ from the ones the ensemble "
                              "directory records (the members were trained on those).")(func)
@@ -251,6 +252,7 @@ def device_options(func: F) -> F:
 
 
 def force_option(func: F) -> F:
+    """--force: overwrite an existing output."""
     return click.option("--force", is_flag=True, help="Overwrite an existing output.")(func)
 
 

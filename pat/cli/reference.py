@@ -27,7 +27,7 @@ def _cell(text: str) -> str:
 
 
 def _paragraphs(text: str) -> str:
-    """A docstring's paragraphs, each on one line (click's ``\\b`` no-rewrap marker dropped)."""
+    r"""A docstring's paragraphs, each on one line (click's ``\b`` no-rewrap marker dropped)."""
     blocks = inspect.cleandoc(text).split("\n\n")
     return "\n\n".join(" ".join(b.replace("\b", "").split()) for b in blocks if b.strip())
 

@@ -18,6 +18,7 @@ __all__ = ["console", "err_console", "EpochProgress", "metrics_table", "fmt", "h
 
 
 def fmt(value: Any, digits: int = 4) -> str:
+    """A table cell's text: floats to ``digits`` decimals, None as a dash."""
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return "—" if value is None else str(value)
@@ -31,6 +32,7 @@ class EpochProgress(Callback):
         self.progress: Progress | None = None
 
     def on_fit_start(self, state: FitState) -> None:
+        """Start the bar, resumed at the step and epoch ``state`` starts from."""
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("epoch {task.fields[epoch]}"), TimeElapsedColumn(),
@@ -41,9 +43,11 @@ class EpochProgress(Callback):
                                            completed=state.step, epoch=state.epoch + 1)
 
     def on_step_end(self, state: FitState) -> None:
+        """Advance the bar to the current step."""
         self.progress.update(self.task, completed=state.step, epoch=state.epoch + 1)
 
     def on_epoch_end(self, state: FitState) -> None:
+        """Print the epoch's line: loss, accuracy, validation accuracy, LR and time."""
         m = state.metrics
         parts = [f"epoch {m['epoch']}/{state.epochs}", f"loss {m['train_loss']:.3f}",
                  f"acc {m['train_acc']:.3f}"]
@@ -53,6 +57,7 @@ class EpochProgress(Callback):
         self.progress.console.print("  ".join(parts), highlight=False)
 
     def on_fit_end(self, state: FitState) -> None:
+        """Remove the bar (it is transient; the epoch lines stay)."""
         if self.progress is not None:
             self.progress.stop()
 

@@ -36,15 +36,18 @@ class FitState:
 
     @property
     def total_steps(self) -> int:
+        """Optimizer steps the whole fit takes: epochs x steps per epoch."""
         return self.epochs * self.steps_per_epoch
 
 
 class Callback:
     """Override the hooks you need; all default to doing nothing."""
 
-    def on_fit_start(self, state: FitState) -> None: ...
+    def on_fit_start(self, state: FitState) -> None:
+        """Before the first epoch to run (a resumed fit passes its restored state)."""
 
-    def on_epoch_start(self, state: FitState) -> None: ...
+    def on_epoch_start(self, state: FitState) -> None:
+        """Before the epoch's first batch."""
 
     def on_step_end(self, state: FitState) -> None:
         """After ``optimizer.step()`` (and a per-step scheduler step)."""
@@ -52,7 +55,8 @@ class Callback:
     def on_epoch_end(self, state: FitState) -> None:
         """After the epoch's evaluation; ``state.metrics`` holds its results."""
 
-    def on_fit_end(self, state: FitState) -> None: ...
+    def on_fit_end(self, state: FitState) -> None:
+        """After the last epoch, or the one a callback stopped at."""
 
 
 class CallbackList(Callback):
@@ -62,21 +66,26 @@ class CallbackList(Callback):
         self.callbacks = [c for c in callbacks if c is not None]
 
     def on_fit_start(self, state: FitState) -> None:
+        """Pass the fit's start to each callback."""
         for c in self.callbacks:
             c.on_fit_start(state)
 
     def on_epoch_start(self, state: FitState) -> None:
+        """Pass an epoch's start to each callback."""
         for c in self.callbacks:
             c.on_epoch_start(state)
 
     def on_step_end(self, state: FitState) -> None:
+        """Pass a step's end to each callback."""
         for c in self.callbacks:
             c.on_step_end(state)
 
     def on_epoch_end(self, state: FitState) -> None:
+        """Pass an epoch's end to each callback."""
         for c in self.callbacks:
             c.on_epoch_end(state)
 
     def on_fit_end(self, state: FitState) -> None:
+        """Pass the fit's end to each callback."""
         for c in self.callbacks:
             c.on_fit_end(state)

@@ -30,16 +30,20 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Ranks:
+    """This process's place among torchrun's ranks; the default is a single process."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
+        """Whether this is rank 0, the one that writes shared files and reports."""
         return self.rank == 0
 
     @property
     def distributed(self) -> bool:
+        """Whether there is more than one rank."""
         return self.world_size > 1
 
     def shard(self, jobs: Sequence[T]) -> list[T]:
@@ -47,6 +51,7 @@ class Ranks:
         return list(jobs[self.rank :: self.world_size])
 
     def barrier(self) -> None:
+        """Wait until every rank gets here; nothing to wait for in a single process."""
         if self.distributed:
             dist.barrier()
 
@@ -98,6 +103,7 @@ class RankShard:
         return len(self.loader)  # type: ignore[arg-type]
 
     def set_epoch(self, epoch: int) -> None:
+        """Pass the epoch on to the wrapped loader, if it reshuffles by epoch."""
         if hasattr(self.loader, "set_epoch"):
             self.loader.set_epoch(epoch)
 

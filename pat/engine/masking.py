@@ -44,12 +44,15 @@ class MaskEnforcer(Callback):
 
     @torch.no_grad()
     def enforce(self, model: nn.Module, optimizer: Any = None) -> None:
+        """Zero ``model``'s masked weights, and their state in ``optimizer`` if given."""
         plan = self._plan_for(model)
         if plan is not None:
             plan.run(optimizer)
 
     def on_fit_start(self, state: FitState) -> None:
+        """Enforce the masks before the first step."""
         self.enforce(state.model, state.optimizer)
 
     def on_step_end(self, state: FitState) -> None:
+        """Enforce the masks again: the step just moved the masked weights."""
         self.enforce(state.model, state.optimizer)

@@ -32,6 +32,9 @@ def check_fits(request: str, *, disk: int, memory: int, where: str | os.PathLike
 
     Args:
         request: what was asked, as the user typed it, e.g. ``"--children 100000"``.
+        disk: bytes the request would write.
+        memory: bytes of RAM the request would hold at once.
+        where: the path the request writes under; its file system's free space is checked.
         hint: how to make it fit, e.g. ``"use fewer children"``.
     """
     free, avail = free_disk(where), available_memory()

@@ -116,6 +116,11 @@ class SAMStep:
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, optimizer: Optimizer,
                  loss_fn: LossFn, autocast: Autocast) -> tuple[Tensor, Tensor]:
+        """Take one SAM step on the batch; a step rule (:mod:`pat.engine.steps`).
+
+        Returns:
+            The batch's loss and (B, C) logits at the unperturbed weights, both detached.
+        """
         optimizer.zero_grad(set_to_none=True)
         with autocast():
             logits = model(x)
@@ -166,6 +171,11 @@ class MixedSAMStep:
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, optimizer: Optimizer,
                  loss_fn: LossFn, autocast: Autocast) -> tuple[Tensor, Tensor]:
+        """Take one mixed step on the batch; a step rule (:mod:`pat.engine.steps`).
+
+        Returns:
+            The batch-mean loss and (B, C) logits at the unperturbed weights, both detached.
+        """
         check(self.batches.indices is not None and len(self.batches.indices) == len(y),
               "the mixed SAM step needs the IndexedBatches it was built with as fit's data.")
         mask = self.sam_mask.to(y.device)[self.batches.indices]
@@ -212,7 +222,10 @@ def per_sample_sharpness(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn
     ``functional_call`` computes all B gradients in one batched pass.
 
     Args:
-        x: (B, ...) inputs; y: (B,) labels.
+        model: the network scored; its parameters are not changed.
+        x: (B, ...) inputs.
+        y: (B,) labels.
+        loss_fn: a mean loss of ``(logits, labels)``; each sample is scored alone.
 
     Returns:
         (B,) float32 scores.

@@ -35,6 +35,7 @@ def register_schedule(name: str) -> Callable[[ScheduleFactory], ScheduleFactory]
 
 
 def list_schedules() -> list[str]:
+    """The names :func:`create_schedule` accepts."""
     return SCHEDULES.names()
 
 

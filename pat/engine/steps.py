@@ -22,6 +22,8 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 class StepRule(Protocol):
+    """What a step rule is: a callable that trains ``model`` on one batch (see the module doc)."""
+
     def __call__(
         self,
         model: nn.Module,
@@ -30,7 +32,21 @@ class StepRule(Protocol):
         optimizer: Optimizer,
         loss_fn: LossFn,
         autocast: Callable[[], AbstractContextManager],
-    ) -> tuple[Tensor, Tensor]: ...
+    ) -> tuple[Tensor, Tensor]:
+        """Run forward, backward and ``optimizer.step()`` on one batch.
+
+        Args:
+            model: the network trained.
+            x: (B, ...) inputs.
+            y: (B,) labels.
+            optimizer: stepped once (or as the rule says).
+            loss_fn: a mean loss of ``(logits, labels)``.
+            autocast: returns the context the forward passes run in (bf16 autocast or none).
+
+        Returns:
+            The batch's loss and (B, C) logits, both detached.
+        """
+        ...
 
 
 def register_step(name: str) -> Callable[[Callable[..., StepRule]], Callable[..., StepRule]]:
@@ -39,10 +55,12 @@ def register_step(name: str) -> Callable[[Callable[..., StepRule]], Callable[...
 
 
 def list_steps() -> list[str]:
+    """The names :func:`create_step` accepts."""
     return STEPS.names()
 
 
 def create_step(name: str, **options: object) -> StepRule:
+    """The step rule ``name``, built with ``options`` (e.g. ``create_step("sam", rho=0.05)``)."""
     return STEPS.get(name)(**options)
 
 

@@ -138,7 +138,12 @@ def size_curve(
     with its own temperature on validation.
 
     Args:
-        val_probs, test_probs: ``(M, N_val, C)`` and ``(M, N_test, C)`` member probabilities.
+        val_probs: ``(M, N_val, C)`` member probabilities on validation, for the temperatures.
+        val_labels: ``(N_val,)`` validation labels.
+        test_probs: ``(M, N_test, C)`` member probabilities on test, where the NLL is measured.
+        test_labels: ``(N_test,)`` test labels.
+        max_subsets: size-k subsets averaged at most, for each k.
+        seed: seeds the random draws of subsets.
 
     Returns:
         ``(M,)`` float64 curve, entry k-1 for ensembles of k members.

@@ -1,5 +1,4 @@
-"""Focal diversity of a team (Wu, Liu et al., "Boosting Ensemble Accuracy by Revisiting
-Ensemble Diversity Metrics", CVPR 2021; the EnsembleBench measures).
+"""Focal diversity of a team: the EnsembleBench measures.
 
 For each member of the team taken as the *focal* model, keep the samples the focal model
 gets wrong and compute a diversity measure of the whole team on those samples; the focal
@@ -27,6 +26,10 @@ The pairwise measures average over all pairs of the team, the focal model includ
 Unlike EnsembleBench, which averages three draws of 100 focal samples, all of the focal
 model's mistakes are used (the result is exact and needs no seed). A focal model without
 mistakes contributes nothing; a team none of whose members errs scores 1.0.
+
+References:
+    Wu, Liu et al., "Boosting Ensemble Accuracy by Revisiting Ensemble Diversity Metrics",
+    CVPR 2021.
 """
 
 from __future__ import annotations

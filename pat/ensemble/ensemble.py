@@ -88,8 +88,11 @@ class Ensemble(nn.Module):
             return self._runner.logits(x)
 
     def member_probs(self, x: Tensor, *, calibrated: bool = True) -> Tensor:
-        """``x`` ``(B, ...)`` → every member's softmax ``(M, B, C)``, each at its own
-        temperature when the ensemble has member temperatures and ``calibrated``."""
+        """``x`` ``(B, ...)`` → every member's softmax ``(M, B, C)``.
+
+        Each member is at its own temperature when the ensemble has member temperatures and
+        ``calibrated``.
+        """
         logits = self.member_logits(x)
         if calibrated and self.member_temperatures is not None:
             logits = logits / logits.new_tensor(self.member_temperatures)[:, None, None]
@@ -112,6 +115,10 @@ class Ensemble(nn.Module):
         return probs
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x`` ``(B, ...)`` → calibrated combined probabilities ``(B, C)``.
+
+        The same as :meth:`predict_proba` with its defaults, so that ``ensemble(x)`` works.
+        """
         return self.predict_proba(x)
 
     @classmethod

@@ -144,7 +144,8 @@ def team_metrics(
     """Accuracy and NLL of the mean-combined ensemble of each team.
 
     Args:
-        probs: ``(M, N, C)``; labels: ``(N,)``.
+        probs: ``(M, N, C)`` member probabilities.
+        labels: ``(N,)`` true classes.
         teams: ``(B, S)`` member indices, one team per row.
         budget: elements of ``(b, N, C)`` held at once; teams are processed in chunks.
 
@@ -192,7 +193,8 @@ def evaluate(
     """Members, ensemble and diversity metrics of one split.
 
     Args:
-        probs: ``(M, N, C)`` member probabilities; labels: ``(N,)``.
+        probs: ``(M, N, C)`` member probabilities.
+        labels: ``(N,)`` true classes.
         selected: indices of the team (default: every member).
         weights: per selected member, for ``combiner="weighted"``.
         combiner: ``"mean"``, ``"weighted"`` or ``"vote"`` (:func:`combine`).

@@ -44,7 +44,14 @@ def reliability_diagram(
     """Accuracy against confidence in ``n_bins`` equal-width bins, with the ECE in the title.
 
     Args:
-        probs: ``(N, C)`` combined (or one member's) probabilities; labels: ``(N,)``.
+        probs: ``(N, C)`` combined (or one member's) probabilities.
+        labels: ``(N,)`` true classes.
+        path: the PNG file written (its directory is created).
+        n_bins: confidence bins over [0, 1].
+        title: the figure's title; the ECE is appended to it.
+
+    Returns:
+        ``path``, as a :class:`~pathlib.Path`.
     """
     acc, conf, count = (t.cpu().numpy() for t in calibration_bins(probs, labels, n_bins))
     centers = (torch.arange(n_bins).numpy() + 0.5) / n_bins
@@ -69,6 +76,11 @@ def accuracy_vs_size_plot(
     Args:
         curves: ``(K,)`` values for sizes 1..K (e.g. :func:`pat.ensemble.accuracy_vs_size`),
             or ``{label: (K_i,) values}`` to compare orders or methods.
+        path: the PNG file written (its directory is created).
+        ylabel: the y axis's label, for curves of something other than accuracy.
+
+    Returns:
+        ``path``, as a :class:`~pathlib.Path`.
     """
     if isinstance(curves, Tensor):
         curves = {"ensemble": curves}
@@ -106,8 +118,10 @@ def disagreement_heatmap(
 def risk_coverage_plot(
     curves: Mapping[str, tuple[Tensor, Tensor]], path: str | os.PathLike
 ) -> Path:
-    """Risk against coverage (:func:`pat.ensemble.selective.risk_coverage`), one line per name,
-    with each line's AURC in the legend."""
+    """Risk against coverage (:func:`pat.ensemble.selective.risk_coverage`), one line per name.
+
+    Each line's AURC is given in the legend.
+    """
     check(curves, "curves must hold at least one curve. Got none.")
     fig = _figure()
     ax = fig.add_subplot()

@@ -59,6 +59,7 @@ def check_probs(
     Args:
         probs: ``(M, N, C)`` member probabilities, or a sequence of M ``(N, C)`` tensors.
         labels: optional ``(N,)`` integer labels checked against ``probs``.
+        argument: how the error messages name ``probs`` (e.g. ``"val_probs"``).
     """
     if not isinstance(probs, Tensor):
         probs = list(probs)
@@ -147,8 +148,9 @@ def eval_mode(models: Iterable[nn.Module]) -> Iterator[None]:
 
 
 class MemberRunner:
-    """Run M members on one batch: :meth:`logits` gives their logits, calling the runner their
-    softmax, both ``(M, B, C)`` float32.
+    """Run M members on one batch, giving ``(M, B, C)`` float32 outputs.
+
+    :meth:`logits` gives the members' logits; calling the runner gives their softmax.
 
     Members are moved to ``device``. For the vmap path the members' weights are stacked once
     here; build a new runner after changing them.
@@ -225,6 +227,7 @@ def collect_logits(
     Args:
         models: M members (classifiers returning logits).
         loader: yields ``(x, y)`` batches.
+        device: where the members run; default: the first member's device.
         amp: bf16 autocast for the forward; logits are returned in float32.
         path: ``"auto"``, ``"loop"`` or ``"vmap"`` (see the module docstring).
 
@@ -254,6 +257,11 @@ def collect_probs(
     """Every member's softmax on every sample of ``loader`` (see :func:`collect_logits`).
 
     Args:
+        models: M members (classifiers returning logits).
+        loader: yields ``(x, y)`` batches.
+        device: where the members run; default: the first member's device.
+        amp: bf16 autocast for the forward; probabilities are returned in float32.
+        path: ``"auto"``, ``"loop"`` or ``"vmap"`` (see the module docstring).
         temperatures: one per member; member m's probabilities are ``softmax(z_m / T_m)``
             (:func:`pat.ensemble.calibration.fit_temperature`). Default: raw softmax.
 
@@ -288,6 +296,7 @@ def cached_probs(
         ens_dir: a :class:`pat.store.EnsembleDir`.
         split_name: a file-name-safe split name such as ``"val"`` or ``"test-contrast-3"``.
         compute: returns ``(probs (M, N, C), labels (N,))`` for the manifest's members in order.
+        key: a JSON-able description of the data the cache must match (see above).
     """
     return _cached(ens_dir, "probs", split_name, compute, key, check_probs)
 

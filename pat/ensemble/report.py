@@ -1,5 +1,6 @@
-"""Evaluate, select and soup the members of an ensemble directory: the API behind
-``pat eval``, ``pat select`` and ``pat soup``.
+"""Evaluate, select and soup the members of an ensemble directory.
+
+This is the API behind ``pat eval``, ``pat select`` and ``pat soup``.
 
 Member probabilities on each split are collected once and cached in the directory
 (:func:`pat.ensemble.predict.cached_probs`); everything else works on those tensors.
@@ -124,8 +125,11 @@ def _team_temperature(val_logits: Tensor, val_labels: Tensor, team: list[int], w
 
 @writes_directory
 def calibrate_directory(path: str | os.PathLike, data: Dataset, *, device: str = "auto") -> dict[str, Any]:
-    """Fit one temperature per member, one for the whole ensemble and one for the recorded team,
-    on the validation split, and store them in the manifest (``"calibration"``)."""
+    """Fit temperatures on the validation split and store them in the manifest.
+
+    One temperature per member, one for the whole ensemble and one for the recorded team,
+    stored under ``"calibration"``.
+    """
     ens = EnsembleDir.load(path)
     check(len(ens) > 0, f"ENSEMBLE_DIR {str(ens.path)!r} holds no members.")
     check(len(data.val.y) > 0, f"--dataset {data.name!r} has no validation split (--val-fraction 0); "
@@ -250,8 +254,11 @@ def _dee(ens: EnsembleDir, data: Dataset, ref_path: Path, device: str,
 
 
 def _ood(ens: EnsembleDir, data: Dataset, ood: Dataset, scaled_in: Tensor, temps: Tensor, device: str) -> dict[str, Any]:
-    """OOD detection of ``ood``'s test images against ``data``'s test split (scores per member
-    and for the ensemble; temperatures applied where the manifest has them)."""
+    """OOD detection of ``ood``'s test images against ``data``'s test split.
+
+    Scores are given per member and for the ensemble, with temperatures applied where the
+    manifest has them.
+    """
     from pat.ensemble.ood import ood_report
 
     shape_in, shape_out = (data.in_channels, data.image_size), (ood.in_channels, ood.image_size)
@@ -322,8 +329,11 @@ def select_directory(path: str | os.PathLike, data: Dataset, method: str, *, siz
 
 
 def _check_same_channels(ens: EnsembleDir) -> None:
-    """Physically slimmed members keep different channels: position i of one member's weight
-    is not position i of another's, so averaging them is meaningless even when shapes agree."""
+    """Refuse members physically slimmed to different channels.
+
+    Position i of one such member's weight is not position i of another's, so averaging them
+    is meaningless even when shapes agree.
+    """
     from pat.ensemble.members import member_kept
 
     kept = {m["name"]: member_kept(ens, m) for m in ens.members}
@@ -335,8 +345,11 @@ def _check_same_channels(ens: EnsembleDir) -> None:
 
 def soup_directory(path: str | os.PathLike, data: Dataset, out: str | os.PathLike, *, greedy: bool = False,
                    force: bool = False, device: str = "auto") -> dict[str, Any]:
-    """Average the members' weights (uniform, or greedy on validation accuracy), recompute
-    BatchNorm statistics on training data, and save the soup as an ordinary checkpoint."""
+    """Average the members' weights into a soup and save it as an ordinary checkpoint.
+
+    The average is uniform, or greedy on validation accuracy; the soup's BatchNorm
+    statistics are recomputed on training data.
+    """
     from pat.ensemble.soups import greedy_soup, uniform_soup
 
     out = ensure_writable(out, force=force)

@@ -104,6 +104,7 @@ class Selector:
         return combine(probs[self.selected_], "weighted", self.weights_)
 
     def get_params(self) -> dict[str, Any]:
+        """The constructor's settings (attributes not ending in ``_``), as scikit-learn has it."""
         return {k: v for k, v in vars(self).items() if not k.endswith("_")}
 
     def __repr__(self) -> str:

@@ -37,7 +37,8 @@ def risk_coverage(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Risk-coverage curve, most confident sample first.
 
     Args:
-        probs: ``(N, C)`` probabilities; labels: ``(N,)``.
+        probs: ``(N, C)`` probabilities.
+        labels: ``(N,)`` true classes.
 
     Returns:
         ``coverage`` ``(N,)`` = k/N and ``risk`` ``(N,)`` = error rate among the k most

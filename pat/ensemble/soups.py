@@ -103,13 +103,17 @@ def greedy_soup(
     *,
     metric: str = "accuracy",
 ) -> tuple[nn.Module, list[int]]:
-    """Greedy soup (Wortsman et al. 2022): sort members by validation score, then add each
-    to the soup only if the soup's validation score does not drop.
+    """Greedy soup (Wortsman et al. 2022): members added best first while the soup improves.
 
-    Every candidate soup has its BatchNorm statistics recomputed on ``train_loader_for_bn``
-    (skip with None) before it is scored. ``val_loader`` must be re-iterable.
+    Members are sorted by validation score, then each is added to the soup only if the
+    soup's validation score does not drop. Every candidate soup has its BatchNorm statistics
+    recomputed on ``train_loader_for_bn`` (skip with None) before it is scored.
 
     Args:
+        models: the members, all with the same architecture and parameter names.
+        val_loader: yields ``(x, y)`` validation batches; re-iterable, as every candidate
+            is scored on it.
+        train_loader_for_bn: training batches for the BatchNorm statistics; None: keep them.
         metric: ``"accuracy"`` (higher is better) or ``"nll"`` (lower is better).
 
     Returns:

@@ -79,8 +79,10 @@ def _call(model: nn.Module, example_inputs: Any) -> Any:
 
 
 def traced_forward(model: nn.Module, example_inputs: Any, hooks: list[Any]) -> None:
-    """One forward pass on ``example_inputs`` in eval mode under ``no_grad`` (BatchNorm
-    statistics do not move), then remove ``hooks`` and restore every train/eval flag.
+    """One forward pass on ``example_inputs`` that leaves ``model`` as it was.
+
+    The pass runs in eval mode under ``no_grad`` (BatchNorm statistics do not move); then
+    ``hooks`` are removed and every train/eval flag is restored.
 
     Raises:
         PatError: the forward pass failed (one line, with the model's own error).
@@ -229,6 +231,7 @@ class MaskPlan:
         ]
 
     def run(self, optimizer: Any) -> None:
+        """Zero the masked entries of every parameter and of its state in ``optimizer``."""
         tensors, factors = [], []
         for p, keep in self.items:
             tensors.append(p.data)

@@ -158,8 +158,11 @@ def decide(
 
     Args:
         units: ``(name, n, device)`` per unit set (a tensor, or a channel group).
+        children: number of children N.
+        method: ``random``, ``anti-random``, ``partition`` or ``cyclic``.
         density: d = 1 - s, exact.
         scope: ``layer`` ranks each unit set alone; ``global`` ranks all together.
+        seed: the decisions are a pure function of it and of each unit set's name.
         min_one: ``random`` keeps at least one unit per set (neuron level: a layer with
             no channel left cannot be slimmed).
     """
@@ -264,8 +267,8 @@ def generate_masks(
         method: ``random``, ``anti-random`` (complement pairs, s = 0.5; with an odd N
             the last child is an unpaired random mask), ``partition`` (s = 1 - 1/N) or
             ``cyclic`` (any N and s).
-        sparsity: fraction s pruned; or ``density`` d = 1 - s. Default 0.5 (1 - 1/N for
-            partition).
+        sparsity: fraction s pruned. Default 0.5 (1 - 1/N for partition).
+        density: d = 1 - s, given instead of ``sparsity``.
         level: ``connection`` (single weights) or ``neuron`` (output channels / rows, with
             coupled channels deciding together, and their biases and norm entries).
         scope: ``layer`` (each tensor or channel group at the exact density) or

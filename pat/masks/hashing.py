@@ -100,8 +100,10 @@ def stream_key(seed: int, draw: int, name: str) -> tuple[int, int]:
 
 
 def _word_mask(k: int, shift: int) -> int:
-    """``x >>> shift`` confined to a left-aligned k-bit word: clears the sign copies and
-    the bits shifted out below the word."""
+    """The and-mask that makes ``x >> shift`` a logical shift of a left-aligned k-bit word.
+
+    It clears the sign copies shifted in above and the bits shifted out below the word.
+    """
     return _s32((_M32 >> shift) & ~((1 << (32 - k)) - 1))
 
 
@@ -120,6 +122,11 @@ class WordHash(NamedTuple):
 
 
 def word_hash(n: int, key: tuple[int, int]) -> WordHash:
+    """The hash of a tensor of ``n`` elements under ``key`` (:func:`stream_key`).
+
+    Raises:
+        PatError: ``n`` is 2**31 or more (element indices must fit an int32).
+    """
     if not 0 < n < 2**31:
         raise PatError(f"tensors of 2**31 elements or more cannot be masked. Got {n}.")
     k = min(32, (n - 1).bit_length() + _EXTRA_BITS)
@@ -134,8 +141,10 @@ _threads_saved: list[int] = []  # torch's thread count, while one_thread_per_op 
 
 @contextlib.contextmanager
 def one_thread_per_op() -> Iterator[int]:
-    """Run torch's CPU ops on one thread each for the duration; yields the thread count
-    that was set before (for callers that spread independent work over threads).
+    """Run torch's CPU ops on one thread each for the duration.
+
+    Yields the thread count that was set before, for callers that spread independent work
+    over threads.
 
     Elementwise ops on a cache-sized chunk finish in tens of microseconds; splitting each
     over several threads costs more than it saves (badly so on a busy machine). Nested

@@ -35,6 +35,8 @@ __all__ = ["Limits", "LIMITS", "OutOfBounds", "bounded", "memory_limit", "time_l
 
 @dataclass
 class Limits:
+    """The bounds of :func:`bounded` (see the module doc); :data:`LIMITS` is the one in use."""
+
     memory_factor: float = 4.0
     memory_floor: int = 1 << 30  # bytes
     seconds: float = 120.0

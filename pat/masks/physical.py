@@ -272,8 +272,11 @@ def channel_groups(
 def _groups_of(
     model: nn.Module, scope: str, traced: nn.Module, graph: Any, roots: Iterable[str]
 ) -> list[ChannelGroup]:
-    """The groups of ``graph``, traced on ``traced``: ``model`` itself (``scope`` ``""``) or
-    the submodule ``scope`` of it followed by a sink (:mod:`pat.masks.scopes`)."""
+    """The channel groups of ``graph``, traced on ``traced``.
+
+    ``traced`` is ``model`` itself (``scope`` ``""``) or the submodule ``scope`` of it
+    followed by a sink (:mod:`pat.masks.scopes`).
+    """
     from pat.masks.apply import PRUNABLE_TYPES
     from pat.masks.scopes import is_sink, join
 
@@ -377,9 +380,11 @@ def _in_bounds(members: Sequence[tuple[str, int, tuple[int, ...], tuple[int, ...
 def _attention_params(
     name: str, attn: nn.MultiheadAttention, idxs: Sequence[int], root: Sequence[int]
 ) -> list[tuple[str, int, tuple[int, ...], tuple[int, ...]]] | None:
-    """What a pruned embedding unit zeroes in ``nn.MultiheadAttention``: the q, k and v
-    rows of the packed input projection and the output projection's row (None: separate
-    q, k, v weights, which the group is left whole for)."""
+    """What a pruned embedding unit zeroes in ``nn.MultiheadAttention``.
+
+    That is the q, k and v rows of the packed input projection and the output projection's
+    row; None for separate q, k, v weights, which the group is left whole for.
+    """
     if attn.in_proj_weight is None:
         return None
     d, idxs, root = attn.embed_dim, tuple(idxs), tuple(root)
@@ -514,6 +519,8 @@ def rebuild_physical(
         kept: the child's record (:func:`kept_channels`).
         example_inputs: a batch for tracing; else ``torch.zeros(input_shape)``; else
             :func:`pat.masks.apply.default_example_inputs`.
+        input_shape: the shape of a zero batch to trace on, e.g. ``(1, 3, 32, 32)``, when
+            ``example_inputs`` is not given.
 
     Returns:
         ``model`` slimmed in place, ready for ``load_state_dict`` of the child's weights.

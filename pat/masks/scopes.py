@@ -43,14 +43,17 @@ class Sunk(nn.Module):
         self.sink = sink
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``sink(body(x))``."""
         return self.sink(self.body(x))
 
 
 def is_sink(module: Any) -> bool:
+    """Whether ``module`` is a sink added for tracing, not a layer of the model."""
     return getattr(module, "_pat_sink", False)
 
 
 def join(scope: str, name: str) -> str:
+    """The full name of ``name`` inside the submodule ``scope`` (either may be ``""``)."""
     return f"{scope}.{name}" if scope and name else scope or name
 
 
@@ -63,10 +66,11 @@ def split_key(key: str) -> tuple[str, str]:
 def scope_inputs(
     model: nn.Module, example_inputs: Any, names: Sequence[str] | None = None
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{module name: (input, output)}`` for the modules called exactly once, with one
-    tensor argument and returning one tensor, in one eval-mode forward of ``model``.
+    """``{module name: (input, output)}`` of the single-tensor modules in one forward.
 
-    ``names`` limits which modules are watched (default: all but the model itself).
+    Recorded are the modules called exactly once, with one tensor argument and returning one
+    tensor, in one eval-mode forward of ``model``. ``names`` limits which modules are
+    watched (default: all but the model itself).
     """
     from pat.masks.physical import _as_args, _forward
 
@@ -118,8 +122,10 @@ def traced_scopes(
     *,
     min_layers: int = 2,
 ) -> list[T]:
-    """``groups_of(scope, sunk module, dependency graph)`` for the outermost submodules
-    that torch-pruning can trace and group, top down, concatenated.
+    """Channel groups found scope by scope, for models torch-pruning cannot trace whole.
+
+    ``groups_of(scope, sunk module, dependency graph)`` for the outermost submodules that
+    torch-pruning can trace and group, top down, concatenated.
 
     Where tracing or grouping a submodule fails (or outgrows its memory bound), its own
     submodules are tried. Submodules with fewer than ``min_layers`` Conv/Linear layers hold

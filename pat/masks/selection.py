@@ -93,9 +93,11 @@ def lowest(units: Sequence[Unit], ms: Iterable[int]) -> dict[int, list[torch.Ten
 def _nearest(
     hashers: list[WordHash], devices: list[torch.device | str], c: int, delta: int
 ) -> dict[int, torch.Tensor]:
-    """``{unit: indices}`` of the ``delta`` smallest scores ``>= c`` (``delta > 0``), or the
-    ``-delta`` largest scores ``< c`` (``delta < 0``), over all units, in the order of
-    (score, unit, index)."""
+    """``{unit: indices}`` of the ``|delta|`` scores nearest ``c`` on one side, over all units.
+
+    These are the ``delta`` smallest scores ``>= c`` (``delta > 0``), or the ``-delta``
+    largest scores ``< c`` (``delta < 0``), in the order of (score, unit, index).
+    """
     want = abs(delta)
     n = sum(h.n for h in hashers)
     picked: dict[int, list[torch.Tensor]] = {}

@@ -30,7 +30,7 @@ __all__ = ["create_model", "spec_of", "list_models", "register_model", "get_clas
 
 
 def list_models() -> list[str]:
-    """pat's own model names, sorted. Any ``tv:<torchvision name>`` is accepted as well."""
+    """The names of pat's own models, sorted. Any ``tv:<torchvision name>`` is accepted as well."""
     return MODELS.names()
 
 

@@ -50,6 +50,7 @@ class CifarDenseNet(DenseNet):
         nn.init.kaiming_normal_(self.features.conv0.weight)
 
     def get_classifier(self) -> nn.Linear:
+        """The final Linear layer, by identity (:func:`pat.models.get_classifier`)."""
         return self.classifier
 
 

@@ -47,9 +47,11 @@ class LeNet(nn.Module):
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, in_channels, 32, 32)`` images → ``(B, num_classes)`` logits."""
         return self.fc(self.hidden(self.features(x)))
 
     def get_classifier(self) -> nn.Linear:
+        """The final Linear layer, by identity (:func:`pat.models.get_classifier`)."""
         return self.fc
 
 

@@ -39,6 +39,7 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, in_planes, H, W)`` → ``(B, planes, H / stride, W / stride)``."""
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.relu(out + self.shortcut(x))
@@ -84,10 +85,12 @@ class CifarResNet(nn.Module):
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, in_channels, H, W)`` images → ``(B, num_classes)`` logits."""
         x = self.layers(self.relu(self.bn1(self.conv1(x))))
         return self.fc(torch.flatten(self.pool(x), 1))
 
     def get_classifier(self) -> nn.Linear:
+        """The final Linear layer, by identity (:func:`pat.models.get_classifier`)."""
         return self.fc
 
 

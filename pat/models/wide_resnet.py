@@ -36,6 +36,7 @@ class WideBasicBlock(nn.Module):
             self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, in_planes, H, W)`` → ``(B, planes, H / stride, W / stride)``."""
         pre = self.relu(self.bn1(x))
         out = self.conv1(pre)
         out = self.conv2(self.dropout(self.relu(self.bn2(out))))
@@ -100,10 +101,12 @@ class WideResNet(nn.Module):
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, in_channels, H, W)`` images → ``(B, num_classes)`` logits."""
         x = self.relu(self.bn(self.layers(self.conv1(x))))
         return self.fc(torch.flatten(self.pool(x), 1))
 
     def get_classifier(self) -> nn.Linear:
+        """The final Linear layer, by identity (:func:`pat.models.get_classifier`)."""
         return self.fc
 
 
