@@ -131,6 +131,7 @@ def work_dir(ens: EnsembleDir) -> Path:
 
 
 def stage_file(ens: EnsembleDir, name: str) -> Path:
+    """Where stage job ``name``'s result is kept until every member is finished."""
     return work_dir(ens) / f"{name}.pt"
 
 

@@ -56,6 +56,8 @@ Progress = Callable[[str], Iterable[Callback]]
 
 @dataclass
 class RunResult:
+    """What :func:`run` measured, as rank 0 returns it (also written to ``metrics.json``)."""
+
     out: Path
     rows: list[dict[str, Any]]  # one per parent, child and the ensemble: name, accuracy, nll, ece, brier
     diversity: dict[str, Any]

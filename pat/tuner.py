@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pat.config import TrainConfig, TuneConfig, plain_config, to_dict
-from pat.data import Dataset, bagging_indices
+from pat.data import BatchData, Dataset, as_data, bagging_indices
 from pat.engine.batchnorm import recalibrate_bn
 from pat.engine.callbacks import Callback
 from pat.engine.cost import example_input, fit_cost
@@ -80,10 +80,10 @@ def _prepare(child: nn.Module, data: Dataset, config: TuneConfig, index: int,
     """
     indices = None
     if config.bagging is not None and config.bagging < 1:
-        indices = bagging_indices(len(data.train.y), config.bagging, seed=config.seed, member=index)
+        indices = bagging_indices(len(data.train), config.bagging, seed=config.seed, member=index)
     train = data.loader("train", batch_size=config.data.batch_size, device=device,
                         seed=member_seed(config.seed, index), indices=indices)
-    samples = len(indices) if indices is not None else len(data.train.y)
+    samples = len(indices) if indices is not None else len(data.train)
     bn_samples = 0
     if config.recompute_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in child.modules()):
         # pruning shifts every layer's activation statistics: BN's running averages are the
@@ -137,7 +137,7 @@ def tune_child(
     torch.manual_seed(member_seed(config.seed, index))  # dropout etc.; distinct per child
     train, samples, bn_samples = _prepare(child, data, config, index, device)
     optimizer, scheduler = _optimization(child, config, config.epochs * len(train))
-    evals = {"val": data.loader("val", batch_size=512, device=device)} if len(data.val.y) else {}
+    evals = {"val": data.loader("val", batch_size=512, device=device)} if len(data.val) else {}
     enforcer = [MaskEnforcer(masks)] if masks else []
     state = fit(child, train, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler,
                 step=create_step(config.step), eval_data=evals, callbacks=[*enforcer, *callbacks],
@@ -169,8 +169,11 @@ class _Together(nn.Module):
 
 
 class _Zipped:
-    """Child ``i``'s batches from loader ``i``, side by side: ``x`` concatenated along the
-    channels (group ``i`` reads child ``i``'s batch) and ``y`` of shape ``(B, M)``."""
+    """Child ``i``'s batches from loader ``i``, side by side.
+
+    ``x`` is concatenated along the channels (group ``i`` reads child ``i``'s batch) and
+    ``y`` has shape ``(B, M)``.
+    """
 
     def __init__(self, loaders: Sequence[Any]) -> None:
         lengths = {len(loader) for loader in loaders}
@@ -214,7 +217,7 @@ def _grouped(children: Sequence[nn.Module], masks: Sequence[dict[str, torch.Tens
     from pat.pack import group, group_masks, verify
 
     packed = group(children)
-    shape = data.train.x.shape[1:]
+    shape = data.sample_shape
     x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)).to(device)
     verify(packed, children, x, what="together")
     return _Together(packed), group_masks(packed, masks)
@@ -298,7 +301,7 @@ def tune_together(
     torch.manual_seed(member_seed(config.seed, indices[0]))
     optimizer, scheduler = _optimization(model, config, config.epochs * len(train))
     m = len(children)
-    evals = {"val": _Fanned(data.loader("val", batch_size=512, device=device), m)} if len(data.val.y) else {}
+    evals = {"val": _Fanned(data.loader("val", batch_size=512, device=device), m)} if len(data.val) else {}
     state = fit(model, train, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler,
                 loss_fn=_summed_loss, eval_data=evals, callbacks=[MaskEnforcer(packed_masks), *callbacks],
                 amp=config.amp, device=device, resume_path=resume_path, resume_extra=resume_extra)
@@ -316,9 +319,11 @@ def tune_together(
 
 def tune(
     children: Sequence[nn.Module],
-    data: Dataset,
+    data: Dataset | BatchData | Iterable[tuple[torch.Tensor, torch.Tensor]],
     config: TuneConfig | None = None,
     *,
+    val: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    test: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
     masks: Sequence[dict[str, torch.Tensor] | None] | None = None,
     callbacks: Callable[[int], Iterable[Callback]] = lambda i: (),
     parent_lr: float | None = None,
@@ -328,12 +333,20 @@ def tune(
     Args:
         children: models from :func:`pat.split` (each carries its masks in ``pat_child``) or
             any models, with ``masks`` given explicitly (``None`` entries are tuned densely).
+        data: a :class:`pat.data.Dataset`, or training batches: any ``DataLoader`` or
+            re-iterable of ``(x, y)`` with a length (:class:`pat.data.BatchData`; each child
+            reads the loader's own batches, in an order seeded per child; bagging is refused).
+        config: the tuning recipe; default ``TuneConfig()``.
+        val: validation batches to go with training batches (reported after every epoch).
+        test: test batches to go with training batches (the children's final metrics).
+        masks: one mask set (or ``None``) per child, instead of the ones the children carry.
         callbacks: ``index -> callbacks`` for that child's run (progress, logging); a
             together-run (``config.together``) gets ``callbacks(0)``.
         parent_lr: the LR the parent trained at; an unset ``config.max_lr`` is
             ``config.max_lr_share`` times it (:func:`resolve_max_lr`).
     """
     config = resolve_max_lr(config if config is not None else TuneConfig(), parent_lr)
+    data = as_data(data, val=val, test=test)
     masks = masks if masks is not None else [masks_of(c) for c in children]
     check(len(masks) == len(children), f"masks must have one entry per child. Got {len(masks)} for {len(children)}.")
     for i, child in enumerate(children):

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from pat.data import sources as _sources  # noqa: F401  (registers the datasets)
+from pat.data.batches import BatchData, as_data
 from pat.data.core import (
     Dataset,
     Recipe,
@@ -23,6 +24,8 @@ from pat.data.core import (
 from pat.data.loader import DeviceLoader, IndexedBatches
 
 __all__ = [
+    "BatchData",
+    "as_data",
     "Dataset",
     "DeviceLoader",
     "IndexedBatches",

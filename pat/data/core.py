@@ -71,7 +71,13 @@ class Dataset:
     # (split, device) -> (x, y) already on that device, so M loaders share one copy.
     _resident: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one sample as the model takes it: ``(C, H, W)``."""
+        return tuple(self.train.x.shape[1:])
+
     def split(self, name: SplitName) -> Split:
+        """The split called ``name`` (``"train"``, ``"val"`` or ``"test"``)."""
         check(
             name in ("train", "val", "test"),
             f"split must be one of train, val, test. Got {name!r}.",
@@ -207,9 +213,11 @@ def _builder(name: str, kwargs: dict[str, object]) -> tuple[str, Callable[..., D
 
 
 def load_dataset_like(name: str, like: Dataset, **kwargs: object) -> Dataset:
-    """:func:`load_dataset` ``name``, shaped like ``like`` where its builder can be: a dataset
-    with ``in_channels`` / ``image_size`` / ``num_classes`` options (``synthetic``) takes
-    ``like``'s values unless ``kwargs`` sets them. For out-of-distribution test images."""
+    """:func:`load_dataset` ``name``, shaped like ``like`` where its builder can be.
+
+    A dataset with ``in_channels`` / ``image_size`` / ``num_classes`` options (``synthetic``)
+    takes ``like``'s values unless ``kwargs`` sets them. For out-of-distribution test images.
+    """
     _, _, options = _builder(name, {})
     shape = {"in_channels": like.in_channels, "image_size": like.image_size, "num_classes": like.num_classes}
     return load_dataset(name, **{k: v for k, v in shape.items() if k in options}, **kwargs)

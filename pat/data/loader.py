@@ -219,6 +219,7 @@ class IndexedBatches:
         return len(self.loader)  # type: ignore[arg-type]
 
     def set_epoch(self, epoch: int) -> None:
+        """Pass the epoch to the wrapped loader, which seeds its shuffle with it."""
         if hasattr(self.loader, "set_epoch"):
             self.loader.set_epoch(epoch)
 

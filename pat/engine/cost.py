@@ -42,7 +42,7 @@ def _one_sample(example_input: Tensor) -> Tensor:
 
 def example_input(data: Dataset, device: torch.device | str = "cpu") -> Tensor:
     """A (1, C, H, W) zero sample of ``data``'s training split (what the model is fed)."""
-    return torch.zeros(1, *data.train.x.shape[1:], device=device)
+    return torch.zeros(1, *data.sample_shape, device=device)
 
 
 def forward_flops(model: nn.Module, example_input: Tensor) -> int:

@@ -89,7 +89,7 @@ def final_metrics(model: nn.Module, data: Dataset, *, device: torch.device, amp:
     autocast = autocast_for(device, amp)
     metrics: dict[str, float] = {}
     for split in ("val", "test"):
-        if len(data.split(split).y):
+        if len(data.split(split)):
             result = evaluate(model, data.loader(split, batch_size=batch_size, device=device), autocast=autocast)
             metrics[f"{split}_loss"], metrics[f"{split}_acc"] = result["loss"], result["acc"]
     return metrics
@@ -161,12 +161,17 @@ def fit(
         model: any module; moved to ``device`` (default: where its parameters are).
         train: re-iterable batches ``(x (B, ...), y (B,))`` already on the device (e.g. a
             :class:`pat.data.DeviceLoader`); if it has ``set_epoch``, it is called each epoch.
+        epochs: passes over ``train`` (a resumed run counts the ones already done).
+        optimizer: any ``torch.optim`` optimizer over the model's parameters.
         scheduler: stepped after every optimizer step (``interval="step"``) or every epoch.
+        interval: ``"step"`` or ``"epoch"``, when ``scheduler`` steps.
         step: the update rule (:mod:`pat.engine.steps`).
+        loss_fn: ``(logits, y) -> mean loss`` (cross-entropy by default).
         eval_data: ``{"val": batches, ...}``; each is evaluated after every epoch and reported
             as ``val_loss`` / ``val_acc`` etc. in the epoch metrics.
         callbacks: receive :class:`FitState` at fit/epoch/step boundaries.
         amp: bf16 autocast; ``None`` means on for CUDA, off for CPU.
+        device: where to train (``"auto"``, ``"cpu"``, ``"cuda:1"``, ...).
         resume_path: if given, the full training state is saved there (atomically) after every
             epoch, and an existing file there is resumed from; the caller deletes it when done.
             A ``DistributedDataParallel`` model's is written by rank 0 and every rank resumes

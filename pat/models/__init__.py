@@ -134,7 +134,7 @@ def spec_of(model: nn.Module) -> dict[str, Any] | None:
 def check_takes(model: nn.Module, data: Any, *, argument: str = "model") -> None:
     """Refuse ``model`` unless it takes ``data``'s images and predicts its classes.
 
-    One eval-mode forward of two test images (the model's train/eval flags are restored), so
+    One eval-mode forward of two training images (the model's train/eval flags are restored), so
     a 3-channel or 100-class model given 1-channel, 10-class data fails here in one line that
     names both, instead of deep inside training.
 
@@ -143,7 +143,8 @@ def check_takes(model: nn.Module, data: Any, *, argument: str = "model") -> None
     """
     param = next(model.parameters(), None)
     device = param.device if param is not None else "cpu"
-    x, _ = next(iter(data.loader("test", batch_size=2, device=device)))
+    x, _ = next(iter(data.loader("train", batch_size=2, shuffle=False, augment=False, device=device)))
+    x = x[:2]  # batches someone else makes come at their own size
     shape = tuple(x.shape[1:])
     try:
         with eval_mode(model), torch.no_grad():

@@ -144,6 +144,7 @@ def _remove_members(old: EnsembleDir) -> None:
 
 
 def member_file(ens: EnsembleDir, name: str) -> Path:
+    """Member ``name``'s file: ``<out>/<name>.pt``."""
     return ens.path / f"{name}.pt"
 
 
@@ -165,9 +166,11 @@ class MemberLedger:
         self.recipe = _recipe_of(plain_config(config))
 
     def signature(self) -> dict[str, Any]:
+        """The producer and its config, device and data location aside."""
         return {"producer": self.producer, "config": self.recipe}
 
     def finished(self, job: Job) -> list[dict[str, Any]] | None:
+        """The records of ``job``'s members if every member's file is there and made so."""
         records = [self._finished(name) for name in job.members]
         return None if any(r is None for r in records) else records  # type: ignore[return-value]
 
@@ -204,8 +207,10 @@ def _member(name: str, producer: str, t: Trained) -> Member:
 
 
 def as_members(trained: Mapping[str, Trained], producer: str) -> list[nn.Module]:
-    """The models of an in-memory run (:func:`pat.jobs.run_in_memory`), each carrying its
-    :class:`pat.records.Member` record as ``pat_member``."""
+    """The models of an in-memory run (:func:`pat.jobs.run_in_memory`), as members.
+
+    Each carries its :class:`pat.records.Member` record as ``pat_member``.
+    """
     models = []
     for name, t in trained.items():
         t.model.pat_member = _member(name, producer, t)

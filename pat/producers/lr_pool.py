@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from pat.config import DataConfig
-from pat.data import Dataset
+from pat.data import BatchData, Dataset, as_data
 from pat.engine.cost import example_input, fit_cost
 from pat.engine.distributed import Ranks, init_ranks
 from pat.engine.loop import final_metrics, fit, resolve_device
@@ -138,8 +138,13 @@ def train_pool(
     ``torchrun`` each rank trains its share.
 
     Args:
+        config: the grid, the model and the recipe every member shares.
+        out: the ensemble directory to write (or to resume).
+        data: the loaded dataset; default ``config.data``'s.
+        force: replace an ensemble of other settings in ``out`` instead of refusing it.
         callbacks: ``name -> callbacks`` for each member's training (progress bars).
         on_member: called with ``(record, skipped)`` after each of this rank's members.
+        ranks: the torchrun ranks; default read from its environment.
 
     Returns:
         The ensemble directory (its manifest as written by rank 0).
@@ -158,14 +163,15 @@ def train_pool(
     return ens
 
 
-def pool_members(config: PoolConfig, *, data: Dataset | None = None,
+def pool_members(config: PoolConfig, *, data: Dataset | BatchData | None = None,
                  callbacks: CallbackFactory | None = None) -> list[torch.nn.Module]:
     """Train the pool in this process and return its members (the Python API; nothing is written).
 
     The members are those :func:`train_pool` writes, seed for seed, in grid order; each
-    carries its :class:`pat.records.Member` record as ``pat_member``.
+    carries its :class:`pat.records.Member` record as ``pat_member``. ``data`` may also be
+    batches (a ``DataLoader``, or :class:`pat.data.BatchData` with validation and test ones).
     """
-    data = data or load_data(config)
+    data = as_data(data) if data is not None else load_data(config)
     trained = run_in_memory(_jobs(config, data, resolve_device(config.device), callbacks))
     return as_members(trained, PRODUCER)
 

@@ -124,6 +124,9 @@ def sam_subsets(scores: Tensor, flat_ratio: float, rule: str = "others-flat", *,
 
     Args:
         scores: (M, N) per-sample sharpness of M members on N training samples.
+        flat_ratio: the share k / N of its samples each member claims.
+        rule: ``"others-flat"``, ``"others-sharp"`` or ``"random"``.
+        seed: seeds the dealing of unclaimed samples (and the ``random`` subsets).
 
     Returns:
         (M, N) bool on CPU; row i is member i's SAM subset.
@@ -253,6 +256,8 @@ def sharpbalance_members(config: SharpBalanceConfig, *, data: Dataset | None = N
     The members are those :func:`train_sharpbalance` writes, seed for seed; each carries its
     :class:`pat.records.Member` record as ``pat_member``.
     """
-    data = data or load_data(config)
+    data = data if data is not None else load_data(config)
+    check(isinstance(data, Dataset), f"data: SharpBalance scores every training sample by its index, which "
+          f"batches do not give; load the data as a pat Dataset. Got {type(data).__name__}.")
     trained = run_in_memory(_jobs(config, data, resolve_device(config.device), callbacks))
     return as_members(trained, PRODUCER)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from pat.config import DataConfig
-from pat.data import Dataset
+from pat.data import BatchData, Dataset, as_data
 from pat.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from pat.engine.cost import example_input, fit_cost
 from pat.engine.distributed import Ranks, init_ranks
@@ -178,15 +178,16 @@ def train_starsse(
     return ens
 
 
-def starsse_members(config: StarSSEConfig, *, data: Dataset | None = None,
+def starsse_members(config: StarSSEConfig, *, data: Dataset | BatchData | None = None,
                     callbacks: CallbackFactory | None = None) -> list[nn.Module]:
     """Make the members in this process and return them (the Python API; nothing is written).
 
     The members are those :func:`train_starsse` writes, seed for seed; each carries its
     :class:`pat.records.Member` record as ``pat_member``. They share one architecture, so
-    :func:`pat.uniform_soup` averages them.
+    :func:`pat.uniform_soup` averages them. ``data`` may also be batches (a ``DataLoader``, or
+    :class:`pat.data.BatchData` with validation and test ones).
     """
-    data = data or load_data(config)
+    data = as_data(data) if data is not None else load_data(config)
     start = load_pretrained(config, data)
     return as_members(run_in_memory(_jobs(config, data, start, resolve_device(config.device), callbacks)),
                       PRODUCER)
