@@ -128,7 +128,9 @@ def tune(children_dir, epochs, schedule, max_lr, lr, bagging, recompute_bn, cycl
     done = lambda record: console.print(  # noqa: E731
         f"[green]✓[/] {record['name']}  val acc {record['metrics'].get('val_acc', float('nan')):.4f}"
         f"  test acc {record['metrics'].get('test_acc', float('nan')):.4f}", highlight=False)
-    tune_directory(children_dir, data, config, ranks=ranks, callbacks=_progress, on_done=done)
+    # one set of progress bars (rank 0's); each rank still reports the children it finished
+    progress = _progress if ranks.is_main else (lambda name: [])
+    tune_directory(children_dir, data, config, ranks=ranks, callbacks=progress, on_done=done)
     if ranks.is_main:
         rows, _ = evaluate_run(children_dir, data, device=config.device)
         console.print(metrics_table(f"{children_dir} on {dataset} (test)", rows, CHILD_COLUMNS))

@@ -1,0 +1,193 @@
+"""One child's tuning: a fresh optimizer and one-cycle schedule, its mask enforced.
+
+Each child gets a fresh optimizer and (by default) a per-batch cosine one-cycle schedule,
+optionally on its own bagged subset of the training split; its mask is enforced after every
+optimizer step. :func:`tune` is the Python API over a list of children.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pat.config import TrainConfig, TuneConfig
+from pat.data import BatchData, Dataset, as_data, bagging_indices
+from pat.engine.batchnorm import recalibrate_bn
+from pat.engine.callbacks import Callback
+from pat.engine.cost import example_input, fit_cost
+from pat.engine.loop import final_metrics, fit, resolve_device
+from pat.engine.masking import MaskEnforcer
+from pat.engine.optim import recipe
+from pat.engine.steps import create_step
+from pat.errors import PatError, check
+from pat.jobs import member_seed
+from pat.models import check_takes
+from pat.records import Child, child_record, masks_of
+
+__all__ = ["tune", "tune_child", "resolve_max_lr", "parent_lr_of"]
+
+
+def resolve_max_lr(config: TuneConfig, parent_lr: float | None = None) -> TuneConfig:
+    """``config`` with its one-cycle peak made explicit.
+
+    An unset ``max_lr`` is ``max_lr_share`` x the LR the parent trained at (``parent_lr``; when
+    it is unknown, pat's default parent LR, ``TrainConfig().lr``). A child starts from a
+    converged parent: a peak at the parent's own LR throws away what it learned, and a short
+    tuning has no steps to learn it again (docs/benchmarks.md, "Equal budget").
+    """
+    if config.max_lr is not None:
+        return config
+    base = parent_lr if parent_lr is not None else TrainConfig().lr
+    return replace(config, max_lr=config.max_lr_share * base)
+
+
+def parent_lr_of(record: dict[str, Any] | None) -> float | None:
+    """The LR a pat-trained parent used, from its checkpoint (``None`` if unknown)."""
+    from pat.engine.checkpoint import load_checkpoint
+
+    path = (record or {}).get("file")
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        lr = (load_checkpoint(path, mmap=True).get("config") or {}).get("lr")
+    except PatError:
+        return None
+    return float(lr) if isinstance(lr, (int, float)) else None
+
+
+def prepare(child: nn.Module, data: Dataset, config: TuneConfig, index: int,
+             device: torch.device) -> tuple[Any, int, int]:
+    """Child ``index``'s training loader, its sample count and its BN recomputation samples.
+
+    The loader's bagged subset and shuffling are seeded by ``(seed, index)``: a child tuned
+    alone, together with others, in a rerun or on another rank sees the same batches.
+    """
+    indices = None
+    if config.bagging is not None and config.bagging < 1:
+        indices = bagging_indices(len(data.train), config.bagging, seed=config.seed, member=index)
+    train = data.loader("train", batch_size=config.data.batch_size, device=device,
+                        seed=member_seed(config.seed, index), indices=indices)
+    samples = len(indices) if indices is not None else len(data.train)
+    bn_samples = 0
+    if config.recompute_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in child.modules()):
+        # pruning shifts every layer's activation statistics: BN's running averages are the
+        # parent's until recomputed (one forward pass over the child's training data)
+        recalibrate_bn(child, data.loader("train", batch_size=config.data.batch_size, device=device,
+                                          augment=False, shuffle=False, indices=indices))
+        bn_samples = samples
+    return train, samples, bn_samples
+
+
+def optimization(model: nn.Module, config: TuneConfig, steps: int) -> tuple[Any, Any]:
+    """The optimizer and the per-batch schedule of a tuning run of ``steps`` steps."""
+    one_cycle = config.schedule == "one-cycle"
+    options: dict[str, Any] = {"max_lr": config.max_lr, "cycle_momentum": config.cycle_momentum} if one_cycle else {}
+    return recipe(model, config, lr=config.max_lr if one_cycle else config.lr, schedule=config.schedule,
+                  total_steps=steps, **options)
+
+
+def tuning_cost(child: nn.Module, state: Any, data: Dataset, device: torch.device, bn_samples: int,
+                **extra: Any) -> dict[str, Any]:
+    """A child's tuning cost: the run's, plus the forward passes that recomputed its BatchNorm."""
+    cost = fit_cost(state, example_input(data, device), model=child, **extra)
+    if bn_samples:  # forward passes only: a third of a training pass each
+        cost["flops"] += cost["forward_flops_per_sample"] * bn_samples
+        cost["bn_samples"] = bn_samples
+    return cost
+
+
+def tune_child(
+    child: nn.Module,
+    masks: dict[str, torch.Tensor] | None,
+    data: Dataset,
+    config: TuneConfig,
+    *,
+    index: int,
+    callbacks: Iterable[Callback] = (),
+    resume_path: str | Path | None = None,
+    resume_extra: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    """Tune one child in place; returns its validation and test metrics.
+
+    The metrics and the run's cost (:func:`pat.engine.cost.fit_cost`) are also left in the
+    child's :class:`pat.records.Child` record (one is attached to a plain model).
+
+    ``index`` is the child's position in the ensemble: it seeds the child's bagged subset and
+    shuffling, so a child tuned alone, in a rerun or on another rank sees the same batches.
+    ``resume_path`` / ``resume_extra`` are ``fit``'s: the run's state after every epoch.
+    """
+    config = resolve_max_lr(config)
+    device = resolve_device(config.device)
+    child.to(device)
+    torch.manual_seed(member_seed(config.seed, index))  # dropout etc.; distinct per child
+    train, samples, bn_samples = prepare(child, data, config, index, device)
+    optimizer, scheduler = optimization(child, config, config.epochs * len(train))
+    evals = {"val": data.loader("val", batch_size=512, device=device)} if len(data.val) else {}
+    enforcer = [MaskEnforcer(masks)] if masks else []
+    state = fit(child, train, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler,
+                step=create_step(config.step), eval_data=evals, callbacks=[*enforcer, *callbacks],
+                amp=config.amp, device=device, resume_path=resume_path, resume_extra=resume_extra)
+    metrics = {"train_samples": samples, **final_metrics(child, data, device=device, amp=config.amp)}
+    record_tuning(child, metrics, tuning_cost(child, state, data, device, bn_samples))
+    return metrics
+
+
+def record_tuning(child: nn.Module, metrics: dict[str, Any], cost: dict[str, Any]) -> Child:
+    """Put a tuning run's metrics and cost into the child's record."""
+    record = child_record(child)
+    if record is None:
+        record = child.pat_child = Child()
+    record.metrics, record.cost = metrics, cost
+    return record
+
+
+def tune(
+    children: Sequence[nn.Module],
+    data: Dataset | BatchData | Iterable[tuple[torch.Tensor, torch.Tensor]],
+    config: TuneConfig | None = None,
+    *,
+    val: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    test: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    masks: Sequence[dict[str, torch.Tensor] | None] | None = None,
+    callbacks: Callable[[int], Iterable[Callback]] = lambda i: (),
+    parent_lr: float | None = None,
+) -> list[nn.Module]:
+    """Tune every child in place (Python API); returns the same modules.
+
+    Args:
+        children: models from :func:`pat.split` (each carries its masks in ``pat_child``) or
+            any models, with ``masks`` given explicitly (``None`` entries are tuned densely).
+        data: a :class:`pat.data.Dataset`, or training batches: any ``DataLoader`` or
+            re-iterable of ``(x, y)`` with a length (:class:`pat.data.BatchData`; each child
+            reads the loader's own batches, in an order seeded per child; bagging is refused).
+        config: the tuning recipe; default ``TuneConfig()``.
+        val: validation batches to go with training batches (reported after every epoch).
+        test: test batches to go with training batches (the children's final metrics).
+        masks: one mask set (or ``None``) per child, instead of the ones the children carry.
+        callbacks: ``index -> callbacks`` for that child's run (progress, logging); a
+            together-run (``config.together``) gets ``callbacks(0)``.
+        parent_lr: the LR the parent trained at; an unset ``config.max_lr`` is
+            ``config.max_lr_share`` times it (:func:`resolve_max_lr`).
+    """
+    config = resolve_max_lr(config if config is not None else TuneConfig(), parent_lr)
+    from pat.tuner.together import tune_together  # it builds on this module's pieces
+
+    data = as_data(data, val=val, test=test)
+    masks = masks if masks is not None else [masks_of(c) for c in children]
+    check(len(masks) == len(children), f"masks must have one entry per child. Got {len(masks)} for {len(children)}.")
+    for i, child in enumerate(children):
+        check_takes(child, data, argument=f"children[{i}]")
+    if config.together and len(children) > 1:
+        if tune_together(children, masks, data, config, indices=range(len(children)),
+                         callbacks=callbacks(0)) is not None:
+            return list(children)
+    for i, (child, mask) in enumerate(zip(children, masks, strict=True)):
+        tune_child(child, mask, data, config, index=i, callbacks=callbacks(i))
+    return list(children)
+
+
