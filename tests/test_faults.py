@@ -299,8 +299,10 @@ def test_full_disk_during_train_keeps_the_old_checkpoint(tmp_path, digits_parent
 
 # -- 4. SIGINT ---------------------------------------------------------------------------------------
 def start(*args) -> subprocess.Popen:
+    """``pat ARGS`` in a process that takes Ctrl-C, even if this one was started ignoring it."""
     return subprocess.Popen([sys.executable, "-m", "pat", *map(str, args)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def interrupt_when(proc: subprocess.Popen, ready, timeout: float = 240) -> str:

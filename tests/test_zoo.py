@@ -9,6 +9,7 @@ on 2 cores) runs here; the whole zoo is
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -80,19 +81,26 @@ def test_runaway_work_is_stopped_by_the_memory_bound():
     hog = []
     with pytest.raises(PatError, match=r"^tracing X stopped: memory grew by .* \(limit 0\.1 GiB\)"):
         with limits.bounded("tracing X", max_bytes=100 << 20, max_seconds=60):
-            while True:  # grows until the watcher interrupts it
+            for _ in range(2000):  # grows until the watcher interrupts it (16 GiB at most)
                 hog.append(bytearray(8 << 20))
                 time.sleep(0.005)
     del hog
 
 
-def test_runaway_work_is_stopped_by_the_time_bound():
+@pytest.mark.parametrize("handler", [signal.default_int_handler, signal.SIG_IGN], ids=["python", "ignored"])
+def test_runaway_work_is_stopped_by_the_time_bound(handler):
+    """Also when SIGINT is ignored, as in a process a script started in the background."""
+    previous = signal.signal(signal.SIGINT, handler)
     t0 = time.monotonic()
-    with pytest.raises(PatError, match="ran past 0.5 s"):
-        with limits.bounded("slimming X", max_bytes=1 << 40, max_seconds=0.5):
-            while True:
-                time.sleep(0.01)
-    assert time.monotonic() - t0 < 5
+    try:
+        with pytest.raises(PatError, match="ran past 0.5 s"):
+            with limits.bounded("slimming X", max_bytes=1 << 40, max_seconds=0.5):
+                while time.monotonic() - t0 < 20:  # bounded here too: a broken bound fails, not hangs
+                    time.sleep(0.01)
+        assert time.monotonic() - t0 < 5
+        assert signal.getsignal(signal.SIGINT) is handler  # given back as it was
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_work_within_bounds_and_real_interrupts_pass_through():

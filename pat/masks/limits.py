@@ -20,6 +20,7 @@ from __future__ import annotations
 import _thread
 import os
 import resource
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -111,6 +112,26 @@ def _address_space(max_bytes: int) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
+@contextmanager
+def _interruptible() -> Iterator[None]:
+    """Let the watcher's ``interrupt_main`` through while the block runs.
+
+    ``_thread.interrupt_main`` does nothing while SIGINT is ignored, and a process started in
+    the background by a non-interactive shell (``pat split ... &`` in a script) starts so: the
+    bound would never fire and the work would run on. No terminal sends such a process a
+    Ctrl-C, so Python's own handler is put in for the block and the old disposition restored.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    if callable(previous):
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class OutOfBounds(PatError):
     """Work stopped at its bound; ``outer`` when it was an enclosing block's deadline."""
 
@@ -158,7 +179,7 @@ def bounded(
     watcher = threading.Thread(target=watch, name="pat-bounded", daemon=True)
     watcher.start()
     try:
-        with _address_space(max_bytes + (1 << 30)):  # + room for thread stacks and arenas
+        with _address_space(max_bytes + (1 << 30)), _interruptible():  # + room for thread stacks and arenas
             yield
         with lock:
             state["done"] = True
