@@ -29,6 +29,16 @@ elsewhere (activations M times larger fall out of cache: ReLU and its backward r
 per element). ``auto`` is within 0.95x of the faster path except resnet20 masked, where its
 timing probe (about three grouped steps) is a third of a 32-step run. The GPU target is
 unchecked: no GPU was lent.
+
+Longer (2026-12-05, ``--epochs 8 --repeats 1``: 128 steps per child, one run each):
+
+    model      children   one-by-one s  together s   auto s  speed-up  auto/faster
+    lenet-l    masked            48.25       69.72    45.60     0.69x        1.06x
+    lenet-l    packed             5.93        9.31     6.29     0.64x        0.94x
+    resnet20   masked            92.40      124.65    88.71     0.74x        1.04x
+    resnet20   packed            26.54       24.86    25.63     1.07x        0.97x
+
+``auto`` picked the faster path each time; with its probe amortised it is within noise of it.
 """
 
 from __future__ import annotations

@@ -38,3 +38,23 @@ def digits_parent(tmp_path_factory, digits) -> str:
     train_parent(TrainConfig(model="lenet-s", epochs=1, lr=0.05, data=DataConfig(batch_size=64)),
                  data=digits, out=out)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_data():
+    """64 synthetic 1-channel training images: enough for a producer's members to run."""
+    from pat.data import load_dataset
+
+    return load_dataset("synthetic", train_size=64, test_size=32, in_channels=1, seed=0)
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory) -> str:
+    """A lenet-s 'pretrained' on 5 classes: a producer starting from it replaces the head for 10."""
+    from pat.engine.checkpoint import save_model
+    from pat.models import create_model
+
+    torch.manual_seed(123)
+    path = tmp_path_factory.mktemp("pre") / "pre.pt"
+    save_model(path, create_model("lenet-s", num_classes=5, in_channels=1))
+    return str(path)

@@ -7,25 +7,10 @@ import torch
 
 import pat
 from pat.config import DataConfig
-from pat.data import load_dataset
-from pat.engine.checkpoint import load_checkpoint, save_model
-from pat.models import create_model
+from pat.engine.checkpoint import load_checkpoint
 from pat.store import EnsembleDir
 
 SYNTHETIC = DataConfig(dataset="synthetic", batch_size=32)
-
-
-@pytest.fixture(scope="module")
-def tiny_data():
-    return load_dataset("synthetic", train_size=64, test_size=32, in_channels=1, seed=0)
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> str:
-    torch.manual_seed(123)
-    path = tmp_path_factory.mktemp("pre") / "pre.pt"
-    save_model(path, create_model("lenet-s", num_classes=10, in_channels=1))
-    return str(path)
 
 
 def configs(pretrained: str) -> dict[str, tuple]:

@@ -9,7 +9,6 @@ from torch import nn
 from pat.cli import PatGroup
 from pat.cli.producers import sharpbalance, sharpness
 from pat.config import DataConfig
-from pat.data import load_dataset
 from pat.engine.callbacks import Callback
 from pat.engine.checkpoint import load_checkpoint, save_model
 from pat.engine.sam import measure_sharpness, per_sample_sharpness
@@ -95,11 +94,6 @@ def test_measure_sharpness_restores_weights_and_worst_case_rises_with_rho():
     assert measure_sharpness(model, batches, rho=0.2, draws=3) == big  # seeded draws
     with pytest.raises(PatError, match="rho"):
         measure_sharpness(model, batches, rho=0.0)
-
-
-@pytest.fixture(scope="module")
-def tiny_data():
-    return load_dataset("synthetic", train_size=64, test_size=32, in_channels=1, seed=0)
 
 
 def config(**kw) -> SharpBalanceConfig:

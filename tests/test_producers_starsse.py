@@ -9,25 +9,10 @@ from pat.cli.producers import starsse
 from pat.config import DataConfig
 from pat.data import load_dataset
 from pat.engine.callbacks import Callback
-from pat.engine.checkpoint import load_checkpoint, save_model
+from pat.engine.checkpoint import load_checkpoint
 from pat.errors import PatError
-from pat.models import create_model
 from pat.producers.starsse import StarSSEConfig, load_pretrained, train_starsse
 from pat.store import EnsembleDir
-
-
-@pytest.fixture(scope="module")
-def tiny_data():
-    return load_dataset("synthetic", train_size=64, test_size=32, in_channels=1, seed=0)
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> str:
-    """A lenet-s 'pretrained' on 5 classes: the head must be replaced for 10."""
-    torch.manual_seed(123)
-    path = tmp_path_factory.mktemp("pre") / "pre.pt"
-    save_model(path, create_model("lenet-s", num_classes=5, in_channels=1))
-    return str(path)
 
 
 class StartCapture(Callback):
