@@ -22,7 +22,7 @@ LAYERS = {
     "io": 1, "records": 1, "data": 1, "models": 1, "config": 1, "budget": 1,
     "masks": 2,
     "engine": 3,
-    "children": 4, "pack": 4, "tuner": 4, "producers": 4, "jobs": 4, "parent": 4, "store": 4, "lock": 4,
+    "children": 4, "splitting": 4, "pack": 4, "tuner": 4, "producers": 4, "jobs": 4, "parent": 4, "store": 4, "lock": 4,
     "ensemble": 5,
     "pipeline": 6,
     "cli": 7,
