@@ -32,7 +32,7 @@ import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from torch import nn
 
@@ -109,20 +109,29 @@ class Job:
         check(not (self.stage and self.members), f"job {self.name!r}: a stage writes no members.")
 
 
-class Ledger(Protocol):
-    """How one kind of job output is recognised as finished and written."""
+class Ledger:
+    """How one kind of job output is recognised as finished and written.
+
+    A ledger says what a finished member looks like (:meth:`record`) and how to write one
+    (:meth:`save`); a job is finished when all its members are.
+    """
 
     def signature(self) -> dict[str, Any]:
         """Plain data naming the settings a result must have been made with to count."""
-        ...
+        raise NotImplementedError
+
+    def record(self, name: str) -> dict[str, Any] | None:
+        """Member ``name``'s manifest record if it is finished with these settings, else ``None``."""
+        raise NotImplementedError
 
     def finished(self, job: Job) -> list[dict[str, Any]] | None:
-        """The manifest records of ``job``'s members if all are finished with these settings."""
-        ...
+        """The manifest records of ``job``'s members if all are finished."""
+        records = [self.record(name) for name in job.members]
+        return None if any(r is None for r in records) else records  # type: ignore[return-value]
 
     def save(self, job: Job, trained: Sequence[Trained]) -> list[dict[str, Any]]:
         """Write ``job``'s members atomically; returns their (stamped) manifest records."""
-        ...
+        raise NotImplementedError
 
 
 def work_dir(ens: EnsembleDir) -> Path:
@@ -213,18 +222,22 @@ def run_jobs(
         for record in finished[job.name] or []:
             if on_member is not None:
                 on_member(record, True)
+    known = {name: records for name, records in finished.items() if records is not None}
     for wave in waves:
         for job in ranks.shard(wave):
-            _run(ens, job, ledger, signature, ranks, on_member)
+            records = _run(ens, job, ledger, signature, ranks, on_member)
+            if records is not None:
+                known[job.name] = records
         ranks.barrier()  # the next wave reads this one's results
     if ranks.is_main:
-        _record_all(ens, jobs, ledger)
+        _record_all(ens, jobs, ledger, known)
     ranks.barrier()
     return ens
 
 
 def _run(ens: EnsembleDir, job: Job, ledger: Ledger, signature: dict[str, Any], ranks: Ranks,
-         on_member: Callable[[dict[str, Any], bool], None] | None) -> None:
+         on_member: Callable[[dict[str, Any], bool], None] | None) -> list[dict[str, Any]] | None:
+    """Run one job; returns its members' records (``None`` for a stage)."""
     partial = partial_file(ens, job.name)
     extra = {"job": job.name, "signature": signature}
     partial.parent.mkdir(parents=True, exist_ok=True)
@@ -237,6 +250,7 @@ def _run(ens: EnsembleDir, job: Job, ledger: Ledger, signature: dict[str, Any], 
         return load_model(ens.path / f"{name}.pt", argument=f"member {name!r}")[0]
 
     result = job.train(JobContext(partial=partial, extra=extra, stages=stage, members=member))
+    records = None
     if job.stage:
         save_checkpoint(stage_file(ens, job.name), {"kind": "stage", "job": job.name, "signature": signature,
                                                     "result": result})
@@ -252,16 +266,22 @@ def _run(ens: EnsembleDir, job: Job, ledger: Ledger, signature: dict[str, Any], 
             if on_member is not None:
                 on_member(record, False)
     partial.unlink(missing_ok=True)
+    return records
 
 
-def _record_all(ens: EnsembleDir, jobs: Sequence[Job], ledger: Ledger) -> None:
-    """Rank 0, after every rank's share: all finished members in the manifest, in job order."""
+def _record_all(ens: EnsembleDir, jobs: Sequence[Job], ledger: Ledger,
+                known: Mapping[str, list[dict[str, Any]]]) -> None:
+    """Rank 0, after every rank's share: all finished members in the manifest, in job order.
+
+    ``known`` holds the records of the jobs finished before the run and of those this rank
+    ran; only the others' are read back from their files.
+    """
     order = [name for job in jobs for name in job.members]
     complete = True
     for job in jobs:
         if job.stage:
             continue
-        records = ledger.finished(job)
+        records = known[job.name] if job.name in known else ledger.finished(job)
         complete = complete and records is not None
         for record in records or []:
             ens.upsert_member(record)

@@ -25,7 +25,7 @@ from pat.engine.callbacks import Callback
 from pat.engine.checkpoint import load_checkpoint, save_model
 from pat.engine.distributed import Ranks
 from pat.errors import PatError
-from pat.jobs import Job, Trained, work_dir
+from pat.jobs import Job, Ledger, Trained, work_dir
 from pat.lock import acquire, release
 from pat.records import Member
 from pat.store import MANIFEST, EnsembleDir
@@ -154,7 +154,7 @@ def close_ensemble(ens: EnsembleDir, ranks: Ranks) -> None:
         release(ens.path)
 
 
-class MemberLedger:
+class MemberLedger(Ledger):
     """Members a producer makes from scratch: ``<out>/<name>.pt`` files of ``kind="member"``.
 
     A member is finished when its file is there, names it, and was made by ``producer`` with
@@ -169,12 +169,8 @@ class MemberLedger:
         """The producer and its config, device and data location aside."""
         return {"producer": self.producer, "config": self.recipe}
 
-    def finished(self, job: Job) -> list[dict[str, Any]] | None:
-        """The records of ``job``'s members if every member's file is there and made so."""
-        records = [self._finished(name) for name in job.members]
-        return None if any(r is None for r in records) else records  # type: ignore[return-value]
-
-    def _finished(self, name: str) -> dict[str, Any] | None:
+    def record(self, name: str) -> dict[str, Any] | None:
+        """Member ``name``'s record if its file is there, names it and was made so."""
         path = member_file(self.ens, name)
         if not path.is_file():
             return None

@@ -19,7 +19,7 @@ from pat.data import Dataset
 from pat.engine.callbacks import Callback
 from pat.engine.distributed import Ranks
 from pat.errors import PatError, check
-from pat.jobs import Job, JobContext, Trained, run_jobs
+from pat.jobs import Job, JobContext, Ledger, Trained, run_jobs
 from pat.records import child_record, masks_of
 from pat.store import EnsembleDir
 from pat.tuner.child import parent_lr_of, resolve_max_lr, tune_child
@@ -58,7 +58,7 @@ def tune_directory(
             raise PatError(f"--dataset {data.name!r} has {data.num_classes} classes but the children "
                            f"were made for {ens.manifest['num_classes']}.")
         ledger = ChildLedger(ens, config)
-        todo = [record for record in ens.members if ledger.finished_record(record) is None]
+        todo = [record for record in ens.members if ledger.record(record["name"]) is None]
         if todo:  # the peak follows the parent's LR: read only when there is work
             ledger.config = resolve_max_lr(config, parent_lr_of(ens.manifest.get("parent")))
         jobs = _jobs(ens, ledger.config, data, todo, callbacks, ranks)
@@ -67,7 +67,7 @@ def tune_directory(
         return EnsembleDir.load(path)
 
 
-class ChildLedger:
+class ChildLedger(Ledger):
     """Children of an ensemble directory, tuned in place: finished when their status is ``tuned``.
 
     A child file that says it is tuned while the manifest does not yet (written by another
@@ -81,15 +81,11 @@ class ChildLedger:
         """The tuning config (a resume state of other settings is not continued)."""
         return {"tune": plain_config(self.config)}
 
-    def finished(self, job: Job) -> list[dict[str, Any]] | None:
-        """The records of ``job``'s children if every one is tuned."""
-        records = [self.finished_record(self.ens.member(name)) for name in job.members]
-        return None if any(r is None for r in records) else records  # type: ignore[return-value]
-
-    def finished_record(self, record: dict[str, Any]) -> dict[str, Any] | None:
-        """``record`` as tuned (from its file if the manifest lags), or ``None`` if it is not."""
+    def record(self, name: str) -> dict[str, Any] | None:
+        """Child ``name``'s record as tuned (from its file if the manifest lags), or ``None``."""
         from pat.engine.checkpoint import load_checkpoint
 
+        record = self.ens.member(name)
         if record["status"] == "tuned":
             return record
         ckpt = load_checkpoint(self.ens.member_path(record), mmap=True)
