@@ -25,7 +25,7 @@ from pat.engine.callbacks import Callback
 from pat.engine.checkpoint import load_checkpoint, save_model
 from pat.engine.distributed import Ranks
 from pat.errors import PatError
-from pat.jobs import Job, Ledger, Trained, work_dir
+from pat.jobs import Job, Ledger, Trained, run_jobs, work_dir
 from pat.lock import acquire, release
 from pat.records import Member
 from pat.store import MANIFEST, EnsembleDir
@@ -36,6 +36,7 @@ __all__ = [
     "indexed_loader",
     "open_ensemble",
     "close_ensemble",
+    "produce",
     "MemberLedger",
     "member_file",
     "as_members",
@@ -152,6 +153,33 @@ def close_ensemble(ens: EnsembleDir, ranks: Ranks) -> None:
     """Rank 0 gives back the directory's lock taken by :func:`open_ensemble`."""
     if ranks.is_main:
         release(ens.path)
+
+
+def produce(
+    out: str | os.PathLike,
+    *,
+    producer: str,
+    config: Any,
+    arch: dict[str, Any] | None,
+    data: Dataset,
+    jobs: Callable[[], Sequence[Job]],
+    force: bool,
+    ranks: Ranks,
+    on_member: Callable[[Mapping[str, Any], bool], None] | None = None,
+) -> EnsembleDir:
+    """Run a producer's member jobs into the ensemble directory ``out`` and return it.
+
+    Opens ``out`` (:func:`open_ensemble`), runs ``jobs()`` with a :class:`MemberLedger`
+    (:func:`pat.jobs.run_jobs`: finished members kept, interrupted ones resumed, shared out
+    across ranks) and gives the directory's lock back. ``jobs`` is called once ``out`` is
+    open, so nothing is built for a directory that is refused.
+    """
+    ens = open_ensemble(out, producer=producer, config=config, arch=arch, num_classes=data.num_classes,
+                        force=force, ranks=ranks,
+                        image_shape=(data.in_channels, data.image_size, data.image_size))
+    run_jobs(ens, jobs(), MemberLedger(ens, producer, config), ranks=ranks, on_member=on_member)
+    close_ensemble(ens, ranks)
+    return ens
 
 
 class MemberLedger(Ledger):

@@ -26,15 +26,13 @@ from pat.engine.loop import final_metrics, fit, resolve_device
 from pat.engine.optim import recipe
 from pat.engine.schedules import create_schedule
 from pat.errors import check
-from pat.jobs import Job, JobContext, Trained, member_seed, run_in_memory, run_jobs
+from pat.jobs import Job, JobContext, Trained, member_seed, run_in_memory
 from pat.models import create_model
 from pat.producers.common import (
     CallbackFactory,
-    MemberLedger,
     as_members,
-    close_ensemble,
     load_data,
-    open_ensemble,
+    produce,
 )
 from pat.registry import OPTIMIZERS, SCHEDULES
 from pat.store import EnsembleDir
@@ -154,13 +152,8 @@ def train_pool(
     data = data or load_data(config)
     spec = create_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels,
                         **config.model_kwargs).pat_spec  # fails fast on a bad model name
-    ens = open_ensemble(out, producer=PRODUCER, config=config, arch=spec,
-                        num_classes=data.num_classes, force=force, ranks=ranks,
-                        image_shape=(data.in_channels, data.image_size, data.image_size))
-    run_jobs(ens, _jobs(config, data, device, callbacks), MemberLedger(ens, PRODUCER, config), ranks=ranks,
-             on_member=on_member)
-    close_ensemble(ens, ranks)
-    return ens
+    return produce(out, producer=PRODUCER, config=config, arch=spec, data=data, force=force, ranks=ranks,
+                   jobs=lambda: _jobs(config, data, device, callbacks), on_member=on_member)
 
 
 def pool_members(config: PoolConfig, *, data: Dataset | BatchData | None = None,

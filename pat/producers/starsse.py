@@ -34,16 +34,14 @@ from pat.engine.distributed import Ranks, init_ranks
 from pat.engine.loop import final_metrics, fit, resolve_device
 from pat.engine.optim import recipe
 from pat.errors import PatError, check
-from pat.jobs import Job, JobContext, Trained, member_seed, run_in_memory, run_jobs
+from pat.jobs import Job, JobContext, Trained, member_seed, run_in_memory
 from pat.models import create_model, get_classifier
 from pat.models._classifier import module_path
 from pat.producers.common import (
     CallbackFactory,
-    MemberLedger,
     as_members,
-    close_ensemble,
     load_data,
-    open_ensemble,
+    produce,
 )
 from pat.registry import OPTIMIZERS
 from pat.store import EnsembleDir
@@ -169,13 +167,8 @@ def train_starsse(
     device = resolve_device(ranks.device(config.device))
     data = data or load_data(config)
     start = load_pretrained(config, data)  # validates before any directory is touched
-    ens = open_ensemble(out, producer=PRODUCER, config=config, arch=start.pat_spec,
-                        num_classes=data.num_classes, force=force, ranks=ranks,
-                        image_shape=(data.in_channels, data.image_size, data.image_size))
-    run_jobs(ens, _jobs(config, data, start, device, callbacks), MemberLedger(ens, PRODUCER, config),
-             ranks=ranks, on_member=on_member)
-    close_ensemble(ens, ranks)
-    return ens
+    return produce(out, producer=PRODUCER, config=config, arch=start.pat_spec, data=data, force=force,
+                   ranks=ranks, jobs=lambda: _jobs(config, data, start, device, callbacks), on_member=on_member)
 
 
 def starsse_members(config: StarSSEConfig, *, data: Dataset | BatchData | None = None,
