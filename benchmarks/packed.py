@@ -8,7 +8,9 @@ runs all M at once. Ratios are to the parent; the FLOP ideal of M children toget
 Issue 12's CPU targets for the packed network: <= 0.75x the parent (M = 2), <= 0.5x (M = 4).
 
 Measured (2 CPU cores, 2026-12-03, ``python benchmarks/packed.py``): see docs/benchmarks.md,
-"Packed ensembles"; on CPU the grouped convolutions miss those targets.
+"Packed ensembles"; on CPU the grouped convolutions miss those targets. ``--profile`` prints,
+for each training step, the operators' own time for the children one by one beside the packed
+network's (``torch.profiler``), which shows where the grouped network loses.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def _best(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
 
 
 def run(name: str, in_channels: int, m: int, *, batch: int, repeats: int, device: str,
-        channels_last: bool) -> None:
+        channels_last: bool, profile: bool = False) -> None:
     torch.manual_seed(0)
     parent = create_model(name, num_classes=10, in_channels=in_channels).to(device)
     x = torch.randn(batch, in_channels, 32, 32, device=device)
@@ -81,6 +83,30 @@ def run(name: str, in_channels: int, m: int, *, batch: int, repeats: int, device
     }, repeats)
     print(f"{name:9s} M={m} train step parent {t['parent'] * 1e3:7.1f} ms   children one by one "
           f"{t['children'] / t['parent']:.2f}x   packed {t['packed'] / t['parent']:.2f}x   (FLOP ideal {1 / m:.2f}x)")
+    if profile:
+        _profile({"children": train(kids, lambda: sum(F.cross_entropy(k(x), y) for k in kids)),
+                  "packed": train([packed], lambda: F.cross_entropy(packed(x).flatten(0, 1), y.repeat(m)) * m)},
+                 repeats, device)
+
+
+def _profile(fns: dict[str, Callable[[], None]], repeats: int, device: str, rows: int = 6) -> None:
+    """Each operator's own time per step (ms), the arms side by side, the costliest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA if device.startswith("cuda") else ProfilerActivity.CPU]
+    attr = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    per_op: dict[str, dict[str, float]] = {}
+    for arm, fn in fns.items():
+        fn()
+        with profile(activities=activities) as prof:
+            for _ in range(repeats):
+                fn()
+        for event in prof.key_averages():
+            per_op.setdefault(event.key, {})[arm] = getattr(event, attr) / 1e3 / repeats
+    top = sorted(per_op.items(), key=lambda kv: -max(kv[1].values()))[:rows]
+    print("    operator (own ms per step)               " + "".join(f"{arm:>10s}" for arm in fns))
+    for op, ms in top:
+        print(f"    {op[:40]:40s} " + "".join(f"{ms.get(arm, 0.0):10.1f}" for arm in fns))
 
 
 def main() -> None:
@@ -90,6 +116,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--models", default="resnet20,lenet-l")
+    parser.add_argument("--profile", action="store_true", help="operator times of each training step")
     args = parser.parse_args()
     channels = {"lenet-l": 1, "lenet-m": 1, "lenet-s": 1}
     print(f"device {args.device}, threads {torch.get_num_threads()}, batch {args.batch}, "
@@ -97,7 +124,7 @@ def main() -> None:
     for name in args.models.split(","):
         for m in (2, 4):
             run(name, channels.get(name, 3), m, batch=args.batch, repeats=args.repeats,
-                device=args.device, channels_last=args.channels_last)
+                device=args.device, channels_last=args.channels_last, profile=args.profile)
 
 
 if __name__ == "__main__":
