@@ -7,12 +7,14 @@
 #     pat - independent: +0.39±0.30 pts (p 0.23), -0.0074±0.0057 (p 0.23); vs last epoch: -0.14±0.11 (p 0.24), +0.0044±0.0033 (p 0.21)
 #   --budget 16 --deep 4, seeds 300-304 (~500 s): independent 97.72±0.28 / 0.069±0.004,
 #     pat default 96.21±1.52 / 0.140±0.039, its parent 87.02±4.91 / 0.352±0.116
+#   --budget 96 --deep 0, seeds 300-309 (two runs of 5, ~1250 s each; 2026-12-05): independent 98.91±0.13 / 0.040±0.005,
+#     last epoch 99.44±0.07 / 0.028±0.002, pat default 99.47±0.11 / 0.030±0.003 (vs independent p 0.025 / 0.051)
 #   --budget 144 --deep 0, seeds 300-319 (four runs of 5, ~1900 s each; measured 2026-12-05):
 #     independent (best val epoch) 98.87±0.18 / 0.044±0.007   independent (last epoch) 99.39±0.10 / 0.026±0.002
 #     pat default                  99.58±0.07 / 0.025±0.001   (raw NLL 0.016±0.002 against 0.023±0.004)
 #     pat - independent: +0.71±0.16 pts (p 0.0002), -0.019±0.006 (p 0.007); vs last epoch: +0.19±0.12 (p 0.11), -0.0015±0.0024 (p 0.54)
 # Verdict on digits: at 16 epochs pat's default loses to one model trained for the whole budget; at 48 it
-# ties it; at 144 it beats the validation-selected model and ties the one kept to its last epoch.
+# ties it; at 96 and 144 it beats the validation-selected model and ties the one kept to its last epoch.
 """Equal-budget benchmark: does a pat ensemble beat one model trained for the whole budget?
 
 Every arm spends the same total training budget B (in epochs over the training split; each
