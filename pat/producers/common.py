@@ -35,7 +35,6 @@ __all__ = [
     "load_data",
     "indexed_loader",
     "open_ensemble",
-    "close_ensemble",
     "produce",
     "MemberLedger",
     "member_file",
@@ -96,7 +95,7 @@ def open_ensemble(
     An existing ensemble made by the same producer with the same config (device aside) is
     resumed; any other existing ensemble is refused unless ``force``, which deletes the old
     member files first so that none of them is mistaken for a finished member. Rank 0 takes
-    the directory's lock (:mod:`pat.lock`) here and :func:`close_ensemble` gives it back.
+    the directory's lock (:mod:`pat.lock`) here and :func:`produce` gives it back.
     """
     out, cfg = Path(out), plain_config(config)
     manifest = out / MANIFEST
@@ -122,7 +121,7 @@ def open_ensemble(
         ens = EnsembleDir.create(out, arch=arch, num_classes=num_classes, force=True,
                                  config={"producer": producer, producer: cfg, **(extra or {})},
                                  data=plain_config(config.data), image_shape=image_shape)
-    if ranks.is_main:  # held until close_ensemble(); the CLI's lock_scope gives it back on any failure
+    if ranks.is_main:  # held until produce() finishes; the CLI's lock_scope gives it back on any failure
         acquire(out, argument="--out", create=True)
     if not resume:
         if ranks.is_main:
@@ -149,12 +148,6 @@ def member_file(ens: EnsembleDir, name: str) -> Path:
     return ens.path / f"{name}.pt"
 
 
-def close_ensemble(ens: EnsembleDir, ranks: Ranks) -> None:
-    """Rank 0 gives back the directory's lock taken by :func:`open_ensemble`."""
-    if ranks.is_main:
-        release(ens.path)
-
-
 def produce(
     out: str | os.PathLike,
     *,
@@ -178,7 +171,8 @@ def produce(
                         force=force, ranks=ranks,
                         image_shape=(data.in_channels, data.image_size, data.image_size))
     run_jobs(ens, jobs(), MemberLedger(ens, producer, config), ranks=ranks, on_member=on_member)
-    close_ensemble(ens, ranks)
+    if ranks.is_main:
+        release(ens.path)
     return ens
 
 
