@@ -387,8 +387,9 @@ def run_seed(args: argparse.Namespace, data: Dataset, seed: int, variants: list[
     rows["independent"].update({"lr": chosen["lr"], "best_epoch": chosen["best_epoch"]})
     # the same run kept at its last epoch: with a small validation split "best epoch" can stop early
     rows["independent (last epoch)"], _, _ = arm_row([chosen["last"]], cost, data, curve=curve)
-    members, cost = snapshot_members(args, data, budget, args.snapshots, chosen["lr"], seed)
-    rows[f"snapshot ({args.snapshots} cycles)"], _, _ = arm_row(members, cost, data, curve=curve)
+    if args.snapshots > 0:
+        members, cost = snapshot_members(args, data, budget, args.snapshots, chosen["lr"], seed)
+        rows[f"snapshot ({args.snapshots} cycles)"], _, _ = arm_row(members, cost, data, curve=curve)
     for name in ["default", *variants]:
         recipe = default_recipe() if name == "default" else VARIANTS[name]
         kids, cost, parent, info = pat_members(args, data, budget, recipe, seed, cache)
@@ -476,7 +477,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lrs", default="0.05,0.1,0.2", help="SGD LR grid chosen from on validation")
     p.add_argument("--variants", default="", help="comma-separated recovery variants, or 'all'")
     p.add_argument("--deep", type=int, default=5, help="members of the deep-ensemble reference (0: none)")
-    p.add_argument("--snapshots", type=int, default=4, help="cycles of the snapshot ensemble")
+    p.add_argument("--snapshots", type=int, default=4, help="cycles of the snapshot ensemble (0: none)")
     p.add_argument("--paper", action="store_true", help="add the paper's small-budget arms (Adam 1e-3)")
     p.add_argument("--no-rescale", dest="rescale", action="store_false",
                    help="--paper children keep the parent's values on kept weights (the paper; pat rescales)")
