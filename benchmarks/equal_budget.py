@@ -534,6 +534,10 @@ def report(results: list[dict[str, Row]]) -> None:
     if all("independent (last epoch)" in r for r in results):
         print("\n".join(paired(results, "pat default", "independent (last epoch)")))
     print("\n".join(paired(results, "pat default", "parent (pat default)")))
+    variants = [arm for arm in results[0] if arm.startswith("pat ") and arm != "pat default"]
+    for arm in variants:  # each recipe studied beside the default, against the same baselines
+        if all(arm in r for r in results):
+            print("\n".join(paired(results, arm, "independent") + paired(results, arm, "pat default")))
     print(f"mean ± standard error over {len(results)} seeds; TS = temperature-scaled on validation")
 
 

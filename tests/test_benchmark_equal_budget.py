@@ -27,6 +27,8 @@ def test_every_arm_spends_the_budget_and_the_report_reads_back(tmp_path, capsys)
                        "--variants", "trunk dense x6", "--threads", "1", "--save", str(save)])
     printed = capsys.readouterr().out
     assert "pat default - independent: acc" in printed and "paired t-test p =" in printed
+    assert "pat trunk dense x6 - independent: nll_ts" in printed  # every recipe is tested, not only the default
+    assert "pat trunk dense x6 - pat default: acc" in printed
     results = json.loads(save.read_text())
     assert len(results) == 2
     for rows in results:
