@@ -391,7 +391,7 @@ def run_seed(args: argparse.Namespace, data: Dataset, seed: int, variants: list[
         row["dee"] = float(len(deep))
         rows[f"deep ({args.deep}x budget)"] = row
     rows["independent"], _, _ = arm_row([model], cost, data, curve=curve)
-    rows["independent"].update({"lr": chosen["lr"], "best_epoch": chosen["best_epoch"]})
+    rows["independent"].update({"lr": chosen["lr"], "schedule": chosen["schedule"], "best_epoch": chosen["best_epoch"]})
     # the same run kept at its last epoch: with a small validation split "best epoch" can stop early
     rows["independent (last epoch)"], _, _ = arm_row([chosen["last"]], cost, data, curve=curve)
     if args.snapshots > 0:
@@ -529,6 +529,7 @@ def main(argv: list[str] | None = None) -> None:
 def report(results: list[dict[str, Row]]) -> None:
     print("\n".join(summarize(results)))
     print("independent: chosen LR per seed", [r["independent"]["lr"] for r in results],
+          "schedule", [r["independent"].get("schedule", "?") for r in results],  # files before 2026-12-06: "?"
           "best epoch", [r["independent"]["best_epoch"] for r in results])
     print("\n".join(paired(results, "pat default", "independent")))
     if all("independent (last epoch)" in r for r in results):

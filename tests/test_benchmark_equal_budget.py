@@ -37,5 +37,6 @@ def test_every_arm_spends_the_budget_and_the_report_reads_back(tmp_path, capsys)
             assert rows[arm]["steps"] == steps, arm  # equal budget, in optimizer steps
         assert rows["deep (2x budget)"]["steps"] == 2 * steps
         assert rows["parent (pat default)"]["steps"] < steps
+        assert rows["independent"]["schedule"] in ("parent", "cosine")  # the grid's choice is kept
     equal_budget.main(["--report", str(save)])
     assert capsys.readouterr().out.splitlines()[0].startswith("arm")
