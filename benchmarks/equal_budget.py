@@ -21,6 +21,9 @@
 #     0.271±0.001, its parent 87.66±0.13 / 0.334±0.003; pat - independent -0.66±0.07 pts (p 0.0002), +0.0185 (p 1e-5)
 #   --budget 24 --lrs 0.05 (~2900 s each): independent 91.64±0.04 / 0.228±0.001 (last epoch 91.67), pat default
 #     91.00±0.09 / 0.244±0.002; pat - independent -0.64±0.10 pts (p 0.001), +0.0157 (p 8e-5)
+#   --budget 48 --lrs 0.05 --variants "trunk s0.2 x2" (~6700 s each): independent 92.44±0.08 / 0.208±0.002
+#     (best epoch 45-48), pat default 91.90±0.04 / 0.222±0.001, pat trunk s0.2 x2 92.17±0.08 / 0.216±0.001;
+#     pat - independent -0.53±0.07 pts (p 0.0005), +0.0143 (p 2e-5); x2 - independent -0.27±0.10 (p 0.05)
 #   One model is still improving at its last epoch there, and wins on every seed.
 """Equal-budget benchmark: does a pat ensemble beat one model trained for the whole budget?
 
