@@ -40,3 +40,30 @@ def test_every_arm_spends_the_budget_and_the_report_reads_back(tmp_path, capsys)
         assert rows["independent"]["schedule"] in ("parent", "cosine")  # the grid's choice is kept
     equal_budget.main(["--report", str(save)])
     assert capsys.readouterr().out.splitlines()[0].startswith("arm")
+
+
+def test_train_size_takes_a_fixed_class_balanced_subset_and_leaves_val_and_test():
+    import torch
+
+    from pat.data import load_dataset
+
+    data = load_dataset("digits", seed=0)
+    small = equal_budget.smaller_train(data, 300)
+    counts = torch.bincount(small.train.y, minlength=data.num_classes)
+    full = torch.bincount(data.train.y, minlength=data.num_classes)
+    assert abs(len(small.train) - 300) <= data.num_classes  # rounded per class
+    assert torch.all((counts - full * 300 / len(data.train)).abs() <= 1)  # in the classes' proportions
+    assert small.val is data.val and small.test is data.test
+    rows = {tuple(r.tolist()) for r in data.train.x.flatten(1)}
+    assert all(tuple(r.tolist()) in rows for r in small.train.x.flatten(1))  # drawn from train, nothing else
+    again = equal_budget.smaller_train(data, 300)
+    assert torch.equal(again.train.y, small.train.y) and torch.equal(again.train.x, small.train.x)  # every seed
+
+
+@pytest.mark.parametrize("size", ["5", "100000"])
+def test_train_size_out_of_range_is_refused(size, capsys):
+    with pytest.raises(SystemExit) as exc:
+        equal_budget.main(["--train-size", size, "--seeds", "1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--train-size must be between 10 and" in err and f"Got {size}." in err
