@@ -27,9 +27,10 @@ from pat.models import create_model
 from pat.pack import pack
 
 
-def _best(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+def _best(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, float]:
     for fn in fns.values():
-        fn()  # warm-up
+        for _ in range(warmup):  # compiled arms may compile again on their second call
+            fn()
     best = {k: float("inf") for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
@@ -40,7 +41,7 @@ def _best(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
 
 
 def run(name: str, in_channels: int, m: int, *, batch: int, repeats: int, device: str,
-        channels_last: bool, profile: bool = False) -> None:
+        channels_last: bool, compile: bool = False, profile: bool = False) -> None:
     torch.manual_seed(0)
     parent = create_model(name, num_classes=10, in_channels=in_channels).to(device)
     x = torch.randn(batch, in_channels, 32, 32, device=device)
@@ -51,6 +52,10 @@ def run(name: str, in_channels: int, m: int, *, batch: int, repeats: int, device
         x = x.contiguous(memory_format=torch.channels_last)
         for module in (parent, packed, *kids):
             module.to(memory_format=torch.channels_last)
+    if compile:  # every arm the same way, so the ratios compare compiled with compiled
+        parent, packed = torch.compile(parent), torch.compile(packed)
+        kids = [torch.compile(k) for k in kids]
+    warmup = 3 if compile else 1
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def infer(fn: Callable[[], object]) -> Callable[[], None]:
@@ -71,7 +76,7 @@ def run(name: str, in_channels: int, m: int, *, batch: int, repeats: int, device
     for module in (parent, packed, *kids):
         module.eval()
     t = _best({"parent": infer(lambda: parent(x)), "children": infer(lambda: [k(x) for k in kids]),
-               "packed": infer(lambda: packed(x))}, repeats)
+               "packed": infer(lambda: packed(x))}, repeats, warmup)
     print(f"{name:9s} M={m} inference  parent {t['parent'] * 1e3:7.1f} ms   children one by one "
           f"{t['children'] / t['parent']:.2f}x   packed {t['packed'] / t['parent']:.2f}x   (FLOP ideal {1 / m:.2f}x)")
     for module in (parent, packed, *kids):
@@ -80,7 +85,7 @@ def run(name: str, in_channels: int, m: int, *, batch: int, repeats: int, device
         "parent": train([parent], lambda: F.cross_entropy(parent(x), y)),
         "children": train(kids, lambda: sum(F.cross_entropy(k(x), y) for k in kids)),
         "packed": train([packed], lambda: F.cross_entropy(packed(x).flatten(0, 1), y.repeat(m)) * m),
-    }, repeats)
+    }, repeats, warmup)
     print(f"{name:9s} M={m} train step parent {t['parent'] * 1e3:7.1f} ms   children one by one "
           f"{t['children'] / t['parent']:.2f}x   packed {t['packed'] / t['parent']:.2f}x   (FLOP ideal {1 / m:.2f}x)")
     if profile:
@@ -116,15 +121,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--models", default="resnet20,lenet-l")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every arm (parent, each child, packed) before timing")
     parser.add_argument("--profile", action="store_true", help="operator times of each training step")
     args = parser.parse_args()
     channels = {"lenet-l": 1, "lenet-m": 1, "lenet-s": 1}
     print(f"device {args.device}, threads {torch.get_num_threads()}, batch {args.batch}, "
-          f"best of {args.repeats}, channels_last {args.channels_last}")
+          f"best of {args.repeats}, channels_last {args.channels_last}, compile {args.compile}")
     for name in args.models.split(","):
         for m in (2, 4):
             run(name, channels.get(name, 3), m, batch=args.batch, repeats=args.repeats,
-                device=args.device, channels_last=args.channels_last, profile=args.profile)
+                device=args.device, channels_last=args.channels_last, compile=args.compile, profile=args.profile)
 
 
 if __name__ == "__main__":
