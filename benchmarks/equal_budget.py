@@ -24,6 +24,8 @@
 #   --budget 48 --lrs 0.05 --variants "trunk s0.2 x2" (~6700 s each): independent 92.44±0.08 / 0.208±0.002
 #     (best epoch 45-48), pat default 91.90±0.04 / 0.222±0.001, pat trunk s0.2 x2 92.17±0.08 / 0.216±0.001;
 #     pat - independent -0.53±0.07 pts (p 0.0005), +0.0143 (p 2e-5); x2 - independent -0.27±0.10 (p 0.05)
+#   --model lenet-m --budget 12 --lrs 0.05 (~4400 s each): independent 91.47±0.14 / 0.232±0.003, pat default
+#     90.65±0.17 / 0.253±0.004; pat - independent -0.82±0.09 pts (p 0.0002), +0.0210 (p 5e-6)
 #   One model is still improving at its last epoch there, and wins on every seed.
 """Equal-budget benchmark: does a pat ensemble beat one model trained for the whole budget?
 
@@ -50,7 +52,7 @@ scaling (one temperature per arm, fitted on validation); mean ± standard error 
 The last lines give paired t-tests over seeds of ``pat default`` against ``independent``.
 
     python benchmarks/equal_budget.py --budget 48 [--seeds 5] [--batch-size 128]
-        [--dataset digits | --dataset cifar10 --data-dir D] [--model lenet-s]
+        [--dataset digits | --dataset cifar10 --data-dir D] [--model lenet-s] [--train-size N]
         [--variants all | name,name] [--deep 5] [--paper]
 
 ``--paper`` adds the arms of the paper's small-budget experiment (Adam at 1e-3, constant LR,
