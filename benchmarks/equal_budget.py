@@ -543,8 +543,8 @@ def smaller_train(data: Dataset, size: int) -> Dataset:
     """``data`` with a stratified subset of about ``size`` training images, the same for every seed.
 
     Every arm trains on it; val and test, and the normalisation measured on the full training
-    split, are unchanged. The data-limited regime: one model of the budget stops improving
-    sooner on less data.
+    split, are unchanged. For the data-limited regime, where one model of the budget may stop
+    improving sooner (on a tenth of Fashion-MNIST at 96 epochs it still had not).
     """
     _, keep = stratified_split(data.train.y, size / len(data.train), seed=0)
     return replace(data, train=Split(data.train.x[keep], data.train.y[keep]))
