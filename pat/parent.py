@@ -17,6 +17,7 @@ from pat.engine.callbacks import Callback
 from pat.engine.checkpoint import save_model
 from pat.engine.cost import example_input, fit_cost
 from pat.engine.distributed import Ranks, RankShard, data_parallel, init_ranks
+from pat.engine.guard import CollapseGuard
 from pat.engine.loop import final_metrics, fit, resolve_device
 from pat.engine.optim import recipe
 from pat.models import create_model
@@ -32,6 +33,7 @@ class TrainResult:
     history: list[dict[str, float]]
     metrics: dict[str, float] = field(default_factory=dict)  # final val/test loss and accuracy
     cost: dict[str, Any] = field(default_factory=dict)  # pat.engine.cost.training_cost record
+    restored: dict[str, Any] | None = None  # the earlier epoch handed back after a collapse (CollapseGuard)
 
 
 def resume_path_for(out: str | os.PathLike) -> Path:
@@ -60,6 +62,11 @@ def train_parent(
     that batch (:mod:`pat.engine.distributed`). BatchNorm statistics are each rank's own, as
     with DDP by default. Rank 0 writes ``<out>.partial`` and ``out``; an elastic restart
     (``torchrun --max-restarts``) resumes every rank from the last finished epoch.
+
+    With a validation split, a run whose last epoch has collapsed (validation loss not finite,
+    or accuracy back more than halfway to chance from its best) ends with its best validation
+    epoch instead (:class:`pat.engine.guard.CollapseGuard`); ``result.restored`` and the
+    checkpoint's ``restored`` say which. Any other run ends at its last epoch, as trained.
     """
     ranks = ranks if ranks is not None else init_ranks()
     device = resolve_device(ranks.device(config.device))
@@ -76,19 +83,22 @@ def train_parent(
                                   total_steps=config.epochs * len(train))
     resume = resume_path_for(out) if out is not None else None
     net: nn.Module = model
+    guard = CollapseGuard(data.num_classes) if evals else None
     if ranks.distributed:
         train = RankShard(train, ranks)
         net = data_parallel(model, train, device)
     state = fit(net, train, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler,
-                eval_data=evals, callbacks=callbacks, amp=config.amp, device=device,
+                eval_data=evals, callbacks=[*callbacks, guard], amp=config.amp, device=device,
                 resume_path=resume, resume_extra={"config": to_dict(config)})
     metrics = final_metrics(model, data, device=device, amp=config.amp)
     extra = {"ranks": ranks.world_size} if ranks.distributed else {}
     cost = fit_cost(state, example_input(data, device), model=model, **extra)
+    restored = guard.restored if guard is not None else None
     if out is not None and ranks.is_main:
         save_model(out, model, kind="model", config=to_dict(config), metrics=metrics,
                    history=state.history, dataset=data.name, num_classes=data.num_classes, cost=cost,
-                   image_shape=[data.in_channels, data.image_size, data.image_size])
+                   image_shape=[data.in_channels, data.image_size, data.image_size],
+                   **({"restored": restored} if restored else {}))
         resume.unlink(missing_ok=True)
     ranks.barrier()  # the checkpoint is there for every rank's next stage
-    return TrainResult(model=model, history=state.history, metrics=metrics, cost=cost)
+    return TrainResult(model=model, history=state.history, metrics=metrics, cost=cost, restored=restored)

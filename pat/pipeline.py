@@ -178,13 +178,15 @@ def parent_check(children_dir: str | Path, data: Dataset, *, parent_path: str | 
 
     ``parent_path`` defaults to the parent recorded in the ensemble's manifest. Returns
     ``{}`` when there is no validation split or no parent file to compare with; otherwise
-    ``{"parent": {...}, "ensemble": {...}, "flips": {...}, "worse": bool, "parent_at_chance": bool}``.
+    ``{"parent": {...}, "ensemble": {...}, "flips": {...}, "worse": bool, "parent_at_chance": bool,
+    "parent_restored": dict | None}``.
     ``worse`` means a higher NLL than the parent's, or a lower accuracy by more than chance
     explains: ``flips`` counts the images only the parent gets right (``lost``) and only the
     ensemble gets right (``won``), and the accuracy is lower when ``lost - won`` exceeds
     1.96 sqrt(lost + won), the paired sign test at 5 % (on digits' 143 validation images one
     image is 0.7 %, which no one should read as a verdict). ``parent_at_chance`` is a parent
-    within 1.5x of chance accuracy.
+    within 1.5x of chance accuracy; ``parent_restored`` is the parent checkpoint's ``restored`` record
+    (its training collapsed and an earlier epoch was handed over; :mod:`pat.engine.guard`).
     """
     if not len(data.val.y):
         return {}
@@ -194,7 +196,7 @@ def parent_check(children_dir: str | Path, data: Dataset, *, parent_path: str | 
         return {}
     dev = resolve_device(device)
     ensemble = Ensemble.load(children_dir, device=dev, calibrated=False)
-    parent = load_model(parent_path, device=dev, argument="parent")[0]
+    parent, saved = load_model(parent_path, device=dev, argument="parent")
     probs, labels = collect_probs([parent, *ensemble.members], data.loader("val", batch_size=512, device=dev))
     p = classification_metrics(probs[0], labels)
     e = classification_metrics(probs[1:].mean(0), labels)
@@ -205,7 +207,9 @@ def parent_check(children_dir: str | Path, data: Dataset, *, parent_path: str | 
             "members": len(ensemble.members), "flips": {"lost": lost, "won": won},
             "worse": lost - won > 1.96 * math.sqrt(lost + won) or e["nll"] > p["nll"],
             # a parent that learnt nothing (a trunk diverged at its constant LR, say)
-            "parent_at_chance": p["accuracy"] <= 1.5 / data.num_classes}
+            "parent_at_chance": p["accuracy"] <= 1.5 / data.num_classes,
+            # a parent whose last epoch collapsed, handed over at its best epoch instead
+            "parent_restored": saved.get("restored")}
 
 
 def run(config: RunConfig, *, force: bool = False, progress: Progress = lambda stage: (),

@@ -217,18 +217,23 @@ def test_tune_uses_the_dataset_the_children_were_made_for(tmp_path, digits_paren
     assert "records no dataset; pass --dataset" in one_error_line(run("tune", out, "--epochs", 1))
 
 
-@pytest.mark.parametrize("parent_acc, ens_acc, words", [
-    (0.10, 0.10, ["the parent is at chance on validation (10.00%)"]),
-    (0.95, 0.90, ["warning: the ensemble is worse than its parent"]),
-    (0.95, 0.97, []),
+KEPT = {"epoch": 17, "val_loss": 0.55, "val_acc": 0.803, "last": {"epoch": 48, "val_loss": 2.3026, "val_acc": 0.1}}
+
+
+@pytest.mark.parametrize("parent_acc, ens_acc, kept, words", [
+    (0.10, 0.10, None, ["the parent is at chance on validation (10.00%)"]),
+    (0.95, 0.90, None, ["warning: the ensemble is worse than its parent"]),
+    (0.95, 0.97, None, []),
+    (0.80, 0.85, KEPT, ["the parent collapsed: validation accuracy 10.00% at its last epoch (48) against "
+                        "80.30% at epoch 17; epoch 17 was kept"]),
 ])  # fmt: skip
-def test_validation_line_warns_when_the_ensemble_or_its_parent_fails(parent_acc, ens_acc, words):
+def test_validation_line_warns_when_the_ensemble_or_its_parent_fails(parent_acc, ens_acc, kept, words):
     from pat.cli.children import _validation_line
     from pat.cli.render import console
 
     check = {"parent": {"accuracy": parent_acc, "nll": 0.2}, "ensemble": {"accuracy": ens_acc, "nll": 0.2},
              "members": 6, "flips": {"lost": 9, "won": 2}, "worse": ens_acc < parent_acc,
-             "parent_at_chance": parent_acc <= 0.15}
+             "parent_at_chance": parent_acc <= 0.15, "parent_restored": kept}
     with console.capture() as captured:
         _validation_line(check)
     text = captured.get()

@@ -220,6 +220,12 @@ def _validation_line(check: dict) -> None:
                   f"({e['accuracy'] - p['accuracy']:+.2%}, {e['nll'] - p['nll']:+.4f}; images only the "
                   f"ensemble gets right {check['flips']['won']}, only the parent {check['flips']['lost']})",
                   highlight=False, soft_wrap=True)
+    if check.get("parent_restored"):
+        from pat.engine.guard import describe_restored
+
+        console.print(f"[yellow]warning:[/] {describe_restored(check['parent_restored'], 'the parent')} — with "
+                      "budget.trunk its LR is held constant; a lower parent.lr may not collapse",
+                      highlight=False, soft_wrap=True)
     if check.get("parent_at_chance"):
         console.print(f"[yellow]warning:[/] the parent is at chance on validation ({p['accuracy']:.2%}): it did "
                       "not learn — with budget.trunk its LR is held constant; lower parent.lr or set "

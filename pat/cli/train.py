@@ -82,6 +82,11 @@ def train(model, dataset, data_dir, batch_size, val_fraction, data_seed, epochs,
             for k in result.metrics if k.endswith("_acc")]
     say(metrics_table(f"{model}, {dataset}, {epochs} epochs ({time.perf_counter() - start:.0f}s)",
                       rows, ["split", "accuracy", "loss"]))
+    if result.restored:
+        from pat.engine.guard import describe_restored
+
+        say(f"[yellow]warning:[/] {describe_restored(result.restored)}; lower --lr or change --schedule",
+            highlight=False, soft_wrap=True)
     say(f"saved [bold]{out}[/]")
 
 
@@ -118,6 +123,10 @@ def info(checkpoint, list_all) -> None:
     ]
     rows += [{"key": k, "value": fmt(v)} for k, v in (ckpt.get("metrics") or {}).items()]
     rows += _cost_rows(ckpt.get("cost"))
+    if ckpt.get("restored"):  # training collapsed; the file holds an earlier epoch
+        r = ckpt["restored"]
+        rows.append({"key": "kept epoch", "value": f"{r['epoch']} of {r['last']['epoch']} (the last collapsed: "
+                                                   f"val acc {r['last']['val_acc']:.2%})"})
     console.print(metrics_table(str(checkpoint), rows, ["key", "value"]))
     if ckpt.get("config"):
         import yaml

@@ -58,6 +58,18 @@ class Callback:
     def on_fit_end(self, state: FitState) -> None:
         """After the last epoch, or the one a callback stopped at."""
 
+    def state_dict(self) -> dict[str, Any] | None:
+        """What the callback must remember across a resumed fit (tensors and plain data), or None.
+
+        ``fit`` stores it in the resume state it writes after each epoch, *before* that epoch's
+        ``on_epoch_end``; a resumed fit hands it back through :meth:`load_state_dict` before
+        ``on_fit_start``, where ``state.history[-1]`` is the epoch the state was written at.
+        """
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what :meth:`state_dict` returned in the interrupted fit."""
+
 
 class CallbackList(Callback):
     """Fan one event out to several callbacks, in order."""
@@ -89,3 +101,25 @@ class CallbackList(Callback):
         """Pass the fit's end to each callback."""
         for c in self.callbacks:
             c.on_fit_end(state)
+
+    def _keys(self) -> list[str]:
+        """One name per callback: its class, numbered from the second of a class on."""
+        seen: dict[str, int] = {}
+        keys = []
+        for c in self.callbacks:
+            name = type(c).__name__
+            seen[name] = seen.get(name, 0) + 1
+            keys.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+        return keys
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """Each callback's state under its name; None when no callback keeps any."""
+        states = {k: s for k, c in zip(self._keys(), self.callbacks, strict=True)
+                  if (s := c.state_dict()) is not None}
+        return states or None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Hand each callback the state saved under its name (callbacks without one get nothing)."""
+        for key, c in zip(self._keys(), self.callbacks, strict=True):
+            if key in state:
+                c.load_state_dict(state[key])

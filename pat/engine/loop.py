@@ -175,7 +175,8 @@ def fit(
         resume_path: if given, the full training state is saved there (atomically) after every
             epoch, and an existing file there is resumed from; the caller deletes it when done.
             A ``DistributedDataParallel`` model's is written by rank 0 and every rank resumes
-            from it; any other model's by the rank that trains it.
+            from it; any other model's by the rank that trains it. It keeps each callback's
+            :meth:`~pat.engine.callbacks.Callback.state_dict` too, handed back on resuming.
         resume_extra: plain data stored with the resume state (e.g. the config).
         start: a :func:`train_state` to continue when there is no resume state to resume
             (SharpBalance's second phase continues its first); its epochs count as done.
@@ -201,8 +202,9 @@ def fit(
     resume = Path(resume_path) if resume_path is not None else None
     first_epoch = 0
     if resume is not None and resume.exists():
-        first_epoch = _restore_state(load_checkpoint(resume, argument="resume state"), state,
-                                     f"resume state {str(resume)!r}")
+        saved = load_checkpoint(resume, argument="resume state")
+        first_epoch = _restore_state(saved, state, f"resume state {str(resume)!r}")
+        cbs.load_state_dict(saved.get("callbacks") or {})
     elif start is not None:
         first_epoch = _restore_state(start, state, "start")
 
@@ -254,7 +256,9 @@ def fit(
         # one model trained data-parallel is saved by rank 0; a rank's own job (a sharded
         # child or member) by that rank
         if resume is not None and (not isinstance(model, DistributedDataParallel) or is_main_process()):
-            save_checkpoint(resume, train_state(state, resume_extra))
+            kept = cbs.state_dict()  # e.g. the best state a CollapseGuard holds
+            extra = {**(resume_extra or {}), **({"callbacks": kept} if kept else {})}
+            save_checkpoint(resume, train_state(state, extra))
         cbs.on_epoch_end(state)
         if state.stop:
             break

@@ -1,0 +1,100 @@
+"""A guard against a run that collapses partway: keep the best validation state, hand it back.
+
+A network held at a constant LR (pat's trunk) can learn for a while, then fall to a constant
+prediction and stay there: on a tenth of Fashion-MNIST one trunk in six reached 80 %
+validation accuracy at epoch 17 and sat at chance from epoch 23 to 48, and its last epoch was
+then what every child started from. :class:`CollapseGuard` keeps a copy of the epoch with the
+lowest validation loss and, only when the last epoch has *collapsed*, loads it back at the end
+of the fit. A run that did not collapse ends exactly as it would without the guard.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from pat.engine.callbacks import Callback, FitState
+from pat.engine.loop import _inner
+
+__all__ = ["CollapseGuard", "collapsed", "describe_restored"]
+
+
+def collapsed(last: Mapping[str, float], best: Mapping[str, float], num_classes: int) -> bool:
+    """Whether epoch metrics ``last`` have collapsed against the best epoch's ``best``.
+
+    Collapsed means a validation loss that is not finite, or a validation accuracy that has
+    given back more than half of what ``best`` had gained over chance (1 / ``num_classes``):
+    80 % → 10 % on ten classes is a collapse, 81 % → 78 % is the noise of a constant LR.
+    """
+    if not math.isfinite(last["val_loss"]):
+        return True
+    chance = 1.0 / num_classes
+    return last["val_acc"] - chance < 0.5 * (best["val_acc"] - chance)
+
+
+class CollapseGuard(Callback):
+    """Hand back the lowest-validation-loss epoch when training ends collapsed.
+
+    Needs ``val_loss`` and ``val_acc`` in the epoch metrics (``fit`` with ``eval_data={"val":
+    ...}``); without them it does nothing. The best state is held on the CPU and travels in
+    ``fit``'s resume state, so an interrupted run that resumes decides as an uninterrupted one
+    would. Under DDP every rank sees the same validation metrics and restores the same state.
+    After the fit, ``restored`` is None (the last epoch stands) or a record of what was handed
+    back: ``{"epoch", "val_loss", "val_acc", "last": {"epoch", "val_loss", "val_acc"}}``.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.best: dict[str, Any] | None = None  # epoch, val_loss, val_acc, state_dict
+        self.restored: dict[str, Any] | None = None
+
+    def _consider(self, state: FitState) -> None:
+        m = state.metrics
+        loss = m.get("val_loss")
+        if loss is None or "val_acc" not in m or not math.isfinite(loss):
+            return
+        if self.best is None or loss < self.best["val_loss"]:
+            model = _inner(state.model)
+            weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            self.best = {"epoch": int(m["epoch"]), "val_loss": float(loss), "val_acc": float(m["val_acc"]),
+                         "state_dict": weights}
+
+    def on_fit_start(self, state: FitState) -> None:
+        """A resumed fit's restored epoch was written before this guard saw it: consider it now."""
+        self.restored = None
+        if state.history and (self.best is None or self.best["epoch"] < state.history[-1]["epoch"]):
+            self._consider(state)
+
+    def on_epoch_end(self, state: FitState) -> None:
+        """Remember the epoch if its validation loss is the lowest so far."""
+        self._consider(state)
+
+    def on_fit_end(self, state: FitState) -> None:
+        """Load the best epoch back if the last one collapsed."""
+        last = state.history[-1] if state.history else {}
+        if self.best is None or "val_loss" not in last or "val_acc" not in last:
+            return
+        if self.best["epoch"] == last["epoch"] or not collapsed(last, self.best, self.num_classes):
+            return
+        _inner(state.model).load_state_dict(self.best["state_dict"])
+        self.restored = {**{k: self.best[k] for k in ("epoch", "val_loss", "val_acc")},
+                     "last": {"epoch": int(last["epoch"]), "val_loss": float(last["val_loss"]),
+                              "val_acc": float(last["val_acc"])}}
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The best epoch so far (with its weights), for the resume state."""
+        return dict(self.best) if self.best is not None else None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back the best epoch an interrupted fit had seen."""
+        self.best = dict(state)
+
+
+def describe_restored(restored: Mapping[str, Any], what: str = "the model") -> str:
+    """One line saying which epoch was handed back and why (for the CLI)."""
+    last = restored["last"]
+    return (f"{what} collapsed: validation accuracy {last['val_acc']:.2%} at its last epoch "
+            f"({last['epoch']}) against {restored['val_acc']:.2%} at epoch {restored['epoch']}; "
+            f"epoch {restored['epoch']} was kept")
+

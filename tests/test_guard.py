@@ -1,0 +1,115 @@
+"""CollapseGuard: a parent whose last epoch collapsed is handed over at its best epoch instead."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from cli_helpers import run
+
+from pat.config import DataConfig, TrainConfig
+from pat.engine.callbacks import Callback
+from pat.engine.checkpoint import load_checkpoint
+from pat.engine.guard import collapsed
+from pat.parent import resume_path_for, train_parent
+
+CONFIG = TrainConfig(model="lenet-s", epochs=4, lr=0.05, data=DataConfig(batch_size=64))
+
+
+class Sabotage(Callback):
+    """Zero every weight before epoch ``at``: the network then predicts one class for good."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_epoch_start(self, state):
+        if state.epoch == self.at:
+            with torch.no_grad():
+                for p in state.model.parameters():
+                    p.zero_()
+
+
+class Snapshots(Callback):
+    """The weights at the end of every epoch, by epoch number (1-based)."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_epoch_end(self, state):
+        self.states[state.epoch + 1] = {k: v.clone() for k, v in state.model.state_dict().items()}
+
+
+class StopAt(Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_end(self, state):
+        if state.epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(("last", "best", "classes", "expected"), [
+    ({"val_loss": 2.30, "val_acc": 0.10}, {"val_acc": 0.80}, 10, True),  # fell to chance
+    ({"val_loss": 0.60, "val_acc": 0.78}, {"val_acc": 0.81}, 10, False),  # a constant LR's noise
+    ({"val_loss": 1.40, "val_acc": 0.50}, {"val_acc": 0.80}, 10, False),  # a bad epoch, not a collapse
+    ({"val_loss": 1.90, "val_acc": 0.40}, {"val_acc": 0.90}, 10, True),  # gave back more than half
+    ({"val_loss": math.nan, "val_acc": 0.75}, {"val_acc": 0.80}, 10, True),  # diverged
+    ({"val_loss": 0.69, "val_acc": 0.60}, {"val_acc": 0.95}, 2, True),  # two classes: 0.5 is chance
+])
+def test_collapse_is_losing_more_than_half_the_gain_over_chance(last, best, classes, expected):
+    assert collapsed(last, best, classes) is expected
+
+
+def test_a_collapsed_parent_is_saved_at_its_best_epoch(digits, tmp_path):
+    out, snaps = tmp_path / "parent.pt", Snapshots()
+    result = train_parent(CONFIG, data=digits, out=out, callbacks=[Sabotage(2), snaps])
+    val = [h["val_acc"] for h in result.history]
+    assert max(val[:2]) > 0.5 and max(val[2:]) < 0.25  # learnt, then collapsed for good
+    best = min((1, 2), key=lambda e: result.history[e - 1]["val_loss"])
+    assert result.restored["epoch"] == best and result.restored["last"]["epoch"] == 4
+    assert same(result.model.state_dict(), snaps.states[best])
+    assert result.metrics["val_acc"] == pytest.approx(result.restored["val_acc"])  # the metrics are the kept epoch's
+    saved = load_checkpoint(out)
+    assert saved["restored"]["epoch"] == best and len(saved["history"]) == 4  # the history stays whole
+    assert same(saved["state_dict"], snaps.states[best])
+    info = run("info", out)
+    assert info.exit_code == 0 and f"{best} of 4" in info.output
+    # what `pat run` and `pat tune` warn with: the ensemble's check reads the parent's record
+    from pat.config import SplitConfig
+    from pat.pipeline import parent_check
+    from pat.splitting import split_to_directory
+
+    split_to_directory(out, tmp_path / "children", SplitConfig(children=2))
+    assert parent_check(tmp_path / "children", digits)["parent_restored"] == saved["restored"]
+
+
+def test_a_run_that_did_not_collapse_ends_at_its_last_epoch(digits, tmp_path):
+    snaps = Snapshots()
+    result = train_parent(CONFIG, data=digits, out=tmp_path / "parent.pt", callbacks=[snaps])
+    assert result.restored is None and "restored" not in load_checkpoint(tmp_path / "parent.pt")
+    assert same(result.model.state_dict(), snaps.states[4])
+
+
+@pytest.mark.parametrize("stop", [1, 2])  # at the best epoch (the guard has not seen it yet), after the collapse
+def test_a_resumed_run_keeps_the_same_epoch_as_an_uninterrupted_one(digits, tmp_path, stop):
+    straight = train_parent(CONFIG, data=digits, callbacks=[Sabotage(2)])
+    out = tmp_path / "parent.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train_parent(CONFIG, data=digits, out=out, callbacks=[Sabotage(2), StopAt(stop)])
+    assert "CollapseGuard" in load_checkpoint(resume_path_for(out))["callbacks"]
+    resumed = train_parent(CONFIG, data=digits, out=out, callbacks=[Sabotage(2)])
+    assert resumed.restored == straight.restored and resumed.restored is not None
+    assert same(resumed.model.state_dict(), straight.model.state_dict())
+
+
+def test_without_a_validation_split_there_is_nothing_to_guard(tmp_path):
+    from pat.data import load_dataset
+
+    data = load_dataset("digits", val_fraction=0.0)
+    result = train_parent(CONFIG, data=data, callbacks=[Sabotage(2)])
+    assert result.restored is None  # the last epoch stands: no validation to choose another by
