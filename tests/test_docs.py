@@ -92,6 +92,15 @@ def _check_train_header(text: str, tmp: Path) -> None:
     assert result.stdout.splitlines()[0] == text.strip()
 
 
+def _check_collapse_warning(text: str, tmp: Path) -> None:
+    """docs/training.md's collapse warning: what pat train prints for the run it describes."""
+    from pat.cli.train import collapse_warning
+
+    restored = {"epoch": 17, "val_loss": 0.55, "val_acc": 0.803,
+                "last": {"epoch": 48, "val_loss": 2.3026, "val_acc": 0.1}}
+    assert collapse_warning(restored) == text.strip()
+
+
 def _check_json(text: str, tmp: Path) -> None:
     # a fragment ("members": [...]) is a member of the manifest object
     json.loads(text if text.lstrip().startswith("{") else "{" + text + "}")
@@ -205,7 +214,8 @@ BLOCKS: dict[tuple[str, int], Case] = {
     ("docs/training.md", 0): Case("shell", "pat train", extra={"train": ("--epochs", "1")}),
     ("docs/training.md", 1): Case("check", "pat train lenet-s on digits", check=_check_train_header),
     ("docs/training.md", 2): Case("shell", "pat train --model tv:resnet18 --pretrained"),
-    ("docs/training.md", 3): Case("python", "from pat.config", offline=True),
+    ("docs/training.md", 3): Case("check", "warning: the model collapsed", check=_check_collapse_warning),
+    ("docs/training.md", 4): Case("python", "from pat.config", offline=True),
     ("docs/tuning.md", 0): Case("shell", "pat split", files=("parent.pt",), extra={"tune": ("--epochs", "1")}),
     ("docs/tuning.md", 1): Case("python", "import pat", slow=True,
                                 given="import pat\nmodel = pat.create_model('lenet-s', in_channels=1)\n"),

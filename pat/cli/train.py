@@ -83,11 +83,15 @@ def train(model, dataset, data_dir, batch_size, val_fraction, data_seed, epochs,
     say(metrics_table(f"{model}, {dataset}, {epochs} epochs ({time.perf_counter() - start:.0f}s)",
                       rows, ["split", "accuracy", "loss"]))
     if result.restored:
-        from pat.engine.guard import describe_restored
-
-        say(f"[yellow]warning:[/] {describe_restored(result.restored)}; lower --lr or change --schedule",
-            highlight=False, soft_wrap=True)
+        say(f"[yellow]{collapse_warning(result.restored)}[/]", highlight=False, soft_wrap=True)
     say(f"saved [bold]{out}[/]")
+
+
+def collapse_warning(restored: dict) -> str:
+    """The line ``pat train`` prints when training collapsed and an earlier epoch was kept."""
+    from pat.engine.guard import describe_restored
+
+    return f"warning: {describe_restored(restored)}; lower --lr or change --schedule"
 
 
 @click.command()
