@@ -223,9 +223,8 @@ def _validation_line(check: dict) -> None:
     if check.get("parent_restored"):
         from pat.engine.guard import describe_restored
 
-        console.print(f"[yellow]warning:[/] {describe_restored(check['parent_restored'], 'the parent')} — with "
-                      "budget.trunk its LR is held constant; a lower parent.lr may not collapse",
-                      highlight=False, soft_wrap=True)
+        console.print(f"[yellow]warning:[/] {describe_restored(check['parent_restored'], 'the parent')}; "
+                      "lower parent.lr (with budget.trunk it is held constant)", highlight=False, soft_wrap=True)
     if check.get("parent_at_chance"):
         console.print(f"[yellow]warning:[/] the parent is at chance on validation ({p['accuracy']:.2%}): it did "
                       "not learn — with budget.trunk its LR is held constant; lower parent.lr or set "

@@ -97,4 +97,3 @@ def describe_restored(restored: Mapping[str, Any], what: str = "the model") -> s
     return (f"{what} collapsed: validation accuracy {last['val_acc']:.2%} at its last epoch "
             f"({last['epoch']}) against {restored['val_acc']:.2%} at epoch {restored['epoch']}; "
             f"epoch {restored['epoch']} was kept")
-

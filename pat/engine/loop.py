@@ -256,8 +256,8 @@ def fit(
         # one model trained data-parallel is saved by rank 0; a rank's own job (a sharded
         # child or member) by that rank
         if resume is not None and (not isinstance(model, DistributedDataParallel) or is_main_process()):
-            kept = cbs.state_dict()  # e.g. the best state a CollapseGuard holds
-            extra = {**(resume_extra or {}), **({"callbacks": kept} if kept else {})}
+            held = cbs.state_dict()  # e.g. the best epoch a CollapseGuard holds
+            extra = {**(resume_extra or {}), **({"callbacks": held} if held else {})}
             save_checkpoint(resume, train_state(state, extra))
         cbs.on_epoch_end(state)
         if state.stop:
