@@ -33,7 +33,7 @@ from pat.config import (
 )
 from pat.data import Dataset, load_dataset
 from pat.engine.callbacks import Callback
-from pat.engine.checkpoint import load_model
+from pat.engine.checkpoint import load_checkpoint, load_model
 from pat.engine.distributed import Ranks, init_ranks
 from pat.engine.loop import resolve_device
 from pat.ensemble.ensemble import Ensemble
@@ -62,6 +62,7 @@ class RunResult:
     seconds: float
     validation: dict[str, Any] = field(default_factory=dict)  # parent_check: ensemble vs parent
     allocation: Allocation | None = None  # how config.budget was spent, if it was given
+    baseline_trend: dict[str, Any] | None = None  # baseline: true only; see baseline_trend()
 
 
 def demo_config(out: str = "runs/demo") -> RunConfig:
@@ -212,6 +213,24 @@ def parent_check(children_dir: str | Path, data: Dataset, *, parent_path: str | 
             "parent_restored": saved.get("restored")}
 
 
+def baseline_trend(history: list[dict[str, float]]) -> dict[str, Any] | None:
+    """Whether the independent model of a run was still improving when its budget ran out.
+
+    ``{"best_epoch", "epochs", "still_improving"}``: the epoch of its lowest validation loss,
+    its last epoch, and whether the first lies in the last tenth of the run (the last epoch
+    for runs under 15 epochs). That is the regime in which one model beat pat's ensemble of
+    the same budget in every measurement in docs/benchmarks.md (Fashion-MNIST at 12–96 epochs:
+    best epochs 23–24 of 24, 45–48 of 48, 91–96 of 96); where pat's ensemble won (digits at 144
+    epochs) the best epochs were 38–104. None without validation metrics.
+    """
+    losses = [(h["val_loss"], int(h["epoch"])) for h in history
+              if "val_loss" in h and math.isfinite(h["val_loss"])]
+    if not losses:
+        return None
+    best, epochs = min(losses)[1], int(history[-1]["epoch"])
+    return {"best_epoch": best, "epochs": epochs, "still_improving": best > epochs - max(1, round(0.1 * epochs))}
+
+
 def run(config: RunConfig, *, force: bool = False, progress: Progress = lambda stage: (),
         announce: Callable[[str], None] = lambda line: None, ranks: Ranks | None = None) -> RunResult | None:
     """Run (or continue) the whole Prune-and-Tune pipeline described by ``config``.
@@ -261,13 +280,14 @@ def run(config: RunConfig, *, force: bool = False, progress: Progress = lambda s
     rows, diversity = evaluate_run(children_dir, data, parent_path=parent_path, device=tune.device,
                                    baseline=baseline)
     validation = parent_check(children_dir, data, parent_path=parent_path, device=tune.device)
+    trend = baseline_trend(load_checkpoint(baseline[1], argument="baseline").get("history") or []) if baseline else None
     seconds = time.perf_counter() - start
     record = {"test": rows, "diversity": diversity, "validation": validation, "seconds": seconds,
-              "allocation": allocation.as_dict() if allocation else None}
+              "allocation": allocation.as_dict() if allocation else None, "baseline_trend": trend}
     text = json.dumps(record, indent=2)
     atomic_write(out / "metrics.json", lambda f: f.write(text.encode()))
     return RunResult(out=out, rows=rows, diversity=diversity, seconds=seconds, validation=validation,
-                     allocation=allocation)
+                     allocation=allocation, baseline_trend=trend)
 
 
 def _on_main(ranks: Ranks, work: Callable[[], Any]) -> None:

@@ -17,7 +17,7 @@ from pat.config import (
 )
 from pat.engine.checkpoint import load_checkpoint
 from pat.errors import PatError
-from pat.pipeline import resolve_budget, run
+from pat.pipeline import baseline_trend, resolve_budget, run
 
 
 @pytest.mark.parametrize("epochs", [3, 8, 16, 17, 48, 100, 301])
@@ -134,6 +134,10 @@ def test_run_with_a_budget_writes_the_allocation_and_the_validation_check(tmp_pa
     baseline = load_checkpoint(tmp_path / "run" / "independent.pt")["config"]
     assert baseline["epochs"] == 6 and baseline["schedule"] == config.parent.schedule
     assert result.rows[-1]["name"] == "independent (6 ep)"
+    history = load_checkpoint(tmp_path / "run" / "independent.pt")["history"]
+    best = min(history, key=lambda h: h["val_loss"])["epoch"]
+    assert metrics["baseline_trend"] == {"best_epoch": best, "epochs": 6, "still_improving": best == 6}
+    assert result.baseline_trend == metrics["baseline_trend"]
     run(config)  # a rerun of the same budgeted config continues the same run
 
 
@@ -141,3 +145,33 @@ def result_data():
     from pat.data import load_dataset
 
     return load_dataset("digits")
+
+
+def _history(losses):
+    return [{"epoch": i + 1, "val_loss": v} for i, v in enumerate(losses)]
+
+
+@pytest.mark.parametrize(("losses", "best", "still"), [
+    ([0.9, 0.5, 0.4, 0.3], 4, True),  # best at the last epoch: still improving
+    ([0.9, 0.3, 0.4, 0.5], 2, False),
+    ([1.0 - i / 100 for i in range(95)] + [0.01], 96, True),  # the last tenth of 96 is epochs 87-96
+    ([1.0 - i / 100 for i in range(87)] + [0.9] * 9, 87, True),
+    ([1.0 - i / 100 for i in range(86)] + [0.9] * 10, 86, False),
+    ([0.5, float("nan"), 0.6], 1, False),  # a diverged epoch is not a best one
+])  # fmt: skip
+def test_baseline_trend_says_whether_one_model_was_still_improving(losses, best, still):
+    assert baseline_trend(_history(losses)) == {"best_epoch": best, "epochs": len(losses), "still_improving": still}
+    assert baseline_trend([{"epoch": 1, "train_loss": 0.3}]) is None  # no validation split
+
+
+def test_the_run_notes_when_one_model_was_still_improving():
+    from pat.cli.children import _trend_line
+    from pat.cli.render import console
+
+    for trend, shown in (({"best_epoch": 95, "epochs": 96, "still_improving": True}, True),
+                         ({"best_epoch": 40, "epochs": 96, "still_improving": False}, False), (None, False)):
+        with console.capture() as captured:
+            _trend_line(trend)
+        text = captured.get()
+        assert ("lowest validation loss at epoch 95 of 96" in text and "children: 2" in text) == shown
+        assert bool(text) == shown

@@ -160,8 +160,26 @@ def _check_run_output(text: str, tmp: Path) -> None:
     real = json.loads((tmp / "run/metrics.json").read_text())
     keys = _keys_by_depth(text)
     assert keys[1] == set(real), (sorted(keys[1]), sorted(real))
-    documented_allocation = set(re.findall(r'"(\w+)":', text[text.index('"allocation"') + 13:]))
-    assert documented_allocation == set(real["allocation"]), sorted(real["allocation"])
+    def documented(key: str, until: str) -> set[str]:
+        return set(re.findall(r'"(\w+)":', text[text.index(f'"{key}"') + len(key) + 3:text.index(f'"{until}"')]))
+
+    assert documented("allocation", "baseline_trend") == set(real["allocation"]), sorted(real["allocation"])
+    assert documented("validation", "allocation") == set(real["validation"]), sorted(real["validation"])
+    assert real["baseline_trend"] is None  # no baseline in this run; the sketch's keys are baseline_trend()'s
+    from pat.pipeline import baseline_trend
+
+    sketch = set(re.findall(r'"(\w+)":', text[text.index('"baseline_trend"') + 17:]))
+    assert sketch == set(baseline_trend([{"epoch": 1, "val_loss": 0.5}]))
+
+
+def _check_trend_note(text: str, tmp: Path) -> None:
+    """docs/tuning.md's note: what pat run prints when its independent model was still improving."""
+    from pat.cli.children import _trend_line
+    from pat.cli.render import console
+
+    with console.capture() as captured:
+        _trend_line({"best_epoch": 95, "epochs": 96, "still_improving": True})
+    assert captured.get().strip() == text.strip()
 
 
 def _keys_by_depth(text: str) -> dict[int, set[str]]:
@@ -224,8 +242,9 @@ BLOCKS: dict[tuple[str, int], Case] = {
     ("docs/tuning.md", 4): Case("check", "parent: {model: resnet20", check=_check_run_config),
     ("docs/tuning.md", 5): Case("check", "parent: {model: lenet-s", check=_check_run_config),
     ("docs/tuning.md", 6): Case("check", "budget 48 epochs", check=_check_budget_line),
-    ("docs/tuning.md", 7): Case("shell", "torchrun"),
+    ("docs/tuning.md", 7): Case("check", "note: the independent model", check=_check_trend_note),
     ("docs/tuning.md", 8): Case("shell", "torchrun"),
+    ("docs/tuning.md", 9): Case("shell", "torchrun"),
 }
 
 

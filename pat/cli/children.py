@@ -235,6 +235,16 @@ def _validation_line(check: dict) -> None:
                       "(lower sparsity); see docs/tuning.md", highlight=False, soft_wrap=True)
 
 
+def _trend_line(trend: dict | None) -> None:
+    """A note when the run's independent model was still improving at its end (pat's losing regime)."""
+    if not trend or not trend["still_improving"]:
+        return
+    console.print(f"[yellow]note:[/] the independent model was still improving at its end (lowest validation "
+                  f"loss at epoch {trend['best_epoch']} of {trend['epochs']}); there one model of the budget has "
+                  "beaten pat's ensemble in every measurement so far, and fewer children each tuned longer "
+                  "(split: {children: 2}) lose less — docs/tuning.md", highlight=False, soft_wrap=True)
+
+
 def _render(result) -> None:
     console.print(metrics_table(f"test split — {result.out}", result.rows, CHILD_COLUMNS))
     parent = result.rows[0]
@@ -249,3 +259,4 @@ def _render(result) -> None:
         console.print(f"children disagree on {d['disagreement']:.1%} of test samples (mean pairwise); "
                       f"total time {result.seconds:.0f}s", highlight=False)
     _validation_line(result.validation)
+    _trend_line(result.baseline_trend)
