@@ -29,7 +29,11 @@
 #   --train-size 5000 --budget 96 --lrs 0.05 (~1900 s each; seed 305 rerun with the collapse guard, whose trunk
 #     had collapsed to chance): independent 87.21±0.24 / 0.346±0.006 (best epoch 91-96), pat default 85.48±0.60 /
 #     0.380±0.016; pat - independent -1.73±0.41 pts (p 0.009), +0.034 (p 0.02)
-#   One model is still improving at its last epoch there, and wins on every seed.
+#   One model is still improving at its last epoch there, and wins on every seed against pat's default.
+#   The same --train-size 5000 --budget 96 on fresh seeds 310-315 with --variants "trunk s0.2 x2,trunk physical
+#     partition x2 flops" (~2800 s each): independent 86.93±0.28 / 0.349±0.009, pat default 84.92±0.81 / 0.391,
+#     x2 86.22±0.46 / 0.363, physical partition x2 at equal FLOPs (2 x 82 epochs) 87.38±0.15 / 0.340±0.004:
+#     +0.45±0.19 pts (p 0.06, ahead on 6 of 6), -0.0089±0.0056 TS-NLL (p 0.17) against one model.
 """Equal-budget benchmark: does a pat ensemble beat one model trained for the whole budget?
 
 Every arm spends the same total training budget B (in epochs over the training split; each
@@ -249,6 +253,14 @@ VARIANTS: dict[str, Recipe] = {
     "trunk s0.2 share 0.8 x2": Recipe(method="random", sparsity=0.2, children=2, parent_share=0.8, trunk=True),
     "trunk s0.2 share 0.8 x4": Recipe(method="random", sparsity=0.2, children=4, parent_share=0.8, trunk=True),
     "trunk s0.2 share 0.9 x2": Recipe(method="random", sparsity=0.2, children=2, parent_share=0.9, trunk=True),
+    # smaller children for more epochs at the same FLOPs: the channels split between two physical
+    # children (each about a third of the trunk's FLOPs), each tuned for as many more epochs
+    "trunk physical partition x2 flops": Recipe(method="partition", level="neuron", physical=True, sparsity=None,
+                                                children=2, equal_flops=True, trunk=True),
+    "trunk physical s0.3 x2 flops": Recipe(method="random", level="neuron", physical=True, sparsity=0.3,
+                                           children=2, equal_flops=True, trunk=True),
+    "trunk physical s0.3 x4 flops": Recipe(method="random", level="neuron", physical=True, sparsity=0.3,
+                                           children=4, equal_flops=True, trunk=True),
     "physical cyclic d0.7 lr.2": Recipe(method="cyclic", sparsity=0.3, level="neuron", physical=True,
                                         equal_flops=True, lr_scale=0.2),
     "neuron partition x2 lr.2": Recipe(children=2, method="partition", level="neuron", sparsity=None,
