@@ -20,8 +20,10 @@ is what brought the ensemble level with one model trained for the whole budget (
 10 seeds at 48 epochs; docs/benchmarks.md); an annealed parent's children stay at its
 minimum and average to little more than it.
 
-Masked children cost a dense step (their zeros are multiplied); physical children cost less,
-so a physical run spends less than its budget — the run's recorded cost says what it spent.
+Masked children cost a dense step (their zeros are multiplied). Physical children cost less:
+``child_cost`` is a child step's share of a dense one (its FLOPs over the parent's), and a
+budget in epochs or FLOPs charges them that share, so cheaper children get more epochs. A
+budget in steps counts optimizer steps, whatever each costs.
 """
 
 from __future__ import annotations
@@ -76,12 +78,13 @@ class Allocation:
     child_epochs: int
     steps_per_epoch: int  # parent steps per epoch
     child_steps_per_epoch: int  # a child's steps per epoch (fewer when bagged)
+    child_cost: float = 1.0  # a child step's cost in dense parent steps (physical children: < 1)
 
     @property
     def spent_epochs(self) -> float:
-        """Parent epochs spent: the parent's plus each child's, scaled by its share of the data."""
+        """Parent epochs spent: the parent's plus each child's, scaled by its share of the data and its cost."""
         share = self.child_steps_per_epoch / self.steps_per_epoch
-        return self.parent_epochs + self.children * self.child_epochs * share
+        return self.parent_epochs + self.children * self.child_epochs * share * self.child_cost
 
     @property
     def steps(self) -> int:
@@ -92,13 +95,15 @@ class Allocation:
         """The allocation as a plain dict, for a run's metrics and config files."""
         return {"budget_epochs": self.budget_epochs, "parent_epochs": self.parent_epochs,
                 "children": self.children, "child_epochs": self.child_epochs,
-                "steps": self.steps, "spent_epochs": round(self.spent_epochs, 4)}
+                "steps": self.steps, "spent_epochs": round(self.spent_epochs, 4),
+                "child_cost": round(self.child_cost, 4)}
 
     def describe(self) -> str:
         """One line for a person: the budget and how it was split, in epochs and steps."""
+        cost = f"; a child step costs {self.child_cost:.2f} of the parent's" if self.child_cost != 1 else ""
         return (f"budget {self.budget_epochs:g} epochs → parent {self.parent_epochs} + "
                 f"{self.children} children × {self.child_epochs} "
-                f"({self.steps} optimizer steps, {self.child_epochs * self.child_steps_per_epoch} a child)")
+                f"({self.steps} optimizer steps, {self.child_epochs * self.child_steps_per_epoch} a child{cost})")
 
 
 def allocate_budget(
@@ -109,6 +114,7 @@ def allocate_budget(
     children: int,
     bagging: float | None = None,
     flops_per_sample: float | None = None,
+    child_cost: float = 1.0,
 ) -> Allocation:
     """Split ``budget`` between a parent and at most ``children`` children (see the module doc).
 
@@ -121,9 +127,15 @@ def allocate_budget(
         bagging: each child's share of the training split (``None``: all of it).
         flops_per_sample: training FLOPs of one sample through the dense model, needed for a
             budget in FLOPs (:func:`pat.engine.cost.forward_flops` x 3).
+        child_cost: what one child step costs in dense parent steps (a physical child's FLOPs
+            over the parent's; :func:`pat.pipeline.physical_child_cost`). Ignored for a budget
+            in steps, which counts steps.
     """
     check(train_size > 0 and batch_size > 0, f"train_size and batch_size must be positive. Got {train_size}, {batch_size}.")
     check(children >= 1, f"children must be at least 1. Got {children}.")
+    check(0 < child_cost <= 1, f"child_cost must be in (0, 1]. Got {child_cost!r}.")
+    if budget.steps is not None:
+        child_cost = 1.0
     steps_per_epoch = math.ceil(train_size / batch_size)
     child_samples = round(bagging * train_size) if bagging is not None and bagging < 1 else train_size
     child_steps_per_epoch = math.ceil(child_samples / batch_size)
@@ -136,7 +148,9 @@ def allocate_budget(
             raise PatError("a budget in flops needs the model's FLOPs per sample; give epochs or steps instead.")
         total = float(budget.flops) / (flops_per_sample * train_size)
     parent = max(1, round(total * budget.parent_share))
-    rest = (total - parent) * steps_per_epoch  # in steps
+    # in child steps: what the parent leaves, at what a child step costs (a hair of slack so
+    # that an exact fit is not lost to rounding)
+    rest = (total - parent) * steps_per_epoch / child_cost * (1 + 1e-9)
     if rest < child_steps_per_epoch:
         raise PatError(f"budget {budget_text(budget)} leaves no child a single epoch after the parent's "
                        f"{parent}; raise the budget or lower parent_share.")
@@ -149,10 +163,11 @@ def allocate_budget(
     if per_child < 1:
         m = max(1, int(rest // child_steps_per_epoch))
         per_child = 1
-    leftover = rest - m * per_child * child_steps_per_epoch
+    leftover = (rest - m * per_child * child_steps_per_epoch) * child_cost  # in parent steps
     parent += int(leftover // steps_per_epoch)
     return Allocation(budget_epochs=round(total, 4), parent_epochs=parent, children=m, child_epochs=per_child,
-                      steps_per_epoch=steps_per_epoch, child_steps_per_epoch=child_steps_per_epoch)
+                      steps_per_epoch=steps_per_epoch, child_steps_per_epoch=child_steps_per_epoch,
+                      child_cost=child_cost)
 
 
 def budget_text(budget: BudgetConfig) -> str:

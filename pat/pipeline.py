@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pat.budget import Allocation, allocate_budget
 from pat.config import (
     DataConfig,
@@ -47,7 +49,7 @@ from pat.store import EnsembleDir
 from pat.tuner import tune_directory
 
 __all__ = ["RunResult", "run", "demo_config", "evaluate_run", "split_to_directory", "split_footprint",
-           "resolve_budget", "parent_check"]
+           "resolve_budget", "parent_check", "physical_child_cost"]
 
 Progress = Callable[[str], Iterable[Callback]]
 
@@ -100,14 +102,26 @@ def resolve_budget(config: RunConfig, data: Dataset) -> tuple[RunConfig, Allocat
     flops = None
     if config.budget.flops is not None:
         from pat.engine.cost import TRAIN_FLOPS_PER_FORWARD, example_input, forward_flops
-        from pat.models import create_model
 
-        model = create_model(config.parent.model, num_classes=data.num_classes, in_channels=data.in_channels,
-                             **config.parent.model_kwargs)
+        model = _fresh_model(config, data)
         flops = TRAIN_FLOPS_PER_FORWARD * forward_flops(model, example_input(data))
-    allocation = allocate_budget(config.budget, train_size=len(data.train.y),
-                                 batch_size=config.tune.data.batch_size, children=config.split.children,
-                                 bagging=config.tune.bagging, flops_per_sample=flops)
+
+    def allocate(children: int) -> Allocation:
+        cost = 1.0
+        if config.split.physical and config.budget.unit != "steps":
+            cost = physical_child_cost(config, data, children)
+        return allocate_budget(config.budget, train_size=len(data.train.y),
+                               batch_size=config.tune.data.batch_size, children=children,
+                               bagging=config.tune.bagging, flops_per_sample=flops, child_cost=cost)
+
+    # a partition's children are larger when fewer: when the budget affords fewer children
+    # than asked for, their cost is measured again at that number (it only ever goes down)
+    allocation = allocate(config.split.children)
+    while allocation.children != config.split.children and config.split.physical:
+        fewer = allocation.children
+        allocation = allocate(fewer)
+        if allocation.children == fewer:
+            break
     parent = dataclasses.replace(config.parent, epochs=allocation.parent_epochs)
     tune = dataclasses.replace(config.tune, epochs=allocation.child_epochs)
     if config.budget.trunk:  # the parent explores at a constant LR; each child anneals from there
@@ -117,6 +131,37 @@ def resolve_budget(config: RunConfig, data: Dataset) -> tuple[RunConfig, Allocat
     resolved = dataclasses.replace(config, parent=parent, tune=tune,
                                    split=dataclasses.replace(config.split, children=allocation.children))
     return resolved, allocation
+
+
+def _fresh_model(config: RunConfig, data: Dataset) -> Any:
+    from pat.models import create_model
+
+    with torch.random.fork_rng(devices=[]):  # building it must not move the run's seeded RNG
+        return create_model(config.parent.model, num_classes=data.num_classes, in_channels=data.in_channels,
+                            **config.parent.model_kwargs)
+
+
+def physical_child_cost(config: RunConfig, data: Dataset, children: int | None = None) -> float:
+    """What one step of the run's physical children costs, as a share of a dense parent step.
+
+    The mean over ``children`` children (default ``config.split.children``) of a child's
+    forward FLOPs over the parent's, measured by splitting a freshly built model with
+    ``config.split``: which channels a split removes depends on its seed, not on the trained
+    weights, so the count (and so the FLOPs) is the trained parent's children's too.
+    """
+    from pat.children import iter_split
+    from pat.engine.cost import example_input, forward_flops
+
+    sp = config.split
+    check(sp.physical, "physical_child_cost needs split.physical=true.")
+    with torch.random.fork_rng(devices=[]):  # nothing here may move the run's seeded RNG
+        model, x = _fresh_model(config, data), example_input(data)
+        dense = forward_flops(model, x)
+        kids = iter_split(model, children or sp.children, method=sp.method, sparsity=sp.sparsity, level=sp.level,
+                          scope=sp.scope, physical=True, seed=sp.seed, example_inputs=x,
+                          include_first=sp.include_first, include_classifier=sp.include_classifier)
+        costs = [forward_flops(kid, x) / dense for kid in kids]
+    return min(1.0, sum(costs) / len(costs))
 
 
 def _claim_output(config: RunConfig, force: bool, allocation: Allocation | None = None) -> Path:
@@ -137,10 +182,14 @@ def _claim_output(config: RunConfig, force: bool, allocation: Allocation | None 
     return out
 
 
-def run_epochs(config: RunConfig) -> int:
-    """The run's whole budget in parent epochs (a bagged child epoch costs its share of one)."""
+def run_epochs(config: RunConfig, child_cost: float = 1.0) -> int:
+    """The run's whole budget in parent epochs.
+
+    A bagged child epoch costs its share of one, and each child step ``child_cost`` of a
+    parent step (physical children: :func:`physical_child_cost`).
+    """
     share = config.tune.bagging if config.tune.bagging is not None else 1.0
-    return max(1, round(config.parent.epochs + config.split.children * config.tune.epochs * share))
+    return max(1, round(config.parent.epochs + config.split.children * config.tune.epochs * share * child_cost))
 
 
 def evaluate_run(children_dir: Path, data: Dataset, *, parent_path: Path | None = None,
@@ -270,7 +319,8 @@ def run(config: RunConfig, *, force: bool = False, progress: Progress = lambda s
     tune_directory(str(children_dir), data, tune, ranks=ranks, callbacks=progress)
     baseline = None
     if config.baseline:
-        epochs = run_epochs(config)
+        cost = allocation.child_cost if allocation else physical_child_cost(config, data) if config.split.physical else 1.0
+        epochs = run_epochs(config, cost)
         baseline = (f"independent ({epochs} ep)", out / "independent.pt")
         if not baseline[1].exists():
             train_parent(dataclasses.replace(recipe, epochs=epochs), data=data,

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -61,6 +62,22 @@ def test_steps_and_flops_budgets_are_converted_to_epochs():
     assert by_flops == by_epochs
     with pytest.raises(PatError, match="FLOPs per sample"):
         allocate_budget(BudgetConfig(flops=1e9), train_size=1295, batch_size=128, children=2)
+
+
+@pytest.mark.parametrize("cost", [0.05, 0.29, 0.5, 0.97])
+@pytest.mark.parametrize("children", [2, 6])
+def test_cheaper_children_get_the_epochs_their_cost_saves(cost, children):
+    dense = allocate_budget(BudgetConfig(epochs=48), train_size=1295, batch_size=128, children=children)
+    a = allocate_budget(BudgetConfig(epochs=48), train_size=1295, batch_size=128, children=children, child_cost=cost)
+    assert a.children == dense.children and a.child_cost == cost
+    # every epoch the cost saves goes to the children (rounded down to whole epochs each)
+    assert a.child_epochs == int(dense.child_epochs / cost + 1e-6)
+    assert 48 - 1 < a.spent_epochs <= 48 + 1e-9
+    # a budget in steps counts optimizer steps, whatever each costs
+    assert allocate_budget(BudgetConfig(steps=528), train_size=1295, batch_size=128, children=children,
+                           child_cost=cost) == dense
+    with pytest.raises(PatError, match=r"child_cost must be in \(0, 1\]. Got 1.5"):
+        allocate_budget(BudgetConfig(epochs=48), train_size=1295, batch_size=128, children=2, child_cost=1.5)
 
 
 @pytest.mark.parametrize("kwargs, words", [
@@ -175,3 +192,40 @@ def test_the_run_notes_when_one_model_was_still_improving():
         text = captured.get()
         assert ("lowest validation loss at epoch 95 of 96" in text and "children: 2" in text) == shown
         assert bool(text) == shown
+
+
+def test_a_budget_charges_physical_children_their_flops(tmp_path, digits):
+    """A budgeted run of physical children: each child step is charged the child's FLOPs share,
+    measured before the parent trains; the run and its baseline spend the same FLOPs."""
+    import torch
+
+    from pat.engine.checkpoint import load_model
+    from pat.engine.cost import example_input, forward_flops
+    from pat.ensemble.ensemble import Ensemble
+
+    data = DataConfig(dataset="digits", batch_size=128)
+    config = RunConfig(parent=TrainConfig(lr=0.05, data=data), tune=TuneConfig(data=data),
+                       split=SplitConfig(children=2, level="neuron", method="partition", sparsity=None, physical=True),
+                       budget=BudgetConfig(epochs=4), baseline=True, out=str(tmp_path / "run"))
+    torch.manual_seed(7)
+    state = torch.random.get_rng_state()
+    resolved, a = resolve_budget(config, digits)
+    assert torch.equal(torch.random.get_rng_state(), state)  # measuring the children moved no seed
+    masked = resolve_budget(dataclasses.replace(config, split=SplitConfig(children=2)), digits)[1]
+    assert a.child_cost < 1 / 3 and a.child_epochs == int(masked.child_epochs / a.child_cost) >= 3
+    result = run(config)
+    run_dir = tmp_path / "run"
+    x = example_input(digits)
+    parent = forward_flops(load_model(run_dir / "parent.pt")[0], x)
+    members = Ensemble.load(run_dir / "children").members
+    # the cost measured on a freshly built model is the trained parent's children's
+    assert a.child_cost == pytest.approx(sum(forward_flops(m, x) for m in members) / len(members) / parent)
+    assert load_yaml(run_dir / "config.yaml")["tune"]["epochs"] == a.child_epochs
+    # what the parent and children spent is the budget (less at most one epoch), and the baseline's
+    spent = load_checkpoint(run_dir / "parent.pt")["cost"]["flops"] + sum(
+        load_checkpoint(run_dir / "children" / f"child-{i}.pt")["cost"]["flops"] for i in range(2))
+    budget = 3 * parent * len(digits.train.y) * 4
+    assert budget - 3 * parent * len(digits.train.y) < spent <= budget * 1.001
+    independent = load_checkpoint(run_dir / "independent.pt")
+    assert independent["config"]["epochs"] == round(a.spent_epochs) == 4
+    assert result.rows[-1]["name"] == "independent (4 ep)"

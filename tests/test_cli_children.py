@@ -240,23 +240,3 @@ def test_validation_line_warns_when_the_ensemble_or_its_parent_fails(parent_acc,
     assert text.startswith("validation: ensemble of 6")
     assert all(w in text for w in words)
     assert ("warning" in text) == bool(words)
-
-
-def test_physical_children_at_equal_flops(tmp_path, digits):
-    """docs/tuning.md's three commands (on digits): each partition child costs under a third of
-    the trunk's FLOPs, the ratio the docs multiply the children's epochs by."""
-    from pat.engine.checkpoint import load_model
-    from pat.engine.cost import example_input, forward_flops
-    from pat.ensemble.ensemble import Ensemble
-
-    trunk, kids = tmp_path / "trunk.pt", tmp_path / "kids"
-    assert run("train", "--model", "lenet-s", "--dataset", "digits", "--epochs", 1, "--lr", 0.05,
-               "--schedule", "constant", "--out", trunk).exit_code == 0
-    result = run("split", "--parent", trunk, "--children", 2, "--level", "neuron", "--method", "partition",
-                 "--physical", "--out", kids)
-    assert result.exit_code == 0, result.output
-    assert run("tune", kids, "--epochs", 1, "--max-lr", 0.05).exit_code == 0
-    x = example_input(digits)
-    parent = forward_flops(load_model(trunk)[0], x)
-    members = Ensemble.load(kids).members
-    assert len(members) == 2 and all(3 * forward_flops(m, x) < parent for m in members)
