@@ -229,14 +229,15 @@ def parent_check(children_dir: str | Path, data: Dataset, *, parent_path: str | 
     ``parent_path`` defaults to the parent recorded in the ensemble's manifest. Returns
     ``{}`` when there is no validation split or no parent file to compare with; otherwise
     ``{"parent": {...}, "ensemble": {...}, "flips": {...}, "worse": bool, "parent_at_chance": bool,
-    "parent_restored": dict | None}``.
+    "parent_restored": dict | None, "children_restored": {name: dict}}``.
     ``worse`` means a higher NLL than the parent's, or a lower accuracy by more than chance
     explains: ``flips`` counts the images only the parent gets right (``lost``) and only the
     ensemble gets right (``won``), and the accuracy is lower when ``lost - won`` exceeds
     1.96 sqrt(lost + won), the paired sign test at 5 % (on digits' 143 validation images one
     image is 0.7 %, which no one should read as a verdict). ``parent_at_chance`` is a parent
     within 1.5x of chance accuracy; ``parent_restored`` is the parent checkpoint's ``restored`` record
-    (its training collapsed and an earlier epoch was handed over; :mod:`pat.engine.guard`).
+    (its training collapsed and an earlier epoch was handed over; :mod:`pat.engine.guard`);
+    ``children_restored`` holds the same record for each child whose tuning collapsed.
     """
     if not len(data.val.y):
         return {}
@@ -259,7 +260,9 @@ def parent_check(children_dir: str | Path, data: Dataset, *, parent_path: str | 
             # a parent that learnt nothing (a trunk diverged at its constant LR, say)
             "parent_at_chance": p["accuracy"] <= 1.5 / data.num_classes,
             # a parent whose last epoch collapsed, handed over at its best epoch instead
-            "parent_restored": saved.get("restored")}
+            "parent_restored": saved.get("restored"),
+            "children_restored": {m["name"]: m["metrics"]["restored"] for m in ens_dir.members
+                                  if (m.get("metrics") or {}).get("restored")}}
 
 
 def baseline_trend(history: list[dict[str, float]]) -> dict[str, Any] | None:

@@ -113,3 +113,36 @@ def test_without_a_validation_split_there_is_nothing_to_guard(tmp_path):
     data = load_dataset("digits", val_fraction=0.0)
     result = train_parent(CONFIG, data=data, callbacks=[Sabotage(2)])
     assert result.restored is None  # the last epoch stands: no validation to choose another by
+
+
+def test_a_child_whose_tuning_collapsed_keeps_its_best_epoch(digits, digits_parent, tmp_path):
+    """The same guard watches each child's tuning: a child that fell to chance is handed back its
+    best epoch (masked weights still zero), the others end at their last, and pat run / pat tune
+    warn through the validation check."""
+    from pat.children import load_child
+    from pat.cli.children import _validation_line
+    from pat.cli.render import console
+    from pat.config import SplitConfig, TuneConfig
+    from pat.pipeline import parent_check
+    from pat.records import masks_of
+    from pat.splitting import split_to_directory
+    from pat.tuner import tune_directory
+
+    kids = tmp_path / "children"
+    split_to_directory(digits_parent, kids, SplitConfig(children=2))
+    snaps = Snapshots()
+    config = TuneConfig(epochs=3, max_lr=0.05, data=DataConfig(batch_size=64))
+    tune_directory(str(kids), digits, config,
+                   callbacks=lambda name: [Sabotage(1), snaps] if name == "child-0" else [])
+    check = parent_check(kids, digits)
+    assert set(check["children_restored"]) == {"child-0"}
+    restored = check["children_restored"]["child-0"]
+    assert restored["epoch"] == 1 and restored["last"]["epoch"] == 3 and restored["last"]["val_acc"] < 0.25
+    child = load_child(kids / "child-0.pt")
+    assert same(child.state_dict(), snaps.states[1])
+    masks, params = masks_of(child), dict(child.named_parameters())
+    assert masks and all(int(params[n][~m].count_nonzero()) == 0 for n, m in masks.items())
+    assert "restored" not in load_checkpoint(kids / "child-1.pt")["metrics"]
+    with console.capture() as captured:
+        _validation_line(check)
+    assert "warning: child-0 collapsed" in captured.get() and "child-1" not in captured.get()

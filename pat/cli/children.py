@@ -225,6 +225,11 @@ def _validation_line(check: dict) -> None:
 
         console.print(f"[yellow]warning:[/] {describe_restored(check['parent_restored'], 'the parent')}; "
                       "lower parent.lr (with budget.trunk it is held constant)", highlight=False, soft_wrap=True)
+    for name, restored in (check.get("children_restored") or {}).items():
+        from pat.engine.guard import describe_restored
+
+        console.print(f"[yellow]warning:[/] {describe_restored(restored, name)}; lower the children's peak LR "
+                      "(--max-lr, tune.max_lr)", highlight=False, soft_wrap=True)
     if check.get("parent_at_chance"):
         console.print(f"[yellow]warning:[/] the parent is at chance on validation ({p['accuracy']:.2%}): it did "
                       "not learn — with budget.trunk its LR is held constant; lower parent.lr or set "

@@ -20,6 +20,7 @@ from pat.data import BatchData, Dataset, as_data, bagging_indices
 from pat.engine.batchnorm import recalibrate_bn
 from pat.engine.callbacks import Callback
 from pat.engine.cost import example_input, fit_cost
+from pat.engine.guard import CollapseGuard
 from pat.engine.loop import final_metrics, fit, resolve_device
 from pat.engine.masking import MaskEnforcer
 from pat.engine.optim import recipe
@@ -114,6 +115,10 @@ def tune_child(
 ) -> dict[str, float]:
     """Tune one child in place; returns its validation and test metrics.
 
+    With a validation split a :class:`pat.engine.guard.CollapseGuard` watches the run: a child
+    whose last epoch collapsed (to chance, say, when its peak LR is too high for it) is handed
+    back its lowest-validation-loss epoch, and ``metrics["restored"]`` says which.
+
     The metrics and the run's cost (:func:`pat.engine.cost.fit_cost`) are also left in the
     child's :class:`pat.records.Child` record (one is attached to a plain model).
 
@@ -129,10 +134,13 @@ def tune_child(
     optimizer, scheduler = optimization(child, config, config.epochs * len(train))
     evals = {"val": data.loader("val", batch_size=512, device=device)} if len(data.val) else {}
     enforcer = [MaskEnforcer(masks)] if masks else []
+    guard = [CollapseGuard(data.num_classes)] if evals else []  # after the enforcer: it keeps masked weights
     state = fit(child, train, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler,
-                step=create_step(config.step), eval_data=evals, callbacks=[*enforcer, *callbacks],
+                step=create_step(config.step), eval_data=evals, callbacks=[*enforcer, *callbacks, *guard],
                 amp=config.amp, device=device, resume_path=resume_path, resume_extra=resume_extra)
     metrics = {"train_samples": samples, **final_metrics(child, data, device=device, amp=config.amp)}
+    if guard and guard[0].restored is not None:
+        metrics["restored"] = guard[0].restored
     record_tuning(child, metrics, tuning_cost(child, state, data, device, bn_samples))
     return metrics
 
