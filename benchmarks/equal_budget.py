@@ -34,6 +34,11 @@
 #     partition x2 flops" (~2800 s each): independent 86.93±0.28 / 0.349±0.009, pat default 84.92±0.81 / 0.391,
 #     x2 86.22±0.46 / 0.363, physical partition x2 at equal FLOPs (2 x 82 epochs) 87.38±0.15 / 0.340±0.004:
 #     +0.45±0.19 pts (p 0.06, ahead on 6 of 6), -0.0089±0.0056 TS-NLL (p 0.17) against one model.
+# The physical partition x2 recipe elsewhere (2026-12-06; physical - one model / physical - pat default, points):
+#   digits --budget 48, seeds 300-309 (--variants "trunk physical partition x2 flops"): 99.39±0.08 / 0.038;
+#     +0.72±0.22 (p 0.01) / +0.33±0.15 (p 0.06)
+#   digits 144, seeds 300-311 (beside the saved runs): 99.35±0.09 / 0.028; +0.72±0.28 (p 0.03) / -0.19±0.10 (p 0.09)
+#   Fashion-MNIST 48, seeds 300-305 (beside the saved runs): 91.98±0.05 / 0.222; -0.45±0.06 (p 0.0007) / +0.08±0.07
 """Equal-budget benchmark: does a pat ensemble beat one model trained for the whole budget?
 
 Every arm spends the same total training budget B (in epochs over the training split; each
