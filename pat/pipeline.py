@@ -92,7 +92,8 @@ def resolve_budget(config: RunConfig, data: Dataset) -> tuple[RunConfig, Allocat
     """Apply ``config.budget`` (if any): parent epochs, number of children and child epochs.
 
     The result is a plain config (its ``budget`` kept) whose stages spend the allocation; a
-    config without a budget is returned unchanged.
+    config without a budget is returned unchanged. Physical children are charged their FLOPs
+    (:func:`physical_child_cost`) unless the budget is in steps.
     """
     if config.budget is None:
         return config, None
