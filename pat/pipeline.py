@@ -323,8 +323,10 @@ def run(config: RunConfig, *, force: bool = False, progress: Progress = lambda s
     tune_directory(str(children_dir), data, tune, ranks=ranks, callbacks=progress)
     baseline = None
     if config.baseline:
-        cost = allocation.child_cost if allocation else physical_child_cost(config, data) if config.split.physical else 1.0
-        epochs = run_epochs(config, cost)
+        if allocation is not None:  # the whole budget, even where whole epochs left pat a little short of it
+            epochs = max(1, round(allocation.budget_epochs))
+        else:
+            epochs = run_epochs(config, physical_child_cost(config, data) if config.split.physical else 1.0)
         baseline = (f"independent ({epochs} ep)", out / "independent.pt")
         if not baseline[1].exists():
             train_parent(dataclasses.replace(recipe, epochs=epochs), data=data,
