@@ -37,7 +37,7 @@
 # The physical partition x2 recipe elsewhere (2026-12-06; physical - one model / physical - pat default, points):
 #   digits --budget 48, seeds 300-309 (--variants "trunk physical partition x2 flops"): 99.39±0.08 / 0.038;
 #     +0.72±0.22 (p 0.01) / +0.33±0.15 (p 0.06)
-#   digits 144, seeds 300-311 (beside the saved runs): 99.35±0.09 / 0.028; +0.72±0.28 (p 0.03) / -0.19±0.10 (p 0.09)
+#   digits 144, seeds 300-319 (beside the saved runs): 99.42±0.07 / 0.026; +0.54±0.19 (p 0.01) / -0.17±0.09 (p 0.08)
 #   Fashion-MNIST 48, seeds 300-305 (beside the saved runs): 91.98±0.05 / 0.222; -0.45±0.06 (p 0.0007) / +0.08±0.07
 """Equal-budget benchmark: does a pat ensemble beat one model trained for the whole budget?
 
