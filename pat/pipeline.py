@@ -336,7 +336,7 @@ def run(config: RunConfig, *, force: bool = False, progress: Progress = lambda s
     rows, diversity = evaluate_run(children_dir, data, parent_path=parent_path, device=tune.device,
                                    baseline=baseline)
     validation = parent_check(children_dir, data, parent_path=parent_path, device=tune.device)
-    trend = baseline_trend(load_checkpoint(baseline[1], argument="baseline").get("history") or []) if baseline else None
+    trend = baseline_trend(load_checkpoint(baseline[1], argument="baseline", mmap=True).get("history") or []) if baseline else None
     seconds = time.perf_counter() - start
     record = {"test": rows, "diversity": diversity, "validation": validation, "seconds": seconds,
               "allocation": allocation.as_dict() if allocation else None, "baseline_trend": trend}

@@ -211,6 +211,8 @@ def demo(out, device, force) -> None:
 
 def _validation_line(check: dict) -> None:
     """The ensemble against its parent on validation, and a one-line warning when it is worse."""
+    from pat.engine.guard import describe_restored
+
     if not check:
         console.print("ensemble vs parent on validation: not compared (no validation split or parent file)")
         return
@@ -221,13 +223,9 @@ def _validation_line(check: dict) -> None:
                   f"ensemble gets right {check['flips']['won']}, only the parent {check['flips']['lost']})",
                   highlight=False, soft_wrap=True)
     if check.get("parent_restored"):
-        from pat.engine.guard import describe_restored
-
         console.print(f"[yellow]warning:[/] {describe_restored(check['parent_restored'], 'the parent')}; "
                       "lower parent.lr (with budget.trunk it is held constant)", highlight=False, soft_wrap=True)
     for name, restored in (check.get("children_restored") or {}).items():
-        from pat.engine.guard import describe_restored
-
         console.print(f"[yellow]warning:[/] {describe_restored(restored, name)}; lower the children's peak LR "
                       "(--max-lr, tune.max_lr)", highlight=False, soft_wrap=True)
     if check.get("parent_at_chance"):
