@@ -294,9 +294,13 @@ class GradualMask(Callback):
 
 def allocation(args: argparse.Namespace, data: Dataset, budget: int, recipe: Recipe) -> tuple[int, int, int]:
     """(parent epochs, children, epochs per child) by :func:`pat.budget.allocate_budget`."""
+    from pat.models import create_model
+
     config = BudgetConfig(epochs=budget, parent_share=recipe.parent_share, min_child_steps=recipe.min_child_steps)
+    model = create_model(args.model, num_classes=data.num_classes, in_channels=data.in_channels)
+    bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())  # recomputed per child
     a = allocate_budget(config, train_size=len(data.train.y), batch_size=args.batch_size,
-                        children=recipe.children, bagging=recipe.bagging)
+                        children=recipe.children, bagging=recipe.bagging, recompute_bn=bn)
     return a.parent_epochs, a.children, a.child_epochs
 
 
@@ -316,7 +320,9 @@ def pat_members(args: argparse.Namespace, data: Dataset, budget: int, recipe: Re
     if recipe.equal_flops:
         dev = resolve_device(args.device)
         ratio = fit_flops(parent, data, dev) / fit_flops(kids[0], data, dev)
-        epochs = max(1, round(child_epochs * ratio))
+        # the BatchNorm recomputation (a forward pass, a third of an epoch) is paid once per child
+        setup = 1 / 3 if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in parent.modules()) else 0.0
+        epochs = max(1, round((child_epochs + setup) * ratio - setup))
     config = TuneConfig(epochs=epochs, schedule=recipe.schedule, max_lr=chosen["lr"] * recipe.lr_scale,
                         lr=chosen["lr"] * recipe.lr_scale * 0.1, bagging=recipe.bagging, seed=seed,
                         device=args.device,

@@ -24,6 +24,12 @@ Masked children cost a dense step (their zeros are multiplied). Physical childre
 ``child_cost`` is a child step's share of a dense one (its FLOPs over the parent's), and a
 budget in epochs or FLOPs charges them that share, so cheaper children get more epochs. A
 budget in steps counts optimizer steps, whatever each costs.
+
+A child with BatchNorm has its running statistics recomputed before tuning (one forward pass
+over its training share, ``tune.recompute_bn``). A forward pass is a third of a training pass
+(:data:`pat.engine.cost.TRAIN_FLOPS_PER_FORWARD`), so with ``recompute_bn`` a budget in epochs
+or FLOPs charges each child a third of one of its epochs before its first step; a budget in
+steps does not (the pass takes no optimizer step).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from pat.engine.cost import TRAIN_FLOPS_PER_FORWARD
 from pat.errors import PatError, check
 
 __all__ = ["BudgetConfig", "Allocation", "allocate_budget"]
@@ -79,12 +86,18 @@ class Allocation:
     steps_per_epoch: int  # parent steps per epoch
     child_steps_per_epoch: int  # a child's steps per epoch (fewer when bagged)
     child_cost: float = 1.0  # a child step's cost in dense parent steps (physical children: < 1)
+    recompute_bn: bool = False  # each child charged a forward pass over its data (BatchNorm statistics)
+
+    @property
+    def child_passes(self) -> float:
+        """A child's cost in its own epochs: its tuning plus the BatchNorm recomputation, if charged."""
+        return self.child_epochs + (1 / TRAIN_FLOPS_PER_FORWARD if self.recompute_bn else 0.0)
 
     @property
     def spent_epochs(self) -> float:
         """Parent epochs spent: the parent's plus each child's, scaled by its share of the data and its cost."""
         share = self.child_steps_per_epoch / self.steps_per_epoch
-        return self.parent_epochs + self.children * self.child_epochs * share * self.child_cost
+        return self.parent_epochs + self.children * self.child_passes * share * self.child_cost
 
     @property
     def steps(self) -> int:
@@ -96,11 +109,13 @@ class Allocation:
         return {"budget_epochs": self.budget_epochs, "parent_epochs": self.parent_epochs,
                 "children": self.children, "child_epochs": self.child_epochs,
                 "steps": self.steps, "spent_epochs": round(self.spent_epochs, 4),
-                "child_cost": round(self.child_cost, 4)}
+                "child_cost": round(self.child_cost, 4), "recompute_bn": self.recompute_bn}
 
     def describe(self) -> str:
         """One line for a person: the budget and how it was split, in epochs and steps."""
         cost = f"; a child step costs {self.child_cost:.2f} of the parent's" if self.child_cost != 1 else ""
+        if self.recompute_bn:
+            cost += "; a child's BatchNorm recomputation costs a third of its epoch"
         return (f"budget {self.budget_epochs:g} epochs → parent {self.parent_epochs} + "
                 f"{self.children} children × {self.child_epochs} "
                 f"({self.steps} optimizer steps, {self.child_epochs * self.child_steps_per_epoch} a child{cost})")
@@ -115,6 +130,7 @@ def allocate_budget(
     bagging: float | None = None,
     flops_per_sample: float | None = None,
     child_cost: float = 1.0,
+    recompute_bn: bool = False,
 ) -> Allocation:
     """Split ``budget`` between a parent and at most ``children`` children (see the module doc).
 
@@ -130,12 +146,15 @@ def allocate_budget(
         child_cost: what one child step costs in dense parent steps (a physical child's FLOPs
             over the parent's; :func:`pat.pipeline.physical_child_cost`). Ignored for a budget
             in steps, which counts steps.
+        recompute_bn: charge each child the forward pass over its training share that
+            recomputes its BatchNorm statistics before tuning (a third of one of its epochs;
+            ignored for a budget in steps).
     """
     check(train_size > 0 and batch_size > 0, f"train_size and batch_size must be positive. Got {train_size}, {batch_size}.")
     check(children >= 1, f"children must be at least 1. Got {children}.")
     check(0 < child_cost <= 1, f"child_cost must be in (0, 1]. Got {child_cost!r}.")
     if budget.steps is not None:
-        child_cost = 1.0
+        child_cost, recompute_bn = 1.0, False
     steps_per_epoch = math.ceil(train_size / batch_size)
     child_samples = round(bagging * train_size) if bagging is not None and bagging < 1 else train_size
     child_steps_per_epoch = math.ceil(child_samples / batch_size)
@@ -151,23 +170,24 @@ def allocate_budget(
     # in child steps: what the parent leaves, at what a child step costs (a hair of slack so
     # that an exact fit is not lost to rounding)
     rest = (total - parent) * steps_per_epoch / child_cost * (1 + 1e-9)
-    if rest < child_steps_per_epoch:
+    setup = child_steps_per_epoch / TRAIN_FLOPS_PER_FORWARD if recompute_bn else 0.0  # in child steps
+    if rest < child_steps_per_epoch + setup:
         raise PatError(f"budget {budget_text(budget)} leaves no child a single epoch after the parent's "
                        f"{parent}; raise the budget or lower parent_share.")
     m = children
-    per_child = int(rest // (m * child_steps_per_epoch))
+    per_child = int((rest / m - setup) // child_steps_per_epoch)
     if per_child * child_steps_per_epoch < budget.min_child_steps and m > 2:
-        affordable = int(rest // (max(budget.min_child_steps, child_steps_per_epoch)))
+        affordable = int(rest // (max(budget.min_child_steps, child_steps_per_epoch) + setup))
         m = max(2, min(m, affordable))
-        per_child = int(rest // (m * child_steps_per_epoch))
+        per_child = int((rest / m - setup) // child_steps_per_epoch)
     if per_child < 1:
-        m = max(1, int(rest // child_steps_per_epoch))
+        m = max(1, int(rest // (child_steps_per_epoch + setup)))
         per_child = 1
-    leftover = (rest - m * per_child * child_steps_per_epoch) * child_cost  # in parent steps
+    leftover = (rest - m * (per_child * child_steps_per_epoch + setup)) * child_cost  # in parent steps
     parent += int(leftover // steps_per_epoch)
     return Allocation(budget_epochs=round(total, 4), parent_epochs=parent, children=m, child_epochs=per_child,
                       steps_per_epoch=steps_per_epoch, child_steps_per_epoch=child_steps_per_epoch,
-                      child_cost=child_cost)
+                      child_cost=child_cost, recompute_bn=recompute_bn)
 
 
 def budget_text(budget: BudgetConfig) -> str:

@@ -49,7 +49,7 @@ from pat.store import EnsembleDir
 from pat.tuner import tune_directory
 
 __all__ = ["RunResult", "run", "demo_config", "evaluate_run", "split_to_directory", "split_footprint",
-           "resolve_budget", "parent_check", "physical_child_cost"]
+           "resolve_budget", "parent_check", "physical_child_cost", "recomputes_bn"]
 
 Progress = Callable[[str], Iterable[Callback]]
 
@@ -93,7 +93,8 @@ def resolve_budget(config: RunConfig, data: Dataset) -> tuple[RunConfig, Allocat
 
     The result is a plain config (its ``budget`` kept) whose stages spend the allocation; a
     config without a budget is returned unchanged. Physical children are charged their FLOPs
-    (:func:`physical_child_cost`) unless the budget is in steps.
+    (:func:`physical_child_cost`), and children with BatchNorm the pass that recomputes its
+    statistics (:func:`recomputes_bn`), unless the budget is in steps.
     """
     if config.budget is None:
         return config, None
@@ -107,13 +108,16 @@ def resolve_budget(config: RunConfig, data: Dataset) -> tuple[RunConfig, Allocat
         model = _fresh_model(config, data)
         flops = TRAIN_FLOPS_PER_FORWARD * forward_flops(model, example_input(data))
 
+    recompute_bn = recomputes_bn(config, data)
+
     def allocate(children: int) -> Allocation:
         cost = 1.0
         if config.split.physical and config.budget.unit != "steps":
             cost = physical_child_cost(config, data, children)
         return allocate_budget(config.budget, train_size=len(data.train.y),
                                batch_size=config.tune.data.batch_size, children=children,
-                               bagging=config.tune.bagging, flops_per_sample=flops, child_cost=cost)
+                               bagging=config.tune.bagging, flops_per_sample=flops, child_cost=cost,
+                               recompute_bn=recompute_bn)
 
     # a partition's children are larger when fewer: when the budget affords fewer children
     # than asked for, their cost is measured again at that number (it only ever goes down)
@@ -140,6 +144,17 @@ def _fresh_model(config: RunConfig, data: Dataset) -> Any:
     with torch.random.fork_rng(devices=[]):  # building it must not move the run's seeded RNG
         return create_model(config.parent.model, num_classes=data.num_classes, in_channels=data.in_channels,
                             **config.parent.model_kwargs)
+
+
+def recomputes_bn(config: RunConfig, data: Dataset) -> bool:
+    """Whether the run's children get their BatchNorm statistics recomputed before tuning.
+
+    ``tune.recompute_bn`` applies to models with BatchNorm layers only; the model is built
+    fresh (splitting keeps every BatchNorm layer, so the children have them if it does).
+    """
+    if not config.tune.recompute_bn:
+        return False
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in _fresh_model(config, data).modules())
 
 
 def physical_child_cost(config: RunConfig, data: Dataset, children: int | None = None) -> float:
@@ -183,14 +198,18 @@ def _claim_output(config: RunConfig, force: bool, allocation: Allocation | None 
     return out
 
 
-def run_epochs(config: RunConfig, child_cost: float = 1.0) -> int:
+def run_epochs(config: RunConfig, child_cost: float = 1.0, recompute_bn: bool = False) -> int:
     """The run's whole budget in parent epochs.
 
     A bagged child epoch costs its share of one, and each child step ``child_cost`` of a
-    parent step (physical children: :func:`physical_child_cost`).
+    parent step (physical children: :func:`physical_child_cost`); with ``recompute_bn`` each
+    child also pays the forward pass that recomputes its BatchNorm statistics.
     """
+    from pat.engine.cost import TRAIN_FLOPS_PER_FORWARD
+
     share = config.tune.bagging if config.tune.bagging is not None else 1.0
-    return max(1, round(config.parent.epochs + config.split.children * config.tune.epochs * share * child_cost))
+    passes = config.tune.epochs + (1 / TRAIN_FLOPS_PER_FORWARD if recompute_bn else 0.0)
+    return max(1, round(config.parent.epochs + config.split.children * passes * share * child_cost))
 
 
 def evaluate_run(children_dir: Path, data: Dataset, *, parent_path: Path | None = None,
@@ -326,7 +345,8 @@ def run(config: RunConfig, *, force: bool = False, progress: Progress = lambda s
         if allocation is not None:  # the whole budget, even where whole epochs left pat a little short of it
             epochs = max(1, round(allocation.budget_epochs))
         else:
-            epochs = run_epochs(config, physical_child_cost(config, data) if config.split.physical else 1.0)
+            epochs = run_epochs(config, physical_child_cost(config, data) if config.split.physical else 1.0,
+                                recomputes_bn(config, data))
         baseline = (f"independent ({epochs} ep)", out / "independent.pt")
         if not baseline[1].exists():
             train_parent(dataclasses.replace(recipe, epochs=epochs), data=data,

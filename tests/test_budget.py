@@ -80,6 +80,33 @@ def test_cheaper_children_get_the_epochs_their_cost_saves(cost, children):
         allocate_budget(BudgetConfig(epochs=48), train_size=1295, batch_size=128, children=2, child_cost=1.5)
 
 
+@pytest.mark.parametrize("epochs", [8, 16, 48, 301])
+@pytest.mark.parametrize("children", [2, 6])
+@pytest.mark.parametrize("cost", [1.0, 0.29])
+def test_a_batchnorm_recomputation_is_charged_to_each_child(epochs, children, cost):
+    kw = {"train_size": 50_000, "batch_size": 128, "children": children, "child_cost": cost}
+    free = allocate_budget(BudgetConfig(epochs=epochs), **kw)
+    a = allocate_budget(BudgetConfig(epochs=epochs), **kw, recompute_bn=True)
+    # each child pays a forward pass over its data (a third of its epoch) before its first step
+    assert a.child_passes == a.child_epochs + 1 / 3 and a.recompute_bn
+    assert a.spent_epochs == pytest.approx(a.parent_epochs + a.children * (a.child_epochs + 1 / 3) * cost)
+    assert epochs - 1 - cost < a.spent_epochs <= epochs + 1e-9
+    assert a.children * a.child_epochs <= free.children * free.child_epochs and a.parent_epochs >= round(epochs / 2)
+    # a budget in steps counts optimizer steps: the pass takes none
+    steps = BudgetConfig(steps=epochs * a.steps_per_epoch)
+    assert allocate_budget(steps, **kw, recompute_bn=True) == allocate_budget(steps, **kw)
+
+
+def test_a_batchnorm_charge_moves_child_epochs_back_to_the_parent():
+    kw = {"train_size": 50_000, "batch_size": 128, "children": 6}
+    assert allocate_budget(BudgetConfig(epochs=48), **kw).child_epochs == 4
+    a = allocate_budget(BudgetConfig(epochs=48), **kw, recompute_bn=True)
+    assert (a.parent_epochs, a.children, a.child_epochs, a.spent_epochs) == (28, 6, 3, 48)
+    assert "BatchNorm recomputation costs a third of its epoch" in a.describe()
+    with pytest.raises(PatError, match="leaves no child a single epoch"):  # 1 epoch left, 4/3 needed
+        allocate_budget(BudgetConfig(epochs=3), **kw, recompute_bn=True)
+
+
 @pytest.mark.parametrize("kwargs, words", [
     ({}, "exactly one of epochs, steps, flops. Got none"),
     ({"epochs": 4, "steps": 10}, "Got epochs, steps"),
@@ -229,3 +256,31 @@ def test_a_budget_charges_physical_children_their_flops(tmp_path, digits):
     independent = load_checkpoint(run_dir / "independent.pt")
     assert independent["config"]["epochs"] == 4 and a.spent_epochs <= 4  # the whole budget, not less
     assert result.rows[-1]["name"] == "independent (4 ep)"
+
+
+@pytest.mark.slow
+def test_a_budget_charges_the_children_their_batchnorm_recomputation(tmp_path, digits):
+    """A budgeted run of a model with BatchNorm: the forward pass that recomputes each child's
+    statistics is inside the budget, as its checkpoint records it."""
+    from pat.engine.checkpoint import load_model
+    from pat.engine.cost import example_input, forward_flops
+
+    data = DataConfig(dataset="digits", batch_size=128)
+    config = RunConfig(parent=TrainConfig(model="resnet8", lr=0.05, data=data), tune=TuneConfig(data=data),
+                       split=SplitConfig(children=2), budget=BudgetConfig(epochs=8), out=str(tmp_path / "run"))
+    resolved, a = resolve_budget(config, digits)
+    assert a.recompute_bn and (a.parent_epochs, a.children, a.child_epochs) == (5, 2, 1)
+    off = dataclasses.replace(config, tune=dataclasses.replace(config.tune, recompute_bn=False))
+    assert not resolve_budget(off, digits)[1].recompute_bn  # nothing recomputed, nothing charged
+    lenet = dataclasses.replace(config, parent=dataclasses.replace(config.parent, model="lenet-s"))
+    assert not resolve_budget(lenet, digits)[1].recompute_bn  # no BatchNorm
+    run(config)
+    run_dir = tmp_path / "run"
+    children = [load_checkpoint(run_dir / "children" / f"child-{i}.pt")["cost"] for i in range(2)]
+    assert [c["bn_samples"] for c in children] == [len(digits.train.y)] * 2
+    spent = load_checkpoint(run_dir / "parent.pt")["cost"]["flops"] + sum(c["flops"] for c in children)
+    dense = 3 * forward_flops(load_model(run_dir / "parent.pt")[0], example_input(digits)) * len(digits.train.y)
+    # within the budget, and within one epoch of it (whole epochs); uncharged, 2 x 2 child epochs
+    # and the two passes would have spent 8 2/3 epochs
+    assert 8 * dense - dense < spent <= 8 * dense * 1.001
+    assert json.loads((run_dir / "metrics.json").read_text())["allocation"]["recompute_bn"] is True
