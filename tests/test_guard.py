@@ -146,3 +146,57 @@ def test_a_child_whose_tuning_collapsed_keeps_its_best_epoch(digits, digits_pare
     with console.capture() as captured:
         _validation_line(check)
     assert "warning: child-0 collapsed" in captured.get() and "child-1" not in captured.get()
+
+
+class SabotageMember(Callback):
+    """Zero child ``member``'s weights inside a grouped (together) network before epoch ``at``."""
+
+    def __init__(self, at: int, member: int) -> None:
+        self.at, self.member = at, member
+        self.states: dict[int, dict[str, torch.Tensor]] = {}  # each epoch's end, the member's weights
+
+    def on_epoch_start(self, state):
+        from pat.pack import child_state
+
+        if state.epoch == self.at:
+            with torch.no_grad():
+                for v in child_state(state.model.packed, self.member).values():
+                    if v.is_floating_point():
+                        v.zero_()
+
+    def on_epoch_end(self, state):
+        from pat.pack import child_state
+
+        self.states[state.epoch + 1] = {k: v.clone() for k, v in child_state(state.model.packed, self.member).items()}
+
+
+def test_children_tuned_together_each_keep_their_best_epoch(digits, digits_parent, tmp_path):
+    """Tuned together, each child has its own guard on its own validation metrics: the child
+    that fell to chance is handed back its best epoch, masked; its sibling ends at its last."""
+    from pat.children import load_child
+    from pat.config import SplitConfig, TuneConfig
+    from pat.pipeline import parent_check
+    from pat.records import masks_of
+    from pat.splitting import split_to_directory
+    from pat.tuner import tune_directory
+
+    kids, untouched = tmp_path / "children", tmp_path / "untouched"
+    for out in (kids, untouched):
+        split_to_directory(digits_parent, out, SplitConfig(children=2))
+    sabotage = SabotageMember(1, member=0)
+    config = TuneConfig(epochs=2, max_lr=0.05, together=True, data=DataConfig(batch_size=128))
+    tune_directory(str(kids), digits, config, callbacks=lambda name: [sabotage])
+    tune_directory(str(untouched), digits, config)
+    assert "together" in load_checkpoint(kids / "child-0.pt")["cost"]  # one grouped fit, not a fallback
+    check = parent_check(kids, digits)
+    assert set(check["children_restored"]) == {"child-0"}
+    restored = check["children_restored"]["child-0"]
+    assert restored["epoch"] == 1 and restored["last"]["epoch"] == 2 and restored["last"]["val_acc"] < 0.25
+    child = load_child(kids / "child-0.pt")
+    assert same(child.state_dict(), sabotage.states[1])
+    masks, params = masks_of(child), dict(child.named_parameters())
+    assert masks and all(int(params[n][~m].count_nonzero()) == 0 for n, m in masks.items())
+    # the sibling ends where it would have without the collapse beside it
+    assert "restored" not in load_checkpoint(kids / "child-1.pt")["metrics"]
+    assert same(load_child(kids / "child-1.pt").state_dict(), load_child(untouched / "child-1.pt").state_dict())
+    assert not same(child.state_dict(), load_child(untouched / "child-0.pt").state_dict())

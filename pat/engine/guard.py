@@ -6,13 +6,18 @@ validation accuracy at epoch 17 and sat at chance from epoch 23 to 48, and its l
 then what every child started from. :class:`CollapseGuard` keeps a copy of the epoch with the
 lowest validation loss and, only when the last epoch has *collapsed*, loads it back at the end
 of the fit. A run that did not collapse ends exactly as it would without the guard.
+
+Children tuned together are one fit; a guard per child (``member=i``) watches child ``i``'s
+own validation metrics and keeps only its weights, for the caller to hand back.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
+
+from torch import Tensor, nn
 
 from pat.engine.callbacks import Callback, FitState
 from pat.engine.loop import _inner
@@ -42,22 +47,39 @@ class CollapseGuard(Callback):
     would. Under DDP every rank sees the same validation metrics and restores the same state.
     After the fit, ``restored`` is None (the last epoch stands) or a record of what was handed
     back: ``{"epoch", "val_loss", "val_acc", "last": {"epoch", "val_loss", "val_acc"}}``.
+
+    With ``member=i`` it watches child ``i`` of children tuned together: its metrics
+    ``val_loss/i`` and ``val_acc/i``, and the weights ``weights(model)`` returns. It then loads
+    nothing back itself (the fit's model holds every child): :attr:`kept` is the state to give
+    the child when it was restored.
     """
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, *, member: int | None = None,
+                 weights: Callable[[nn.Module], Mapping[str, Tensor]] | None = None) -> None:
+        if member is not None and weights is None:
+            raise ValueError("CollapseGuard(member=...) needs weights: the member's state in the fit's model.")
         self.num_classes = num_classes
+        self.member, self.weights = member, weights
+        suffix = "" if member is None else f"/{member}"
+        self.loss_key, self.acc_key = f"val_loss{suffix}", f"val_acc{suffix}"
         self.best: dict[str, Any] | None = None  # epoch, val_loss, val_acc, state_dict
         self.restored: dict[str, Any] | None = None
 
+    @property
+    def kept(self) -> dict[str, Tensor] | None:
+        """The weights of the epoch handed back (CPU copies), or None when the last epoch stood."""
+        return self.best["state_dict"] if self.restored is not None and self.best is not None else None
+
     def _consider(self, state: FitState) -> None:
         m = state.metrics
-        loss = m.get("val_loss")
-        if loss is None or "val_acc" not in m or not math.isfinite(loss):
+        loss = m.get(self.loss_key)
+        if loss is None or self.acc_key not in m or not math.isfinite(loss):
             return
         if self.best is None or loss < self.best["val_loss"]:
             model = _inner(state.model)
-            weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            self.best = {"epoch": int(m["epoch"]), "val_loss": float(loss), "val_acc": float(m["val_acc"]),
+            source = self.weights(model) if self.weights is not None else model.state_dict()
+            weights = {k: v.detach().to("cpu", copy=True) for k, v in source.items()}
+            self.best = {"epoch": int(m["epoch"]), "val_loss": float(loss), "val_acc": float(m[self.acc_key]),
                          "state_dict": weights}
 
     def on_fit_start(self, state: FitState) -> None:
@@ -72,15 +94,16 @@ class CollapseGuard(Callback):
 
     def on_fit_end(self, state: FitState) -> None:
         """Load the best epoch back if the last one collapsed."""
-        last = state.history[-1] if state.history else {}
-        if self.best is None or "val_loss" not in last or "val_acc" not in last:
+        history = state.history[-1] if state.history else {}
+        if self.best is None or self.loss_key not in history or self.acc_key not in history:
             return
+        last = {"epoch": int(history["epoch"]), "val_loss": float(history[self.loss_key]),
+                "val_acc": float(history[self.acc_key])}
         if self.best["epoch"] == last["epoch"] or not collapsed(last, self.best, self.num_classes):
             return
-        _inner(state.model).load_state_dict(self.best["state_dict"])
-        self.restored = {**{k: self.best[k] for k in ("epoch", "val_loss", "val_acc")},
-                     "last": {"epoch": int(last["epoch"]), "val_loss": float(last["val_loss"]),
-                              "val_acc": float(last["val_acc"])}}
+        if self.member is None:
+            _inner(state.model).load_state_dict(self.best["state_dict"])
+        self.restored = {**{k: self.best[k] for k in ("epoch", "val_loss", "val_acc")}, "last": last}
 
     def state_dict(self) -> dict[str, Any] | None:
         """The best epoch so far (with its weights), for the resume state."""

@@ -64,10 +64,14 @@ def evaluate(
     loss_fn: LossFn = F.cross_entropy,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> dict[str, float]:
-    """Mean loss and accuracy of ``model`` over ``batches`` (eval mode, restored afterwards)."""
+    """Mean loss and accuracy of ``model`` over ``batches`` (eval mode, restored afterwards).
+
+    With ``(B, C, M)`` logits and ``(B, M)`` labels (M children tuned together) it also
+    returns each child's cross-entropy and accuracy, ``member_loss`` and ``member_acc``.
+    """
     was_training = model.training
     model.eval()
-    loss_sum = correct = None
+    loss_sum = correct = member_loss = member_hits = None
     n = labels = 0
     for x, y in batches:
         with autocast():
@@ -76,11 +80,20 @@ def evaluate(
         hits = (logits.argmax(1) == y).sum()
         loss_sum = loss if loss_sum is None else loss_sum + loss
         correct = hits if correct is None else correct + hits
+        if y.dim() == 2:  # (B, M) labels: M children's predictions per sample (together-tuning)
+            each = F.cross_entropy(logits.float(), y, reduction="none").sum(0)
+            each_hits = (logits.argmax(1) == y).sum(0)
+            member_loss = each if member_loss is None else member_loss + each
+            member_hits = each_hits if member_hits is None else member_hits + each_hits
         n += len(y)
-        labels += y.numel()  # (B, M) labels: M children's predictions per sample (together-tuning)
+        labels += y.numel()
     model.train(was_training)
     check(n > 0, "evaluation data is empty.")
-    return {"loss": float(loss_sum) / n, "acc": float(correct) / labels}
+    result: dict[str, Any] = {"loss": float(loss_sum) / n, "acc": float(correct) / labels}
+    if member_loss is not None:
+        result["member_loss"] = (member_loss / n).tolist()
+        result["member_acc"] = (member_hits / n).tolist()
+    return result
 
 
 def final_metrics(model: nn.Module, data: Dataset, *, device: torch.device, amp: bool | None,
@@ -168,7 +181,8 @@ def fit(
         step: the update rule (:mod:`pat.engine.steps`).
         loss_fn: ``(logits, y) -> mean loss`` (cross-entropy by default).
         eval_data: ``{"val": batches, ...}``; each is evaluated after every epoch and reported
-            as ``val_loss`` / ``val_acc`` etc. in the epoch metrics.
+            as ``val_loss`` / ``val_acc`` etc. in the epoch metrics (children tuned together,
+            ``(B, M)`` labels: also ``val_loss/i`` / ``val_acc/i``, child ``i``'s).
         callbacks: receive :class:`FitState` at fit/epoch/step boundaries.
         amp: bf16 autocast; ``None`` means on for CUDA, off for CPU.
         device: where to train (``"auto"``, ``"cpu"``, ``"cuda:1"``, ...).
@@ -247,6 +261,8 @@ def fit(
         for name, batches in (eval_data or {}).items():
             result = evaluate(_inner(model), batches, loss_fn=loss_fn, autocast=autocast)
             metrics[f"{name}_loss"], metrics[f"{name}_acc"] = result["loss"], result["acc"]
+            for i, (loss_i, acc_i) in enumerate(zip(result.get("member_loss", ()), result.get("member_acc", ()))):
+                metrics[f"{name}_loss/{i}"], metrics[f"{name}_acc/{i}"] = loss_i, acc_i  # child i's
         metrics["time"] = time.perf_counter() - start
         state.samples += seen
         state.sample_passes += int(passes)

@@ -18,6 +18,7 @@ from torch import nn
 from pat.config import TuneConfig
 from pat.data import Dataset
 from pat.engine.callbacks import Callback
+from pat.engine.guard import CollapseGuard
 from pat.engine.loop import autocast_for, final_metrics, fit, resolve_device
 from pat.engine.masking import MaskEnforcer
 from pat.errors import PatError, check
@@ -144,7 +145,9 @@ def tune_together(
     gets exactly the gradient, the optimizer state and the schedule it would get alone: the
     result equals tuning them one by one up to float rounding (dropout aside: its draws come
     from one stream). Returns each child's metrics, also left with the costs in each child's
-    record.
+    record. With a validation split each child has its own
+    :class:`pat.engine.guard.CollapseGuard`: a child whose last epoch collapsed is handed back
+    its lowest-validation-loss epoch (``metrics["restored"]``), the others are untouched.
 
     With ``config.together == "auto"`` the grouped step is timed against M one-child steps
     first and ``None`` is returned (nothing tuned) when it is not faster, or when the model
@@ -173,17 +176,23 @@ def tune_together(
     optimizer, scheduler = optimization(model, config, config.epochs * len(train))
     m = len(children)
     evals = {"val": _Fanned(data.loader("val", batch_size=512, device=device), m)} if len(data.val) else {}
-    state = fit(model, train, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler,
-                loss_fn=_summed_loss, eval_data=evals, callbacks=[MaskEnforcer(packed_masks), *callbacks],
-                amp=config.amp, device=device, resume_path=resume_path, resume_extra=resume_extra)
     from pat.pack import child_state
 
+    # a guard per child on its own validation metrics, after the enforcer: it keeps masked weights
+    guards = [CollapseGuard(data.num_classes, member=i, weights=lambda net, i=i: child_state(net.packed, i))
+              for i in range(m)] if evals else []
+    state = fit(model, train, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler,
+                loss_fn=_summed_loss, eval_data=evals, callbacks=[MaskEnforcer(packed_masks), *callbacks, *guards],
+                amp=config.amp, device=device, resume_path=resume_path, resume_extra=resume_extra)
     results = []
     for i, (child, (_, samples, bn_samples)) in enumerate(zip(children, prepared, strict=True)):
-        child.load_state_dict(child_state(model.packed, i))
+        guard = guards[i] if guards else None
+        child.load_state_dict(guard.kept if guard is not None and guard.kept is not None else child_state(model.packed, i))
         cost = tuning_cost(child, state, data, device, bn_samples, together=m)
         cost["seconds"] = state.seconds / m  # one run for all: each child's share
         results.append({"train_samples": samples, **final_metrics(child, data, device=device, amp=config.amp)})
+        if guard is not None and guard.restored is not None:
+            results[-1]["restored"] = guard.restored
         record_tuning(child, results[-1], cost)
     return results
 
