@@ -261,7 +261,7 @@ def fit(
         for name, batches in (eval_data or {}).items():
             result = evaluate(_inner(model), batches, loss_fn=loss_fn, autocast=autocast)
             metrics[f"{name}_loss"], metrics[f"{name}_acc"] = result["loss"], result["acc"]
-            for i, (loss_i, acc_i) in enumerate(zip(result.get("member_loss", ()), result.get("member_acc", ()))):
+            for i, (loss_i, acc_i) in enumerate(zip(result.get("member_loss", ()), result.get("member_acc", ()), strict=True)):
                 metrics[f"{name}_loss/{i}"], metrics[f"{name}_acc/{i}"] = loss_i, acc_i  # child i's
         metrics["time"] = time.perf_counter() - start
         state.samples += seen
