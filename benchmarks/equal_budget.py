@@ -91,6 +91,7 @@ from pat.children import split
 from pat.config import DataConfig, SplitConfig, TrainConfig, TuneConfig
 from pat.data import Dataset, Split, load_dataset
 from pat.data.core import stratified_split
+from pat.engine.batchnorm import has_batchnorm
 from pat.engine.callbacks import Callback, FitState
 from pat.engine.cost import example_input, fit_cost, sum_costs
 from pat.engine.loop import fit, resolve_device
@@ -298,9 +299,8 @@ def allocation(args: argparse.Namespace, data: Dataset, budget: int, recipe: Rec
 
     config = BudgetConfig(epochs=budget, parent_share=recipe.parent_share, min_child_steps=recipe.min_child_steps)
     model = create_model(args.model, num_classes=data.num_classes, in_channels=data.in_channels)
-    bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())  # recomputed per child
     a = allocate_budget(config, train_size=len(data.train.y), batch_size=args.batch_size,
-                        children=recipe.children, bagging=recipe.bagging, recompute_bn=bn)
+                        children=recipe.children, bagging=recipe.bagging, recompute_bn=has_batchnorm(model))
     return a.parent_epochs, a.children, a.child_epochs
 
 
@@ -321,7 +321,7 @@ def pat_members(args: argparse.Namespace, data: Dataset, budget: int, recipe: Re
         dev = resolve_device(args.device)
         ratio = fit_flops(parent, data, dev) / fit_flops(kids[0], data, dev)
         # the BatchNorm recomputation (a forward pass, a third of an epoch) is paid once per child
-        setup = 1 / 3 if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in parent.modules()) else 0.0
+        setup = 1 / 3 if has_batchnorm(parent) else 0.0
         epochs = max(1, round((child_epochs + setup) * ratio - setup))
     config = TuneConfig(epochs=epochs, schedule=recipe.schedule, max_lr=chosen["lr"] * recipe.lr_scale,
                         lr=chosen["lr"] * recipe.lr_scale * 0.1, bagging=recipe.bagging, seed=seed,

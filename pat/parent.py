@@ -13,6 +13,7 @@ from torch import nn
 
 from pat.config import TrainConfig, to_dict
 from pat.data import Dataset, load_dataset
+from pat.engine.batchnorm import recalibrated_metrics
 from pat.engine.callbacks import Callback
 from pat.engine.checkpoint import save_model
 from pat.engine.cost import example_input, fit_cost
@@ -83,7 +84,10 @@ def train_parent(
                                   total_steps=config.epochs * len(train))
     resume = resume_path_for(out) if out is not None else None
     net: nn.Module = model
-    guard = CollapseGuard(data.num_classes) if evals else None
+    guard = None
+    if evals:  # a BatchNorm model that looks collapsed is judged again with fresh statistics
+        plain = data.loader("train", batch_size=config.data.batch_size, device=device, augment=False, shuffle=False)
+        guard = CollapseGuard(data.num_classes, recheck=recalibrated_metrics(plain, evals["val"]))
     if ranks.distributed:
         train = RankShard(train, ranks)
         net = data_parallel(model, train, device)

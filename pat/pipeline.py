@@ -154,7 +154,9 @@ def recomputes_bn(config: RunConfig, data: Dataset) -> bool:
     """
     if not config.tune.recompute_bn:
         return False
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in _fresh_model(config, data).modules())
+    from pat.engine.batchnorm import has_batchnorm
+
+    return has_batchnorm(_fresh_model(config, data))
 
 
 def physical_child_cost(config: RunConfig, data: Dataset, children: int | None = None) -> float:

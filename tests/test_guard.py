@@ -95,6 +95,44 @@ def test_a_run_that_did_not_collapse_ends_at_its_last_epoch(digits, tmp_path):
     assert same(result.model.state_dict(), snaps.states[4])
 
 
+class StaleStatistics(Callback):
+    """After the last step, BatchNorm running statistics that no longer fit the weights (as a
+    high constant LR leaves them): eval mode then scores near chance, the weights are fine."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_step_end(self, state):
+        if state.step == self.steps:
+            with torch.no_grad():
+                for m in state.model.modules():
+                    if isinstance(m, torch.nn.BatchNorm2d):
+                        m.running_mean.add_(5.0)
+
+
+BN_CONFIG = TrainConfig(model="resnet8", epochs=3, lr=0.05, data=DataConfig(batch_size=64))
+
+
+def test_stale_batchnorm_statistics_are_not_taken_for_a_collapse(digits, tmp_path):
+    """A BatchNorm model whose last epoch looks collapsed only through its running statistics
+    is judged again with them recomputed (on a copy) and keeps its last epoch, untouched."""
+    snaps = Snapshots()
+    steps = 3 * math.ceil(len(digits.train.y) / 64)
+    result = train_parent(BN_CONFIG, data=digits, callbacks=[StaleStatistics(steps), snaps])
+    val = [h["val_acc"] for h in result.history]
+    assert max(val[:2]) > 0.3 and val[2] < 0.2  # it looks collapsed in eval mode ...
+    assert result.restored is None  # ... but was not
+    assert same(result.model.state_dict(), snaps.states[3])  # the last epoch, statistics as they were
+
+
+def test_a_batchnorm_model_that_really_collapsed_is_still_restored(digits):
+    snaps = Snapshots()
+    result = train_parent(BN_CONFIG, data=digits, callbacks=[Sabotage(2), snaps])
+    assert max(h["val_acc"] for h in result.history[:2]) > 0.3
+    assert result.restored is not None and result.restored["last"]["epoch"] == 3
+    assert same(result.model.state_dict(), snaps.states[result.restored["epoch"]])
+
+
 @pytest.mark.parametrize("stop", [1, 2])  # at the best epoch (the guard has not seen it yet), after the collapse
 def test_a_resumed_run_keeps_the_same_epoch_as_an_uninterrupted_one(digits, tmp_path, stop):
     straight = train_parent(CONFIG, data=digits, callbacks=[Sabotage(2)])

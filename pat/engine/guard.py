@@ -9,6 +9,11 @@ of the fit. A run that did not collapse ends exactly as it would without the gua
 
 Children tuned together are one fit; a guard per child (``member=i``) watches child ``i``'s
 own validation metrics and keeps only its weights, for the caller to hand back.
+
+A network with BatchNorm trained at a high constant LR can *look* collapsed in eval mode
+while it is not: its running statistics lag its weights. With a ``recheck``
+(:func:`pat.engine.batchnorm.recalibrated_metrics`) a last epoch that looks collapsed is
+judged again on a copy with recomputed statistics, and kept when it holds up there.
 """
 
 from __future__ import annotations
@@ -52,18 +57,25 @@ class CollapseGuard(Callback):
     ``val_loss/i`` and ``val_acc/i``, and the weights ``weights(model)`` returns. It then loads
     nothing back itself (the fit's model holds every child): :attr:`kept` is the state to give
     the child when it was restored.
+
+    ``recheck(model)`` gives validation metrics with fresh BatchNorm statistics (or None: no
+    BatchNorm); it is called only for a last epoch that looks collapsed, and a last epoch that
+    does not look collapsed there stands (``rechecked`` then holds those metrics).
     """
 
     def __init__(self, num_classes: int, *, member: int | None = None,
-                 weights: Callable[[nn.Module], Mapping[str, Tensor]] | None = None) -> None:
+                 weights: Callable[[nn.Module], Mapping[str, Tensor]] | None = None,
+                 recheck: Callable[[nn.Module], Mapping[str, float] | None] | None = None) -> None:
         if member is not None and weights is None:
             raise ValueError("CollapseGuard(member=...) needs weights: the member's state in the fit's model.")
         self.num_classes = num_classes
         self.member, self.weights = member, weights
         suffix = "" if member is None else f"/{member}"
         self.loss_key, self.acc_key = f"val_loss{suffix}", f"val_acc{suffix}"
+        self.recheck = recheck
         self.best: dict[str, Any] | None = None  # epoch, val_loss, val_acc, state_dict
         self.restored: dict[str, Any] | None = None
+        self.rechecked: dict[str, Any] | None = None  # a suspected collapse that fresh statistics cleared
 
     @property
     def kept(self) -> dict[str, Tensor] | None:
@@ -84,7 +96,7 @@ class CollapseGuard(Callback):
 
     def on_fit_start(self, state: FitState) -> None:
         """A resumed fit's restored epoch was written before this guard saw it: consider it now."""
-        self.restored = None
+        self.restored = self.rechecked = None
         if state.history and (self.best is None or self.best["epoch"] < state.history[-1]["epoch"]):
             self._consider(state)
 
@@ -101,6 +113,13 @@ class CollapseGuard(Callback):
                 "val_acc": float(history[self.acc_key])}
         if self.best["epoch"] == last["epoch"] or not collapsed(last, self.best, self.num_classes):
             return
+        fresh = self.recheck(_inner(state.model)) if self.recheck is not None else None
+        if fresh is not None and self.loss_key in fresh and self.acc_key in fresh:
+            again = {"epoch": last["epoch"], "val_loss": float(fresh[self.loss_key]),
+                     "val_acc": float(fresh[self.acc_key])}
+            if not collapsed(again, self.best, self.num_classes):  # stale running statistics, not a collapse
+                self.rechecked = again
+                return
         if self.member is None:
             _inner(state.model).load_state_dict(self.best["state_dict"])
         self.restored = {**{k: self.best[k] for k in ("epoch", "val_loss", "val_acc")}, "last": last}

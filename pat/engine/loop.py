@@ -96,6 +96,18 @@ def evaluate(
     return result
 
 
+def epoch_metrics(name: str, result: Mapping[str, Any]) -> dict[str, float]:
+    """:func:`evaluate`'s result on split ``name`` as epoch metrics.
+
+    ``{name}_loss``, ``{name}_acc`` and, for children tuned together, each child's
+    ``{name}_loss/i`` and ``{name}_acc/i``.
+    """
+    metrics = {f"{name}_loss": result["loss"], f"{name}_acc": result["acc"]}
+    for i, (loss, acc) in enumerate(zip(result.get("member_loss", ()), result.get("member_acc", ()), strict=True)):
+        metrics[f"{name}_loss/{i}"], metrics[f"{name}_acc/{i}"] = loss, acc
+    return metrics
+
+
 def final_metrics(model: nn.Module, data: Dataset, *, device: torch.device, amp: bool | None,
                   batch_size: int = 512) -> dict[str, float]:
     """``val_loss``, ``val_acc``, ``test_loss``, ``test_acc`` of ``model`` (non-empty splits only)."""
@@ -259,10 +271,7 @@ def fit(
             "lr": optimizer.param_groups[0]["lr"],
         }
         for name, batches in (eval_data or {}).items():
-            result = evaluate(_inner(model), batches, loss_fn=loss_fn, autocast=autocast)
-            metrics[f"{name}_loss"], metrics[f"{name}_acc"] = result["loss"], result["acc"]
-            for i, (loss_i, acc_i) in enumerate(zip(result.get("member_loss", ()), result.get("member_acc", ()), strict=True)):
-                metrics[f"{name}_loss/{i}"], metrics[f"{name}_acc/{i}"] = loss_i, acc_i  # child i's
+            metrics.update(epoch_metrics(name, evaluate(_inner(model), batches, loss_fn=loss_fn, autocast=autocast)))
         metrics["time"] = time.perf_counter() - start
         state.samples += seen
         state.sample_passes += int(passes)

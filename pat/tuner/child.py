@@ -17,7 +17,7 @@ from torch import nn
 
 from pat.config import TrainConfig, TuneConfig
 from pat.data import BatchData, Dataset, as_data, bagging_indices
-from pat.engine.batchnorm import recalibrate_bn
+from pat.engine.batchnorm import has_batchnorm, recalibrate_bn, recalibrated_metrics
 from pat.engine.callbacks import Callback
 from pat.engine.cost import example_input, fit_cost
 from pat.engine.guard import CollapseGuard
@@ -75,7 +75,7 @@ def prepare(child: nn.Module, data: Dataset, config: TuneConfig, index: int,
                         seed=member_seed(config.seed, index), indices=indices)
     samples = len(indices) if indices is not None else len(data.train)
     bn_samples = 0
-    if config.recompute_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in child.modules()):
+    if config.recompute_bn and has_batchnorm(child):
         # pruning shifts every layer's activation statistics: BN's running averages are the
         # parent's until recomputed (one forward pass over the child's training data)
         recalibrate_bn(child, data.loader("train", batch_size=config.data.batch_size, device=device,
@@ -134,7 +134,10 @@ def tune_child(
     optimizer, scheduler = optimization(child, config, config.epochs * len(train))
     evals = {"val": data.loader("val", batch_size=512, device=device)} if len(data.val) else {}
     enforcer = [MaskEnforcer(masks)] if masks else []
-    guard = [CollapseGuard(data.num_classes)] if evals else []  # after the enforcer: it keeps masked weights
+    guard = []  # after the enforcer: it keeps masked weights
+    if evals:
+        plain = data.loader("train", batch_size=config.data.batch_size, device=device, augment=False, shuffle=False)
+        guard = [CollapseGuard(data.num_classes, recheck=recalibrated_metrics(plain, evals["val"]))]
     state = fit(child, train, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler,
                 step=create_step(config.step), eval_data=evals, callbacks=[*enforcer, *callbacks, *guard],
                 amp=config.amp, device=device, resume_path=resume_path, resume_extra=resume_extra)

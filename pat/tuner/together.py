@@ -17,6 +17,7 @@ from torch import nn
 
 from pat.config import TuneConfig
 from pat.data import Dataset
+from pat.engine.batchnorm import recalibrated_metrics
 from pat.engine.callbacks import Callback
 from pat.engine.guard import CollapseGuard
 from pat.engine.loop import autocast_for, final_metrics, fit, resolve_device
@@ -179,8 +180,12 @@ def tune_together(
     from pat.pack import child_state
 
     # a guard per child on its own validation metrics, after the enforcer: it keeps masked weights
-    guards = [CollapseGuard(data.num_classes, member=i, weights=lambda net, i=i: child_state(net.packed, i))
-              for i in range(m)] if evals else []
+    guards = []
+    if evals:  # one recheck for all: fresh BatchNorm statistics for the grouped network, each child's metrics
+        plain = data.loader("train", batch_size=config.data.batch_size, device=device, augment=False, shuffle=False)
+        recheck = recalibrated_metrics(_Fanned(plain, m), evals["val"], loss_fn=_summed_loss)
+        guards = [CollapseGuard(data.num_classes, member=i, weights=lambda net, i=i: child_state(net.packed, i),
+                                recheck=recheck) for i in range(m)]
     state = fit(model, train, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler,
                 loss_fn=_summed_loss, eval_data=evals, callbacks=[MaskEnforcer(packed_masks), *callbacks, *guards],
                 amp=config.amp, device=device, resume_path=resume_path, resume_extra=resume_extra)
