@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -238,3 +239,31 @@ def test_children_tuned_together_each_keep_their_best_epoch(digits, digits_paren
     assert "restored" not in load_checkpoint(kids / "child-1.pt")["metrics"]
     assert same(load_child(kids / "child-1.pt").state_dict(), load_child(untouched / "child-1.pt").state_dict())
     assert not same(child.state_dict(), load_child(untouched / "child-0.pt").state_dict())
+
+
+class History(Callback):
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def on_epoch_end(self, state):
+        self.rows.append(dict(state.metrics))
+
+
+@pytest.mark.slow
+def test_children_tuned_together_are_rechecked_with_fresh_batchnorm_statistics(digits):
+    """Stale running statistics in the grouped network make every child look collapsed; the
+    children's shared recheck clears them and each keeps its last epoch."""
+    import pat
+    from pat.config import TuneConfig
+    from pat.tuner import tune
+
+    parent = train_parent(dataclasses.replace(BN_CONFIG, epochs=6), data=digits).model
+    children = pat.split(parent, 2, method="random", sparsity=0.2)
+    steps = 3 * math.ceil(len(digits.train.y) / 64)
+    history = History()
+    config = TuneConfig(epochs=3, max_lr=0.01, together=True, data=DataConfig(batch_size=64))
+    tune(children, digits, config, callbacks=lambda i: [StaleStatistics(steps), history])
+    for i, child in enumerate(children):
+        val = [row[f"val_acc/{i}"] for row in history.rows]
+        assert max(val[:2]) > 0.5 and val[2] < 0.2  # looked collapsed in eval mode
+        assert "restored" not in child.pat_child.metrics and "together" in child.pat_child.cost
