@@ -9,6 +9,7 @@ import torch
 
 from pat.children import load_child, split
 from pat.config import DataConfig, SplitConfig, TuneConfig
+from pat.data.core import bagging_indices
 from pat.engine.callbacks import Callback
 from pat.engine.checkpoint import load_checkpoint
 from pat.engine.schedules import one_cycle_lr
@@ -184,36 +185,33 @@ def test_missing_directory_and_bad_manifest(tmp_path, digits, children_dir):
         tune_directory(str(broken), digits, FAST)
 
 
-class StartBN(Callback):
-    """The first BatchNorm's running mean when tuning starts."""
-
-    def on_fit_start(self, state):
-        bn = next(m for m in state.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
-        self.mean = bn.running_mean.clone()
-
-
+@pytest.mark.parametrize("together", [False, True])
 @pytest.mark.parametrize("recompute", [True, False])
-def test_batchnorm_statistics_are_the_childs_own_when_tuning_starts(digits, recompute):
+def test_batchnorm_statistics_are_the_tuned_childs_own(digits, recompute, together):
+    """After tuning, a child's running statistics are recomputed for the weights it ended with
+    (one pass over its bagged, unaugmented data), not the momentum mix the run left."""
     torch.manual_seed(0)
     parent = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
                                  torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
     parent[1].running_mean.fill_(5.0)  # the parent's statistics, wrong for any child
-    child = split(parent, 2, sparsity=0.5)[0]
-    start = StartBN()
-    config = TuneConfig(epochs=1, max_lr=0.01, recompute_bn=recompute, data=DataConfig(batch_size=64))
-    tune([child], digits, config, callbacks=lambda i: [start])
-    if not recompute:
-        assert torch.equal(start.mean, torch.full((8,), 5.0))
-        assert "bn_samples" not in child.pat_child.cost
-        return
-    # the pruned conv's output means over the (unaugmented) training batches, averaged
-    conv = split(parent, 2, sparsity=0.5)[0][0]
-    with torch.no_grad():
-        means = [conv(x).mean(dim=(0, 2, 3)) for x, _ in
-                 digits.loader("train", batch_size=64, augment=False, shuffle=False)]
-    expected = torch.stack(means).mean(0)
-    assert torch.allclose(start.mean, expected, atol=1e-4)
-    assert child.pat_child.cost["bn_samples"] == len(digits.train.y)
+    children = split(parent, 2, sparsity=0.5)
+    config = TuneConfig(epochs=1, max_lr=0.05, bagging=0.5, recompute_bn=recompute, together=together,
+                        data=DataConfig(batch_size=64))
+    tune(children, digits, config)
+    for i, child in enumerate(children):
+        mean = child[1].running_mean
+        if not recompute:
+            assert "bn_samples" not in child.pat_child.cost
+            assert not torch.allclose(mean, torch.full((8,), 5.0), atol=0.1)  # as the run's momentum left it
+            continue
+        # the tuned conv's output means over the child's own unaugmented training batches, averaged
+        indices = bagging_indices(len(digits.train), 0.5, seed=config.seed, member=i)
+        with torch.no_grad():
+            means = [child[0](x).mean(dim=(0, 2, 3)) for x, _ in
+                     digits.loader("train", batch_size=64, augment=False, shuffle=False, indices=indices)]
+        assert torch.allclose(mean, torch.stack(means).mean(0), atol=1e-4)
+        assert child.pat_child.cost["bn_samples"] == len(indices)
+        assert "together" in child.pat_child.cost if together else "together" not in child.pat_child.cost
 
 
 def test_unset_peak_lr_is_a_share_of_the_parents_lr(children_dir, digits):

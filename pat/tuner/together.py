@@ -24,7 +24,14 @@ from pat.engine.loop import autocast_for, final_metrics, fit, resolve_device
 from pat.engine.masking import MaskEnforcer
 from pat.errors import PatError, check
 from pat.jobs import member_seed
-from pat.tuner.child import optimization, prepare, record_tuning, resolve_max_lr, tuning_cost
+from pat.tuner.child import (
+    optimization,
+    prepare,
+    record_tuning,
+    resolve_max_lr,
+    settle_batchnorm,
+    tuning_cost,
+)
 
 __all__ = ["tune_together"]
 
@@ -163,13 +170,13 @@ def tune_together(
     for child in children:
         child.to(device)
     auto = config.together == "auto"
-    if auto:  # learn whether the model groups before spending a BN pass on every child
-        try:
-            _grouped(children, masks, data, device)
-        except PatError:
+    try:
+        model, packed_masks = _grouped(children, masks, data, device)
+    except PatError:
+        if auto:
             return None
-    prepared = [prepare(child, data, config, i, device) for child, i in zip(children, indices, strict=True)]
-    model, packed_masks = _grouped(children, masks, data, device)  # with the recomputed BN statistics
+        raise
+    prepared = [prepare(data, config, i, device) for i in indices]
     train = _Zipped([loader for loader, _, _ in prepared])
     if auto and not _faster_together(model, children[0], train, config.amp, device):
         return None
@@ -190,9 +197,10 @@ def tune_together(
                 loss_fn=_summed_loss, eval_data=evals, callbacks=[MaskEnforcer(packed_masks), *callbacks, *guards],
                 amp=config.amp, device=device, resume_path=resume_path, resume_extra=resume_extra)
     results = []
-    for i, (child, (_, samples, bn_samples)) in enumerate(zip(children, prepared, strict=True)):
+    for i, (child, (_, samples, bagged)) in enumerate(zip(children, prepared, strict=True)):
         guard = guards[i] if guards else None
         child.load_state_dict(guard.kept if guard is not None and guard.kept is not None else child_state(model.packed, i))
+        bn_samples = settle_batchnorm(child, data, config, bagged, device)
         cost = tuning_cost(child, state, data, device, bn_samples, together=m)
         cost["seconds"] = state.seconds / m  # one run for all: each child's share
         results.append({"train_samples": samples, **final_metrics(child, data, device=device, amp=config.amp)})
