@@ -25,10 +25,10 @@ Masked children cost a dense step (their zeros are multiplied). Physical childre
 budget in epochs or FLOPs charges them that share, so cheaper children get more epochs. A
 budget in steps counts optimizer steps, whatever each costs.
 
-A child with BatchNorm has its running statistics recomputed before tuning (one forward pass
+A child with BatchNorm has its running statistics recomputed after tuning (one forward pass
 over its training share, ``tune.recompute_bn``). A forward pass is a third of a training pass
 (:data:`pat.engine.cost.TRAIN_FLOPS_PER_FORWARD`), so with ``recompute_bn`` a budget in epochs
-or FLOPs charges each child a third of one of its epochs before its first step; a budget in
+or FLOPs charges each child a third of one of its epochs on top of its tuning; a budget in
 steps does not (the pass takes no optimizer step).
 """
 
@@ -147,7 +147,7 @@ def allocate_budget(
             over the parent's; :func:`pat.pipeline.physical_child_cost`). Ignored for a budget
             in steps, which counts steps.
         recompute_bn: charge each child the forward pass over its training share that
-            recomputes its BatchNorm statistics before tuning (a third of one of its epochs;
+            recomputes its BatchNorm statistics after tuning (a third of one of its epochs;
             ignored for a budget in steps).
     """
     check(train_size > 0 and batch_size > 0, f"train_size and batch_size must be positive. Got {train_size}, {batch_size}.")

@@ -124,7 +124,7 @@ class TuneConfig:
     cycle_momentum: bool = False  # one-cycle momentum cycling 0.95 → 0.85 → 0.95
     bagging: float | None = None  # each child trains on its own seeded share of the split
     step: str = "sgd"  # step rule (pat.engine.steps)
-    recompute_bn: bool = True  # BatchNorm statistics recomputed on the child's data before tuning
+    recompute_bn: bool = True  # BatchNorm statistics recomputed on the child's data after tuning
     seed: int = 0  # bagging and shuffling; child i uses (seed, i)
     # all children in one grouped network, one optimizer step for all (the same result as one by
     # one, to float rounding); "auto": only where a timed step says it is faster

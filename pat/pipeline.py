@@ -147,7 +147,7 @@ def _fresh_model(config: RunConfig, data: Dataset) -> Any:
 
 
 def recomputes_bn(config: RunConfig, data: Dataset) -> bool:
-    """Whether the run's children get their BatchNorm statistics recomputed before tuning.
+    """Whether the run's children get their BatchNorm statistics recomputed after tuning.
 
     ``tune.recompute_bn`` applies to models with BatchNorm layers only; the model is built
     fresh (splitting keeps every BatchNorm layer, so the children have them if it does).
