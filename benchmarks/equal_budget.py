@@ -39,6 +39,11 @@
 #     +0.72±0.22 (p 0.01) / +0.33±0.15 (p 0.06)
 #   digits 144, seeds 300-319 (beside the saved runs): 99.42±0.07 / 0.026; +0.54±0.19 (p 0.01) / -0.17±0.09 (p 0.08)
 #   Fashion-MNIST 48, seeds 300-305 (beside the saved runs): 91.98±0.05 / 0.222; -0.45±0.06 (p 0.0007) / +0.08±0.07
+# A BatchNorm model (2026-12-06, after decisions 63-65): --model resnet8 --budget 48 --seeds 5 --lrs 0.05
+#   --snapshots 0 --deep 0 --threads 1 --variants "trunk physical partition x2 flops" (~590 s a seed): independent
+#   99.33±0.11 / 0.027, pat default 99.16±0.26 / 0.035 (-0.17±0.23 pts, p 0.50; +0.009 TS-NLL, p 0.04), physical x2
+#   99.67±0.10 / 0.023 (+0.33±0.16, p 0.11). --budget 12: independent 96.04±0.58, pat default 80.61±0.98, physical
+#   x2 95.26±0.44 (-0.78±0.41, p 0.13).
 """Equal-budget benchmark: does a pat ensemble beat one model trained for the whole budget?
 
 Every arm spends the same total training budget B (in epochs over the training split; each
