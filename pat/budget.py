@@ -27,7 +27,7 @@ budget in steps counts optimizer steps, whatever each costs.
 
 A child with BatchNorm has its running statistics recomputed after tuning (one forward pass
 over its training share, ``tune.recompute_bn``). A forward pass is a third of a training pass
-(:data:`pat.engine.cost.TRAIN_FLOPS_PER_FORWARD`), so with ``recompute_bn`` a budget in epochs
+(:data:`TRAIN_FLOPS_PER_FORWARD`), so with ``recompute_bn`` a budget in epochs
 or FLOPs charges each child a third of one of its epochs on top of its tuning; a budget in
 steps does not (the pass takes no optimizer step).
 """
@@ -37,10 +37,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pat.engine.cost import TRAIN_FLOPS_PER_FORWARD
 from pat.errors import PatError, check
 
-__all__ = ["BudgetConfig", "Allocation", "allocate_budget"]
+__all__ = ["BudgetConfig", "Allocation", "allocate_budget", "TRAIN_FLOPS_PER_FORWARD"]
+
+# a training pass (forward + backward) costs about three forwards (Kaplan et al., 2020); the
+# budget's unit and pat.engine.cost's FLOP counts both rest on it
+TRAIN_FLOPS_PER_FORWARD = 3
 
 
 @dataclass(frozen=True)

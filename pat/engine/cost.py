@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from pat.budget import TRAIN_FLOPS_PER_FORWARD  # forward + backward ≈ 3 forwards
+
 if TYPE_CHECKING:
     from pat.data import Dataset
     from pat.engine.callbacks import FitState
@@ -32,7 +34,6 @@ __all__ = [
     "sum_costs",
 ]
 
-TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward ≈ 3 forwards
 _SUMMED = ("steps", "samples", "flops", "seconds")
 
 
