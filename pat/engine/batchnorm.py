@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
+from pat.engine.loop import epoch_metrics, evaluate
+
 __all__ = ["recalibrate_bn", "has_batchnorm", "recalibrated_metrics"]
 
 
@@ -48,8 +50,6 @@ def recalibrated_metrics(train: Iterable[Any], val: Iterable[Any], *,
     built for one fit: the first result is kept, so guards that share it (one per child tuned
     together) pay for one pass.
     """
-    from pat.engine.loop import epoch_metrics, evaluate
-
     kept: dict[str, float] = {}
 
     def recheck(model: nn.Module) -> dict[str, float] | None:
