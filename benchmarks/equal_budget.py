@@ -91,7 +91,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pat.budget import BudgetConfig, allocate_budget
+from pat.budget import TRAIN_FLOPS_PER_FORWARD, BudgetConfig, allocate_budget
 from pat.children import split
 from pat.config import DataConfig, SplitConfig, TrainConfig, TuneConfig
 from pat.data import Dataset, Split, load_dataset
@@ -326,7 +326,7 @@ def pat_members(args: argparse.Namespace, data: Dataset, budget: int, recipe: Re
         dev = resolve_device(args.device)
         ratio = fit_flops(parent, data, dev) / fit_flops(kids[0], data, dev)
         # the BatchNorm recomputation (a forward pass, a third of an epoch) is paid once per child
-        setup = 1 / 3 if has_batchnorm(parent) else 0.0
+        setup = 1 / TRAIN_FLOPS_PER_FORWARD if has_batchnorm(parent) else 0.0
         epochs = max(1, round((child_epochs + setup) * ratio - setup))
     config = TuneConfig(epochs=epochs, schedule=recipe.schedule, max_lr=chosen["lr"] * recipe.lr_scale,
                         lr=chosen["lr"] * recipe.lr_scale * 0.1, bagging=recipe.bagging, seed=seed,

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from pat.budget import Allocation, allocate_budget
+from pat.budget import TRAIN_FLOPS_PER_FORWARD, Allocation, allocate_budget
 from pat.config import (
     DataConfig,
     RunConfig,
@@ -103,7 +103,7 @@ def resolve_budget(config: RunConfig, data: Dataset) -> tuple[RunConfig, Allocat
           f"{config.parent.data.batch_size} and tune.data.batch_size={config.tune.data.batch_size}.")
     flops = None
     if config.budget.flops is not None:
-        from pat.engine.cost import TRAIN_FLOPS_PER_FORWARD, example_input, forward_flops
+        from pat.engine.cost import example_input, forward_flops
 
         model = _fresh_model(config, data)
         flops = TRAIN_FLOPS_PER_FORWARD * forward_flops(model, example_input(data))
@@ -207,8 +207,6 @@ def run_epochs(config: RunConfig, child_cost: float = 1.0, recompute_bn: bool = 
     parent step (physical children: :func:`physical_child_cost`); with ``recompute_bn`` each
     child also pays the forward pass that recomputes its BatchNorm statistics.
     """
-    from pat.engine.cost import TRAIN_FLOPS_PER_FORWARD
-
     share = config.tune.bagging if config.tune.bagging is not None else 1.0
     passes = config.tune.epochs + (1 / TRAIN_FLOPS_PER_FORWARD if recompute_bn else 0.0)
     return max(1, round(config.parent.epochs + config.split.children * passes * share * child_cost))

@@ -60,7 +60,7 @@ class CollapseGuard(Callback):
 
     ``recheck(model)`` gives validation metrics with fresh BatchNorm statistics (or None: no
     BatchNorm); it is called only for a last epoch that looks collapsed, and a last epoch that
-    does not look collapsed there stands (``rechecked`` then holds those metrics).
+    does not look collapsed there stands.
     """
 
     def __init__(self, num_classes: int, *, member: int | None = None,
@@ -75,7 +75,6 @@ class CollapseGuard(Callback):
         self.recheck = recheck
         self.best: dict[str, Any] | None = None  # epoch, val_loss, val_acc, state_dict
         self.restored: dict[str, Any] | None = None
-        self.rechecked: dict[str, Any] | None = None  # a suspected collapse that fresh statistics cleared
 
     @property
     def kept(self) -> dict[str, Tensor] | None:
@@ -96,7 +95,7 @@ class CollapseGuard(Callback):
 
     def on_fit_start(self, state: FitState) -> None:
         """A resumed fit's restored epoch was written before this guard saw it: consider it now."""
-        self.restored = self.rechecked = None
+        self.restored = None
         if state.history and (self.best is None or self.best["epoch"] < state.history[-1]["epoch"]):
             self._consider(state)
 
@@ -118,7 +117,6 @@ class CollapseGuard(Callback):
             again = {"epoch": last["epoch"], "val_loss": float(fresh[self.loss_key]),
                      "val_acc": float(fresh[self.acc_key])}
             if not collapsed(again, self.best, self.num_classes):  # stale running statistics, not a collapse
-                self.rechecked = again
                 return
         if self.member is None:
             _inner(state.model).load_state_dict(self.best["state_dict"])
