@@ -62,7 +62,9 @@ row also shows optimizer steps, training FLOPs and seconds) unless marked:
   at the constant LR it trains at); children are split from it and tuned with :func:`pat.tune`. ``pat default`` is the library's default
   recipe; the other ``pat`` rows are the recovery variants studied in issue 11 (``--variants``).
 - ``parent``: the PAT default's parent alone (its share of the budget), the floor the
-  ensemble must not fall below.
+  ensemble must not fall below; a BatchNorm parent with its statistics recomputed on the
+  training split, as pat compares it (rows measured before 2026-12-06 evening used its
+  running averages as trained).
 
 Metrics are on the test split: accuracy, NLL, and NLL / ECE / Brier after temperature
 scaling (one temperature per arm, fitted on validation); mean ± standard error over seeds.
@@ -96,7 +98,7 @@ from pat.children import split
 from pat.config import DataConfig, SplitConfig, TrainConfig, TuneConfig
 from pat.data import Dataset, Split, load_dataset
 from pat.data.core import stratified_split
-from pat.engine.batchnorm import has_batchnorm
+from pat.engine.batchnorm import has_batchnorm, with_fresh_statistics
 from pat.engine.callbacks import Callback, FitState
 from pat.engine.cost import example_input, fit_cost, sum_costs
 from pat.engine.loop import fit, resolve_device
@@ -445,8 +447,11 @@ def run_seed(args: argparse.Namespace, data: Dataset, seed: int, variants: list[
         label = f"pat {name}"
         rows[label], _, _ = arm_row(kids, cost, data, curve=curve)
         rows[label].update({k: info[k] for k in ("parent_epochs", "children", "child_epochs")})
-        if name == "default":
-            rows["parent (pat default)"], _, _ = arm_row([parent], info["cost"], data, curve=curve)
+        if name == "default":  # as pat compares it: BatchNorm statistics recomputed (pat.pipeline.load_parent)
+            plain = data.loader("train", batch_size=256, device=resolve_device(args.device), augment=False,
+                                shuffle=False)
+            rows["parent (pat default)"], _, _ = arm_row([with_fresh_statistics(parent, plain)], info["cost"], data,
+                                                         curve=curve)
     if args.paper:
         for name, (members, cost) in paper_arms(args, data, budget, seed).items():
             rows[name], _, _ = arm_row(members, cost, data, curve=curve)

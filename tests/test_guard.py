@@ -126,6 +126,46 @@ def test_stale_batchnorm_statistics_are_not_taken_for_a_collapse(digits, tmp_pat
     assert same(result.model.state_dict(), snaps.states[3])  # the last epoch, statistics as they were
 
 
+def test_a_batchnorm_parent_is_compared_with_its_statistics_recomputed(digits, tmp_path):
+    """The ensemble-vs-parent check and the run's parent row judge a BatchNorm parent by its
+    weights: statistics recomputed on the unaugmented training split (as each child's are),
+    not the lagging averages it was saved with. The file keeps what it was saved with."""
+    from torch.optim.swa_utils import update_bn
+
+    from pat.config import SplitConfig, TuneConfig
+    from pat.engine.checkpoint import load_model
+    from pat.ensemble.metrics import classification_metrics
+    from pat.ensemble.predict import collect_probs
+    from pat.pipeline import evaluate_run, parent_check
+    from pat.splitting import split_to_directory
+    from pat.tuner import tune_directory
+
+    parent = tmp_path / "parent.pt"
+    steps = 3 * math.ceil(len(digits.train.y) / 64)
+    train_parent(BN_CONFIG, data=digits, callbacks=[StaleStatistics(steps)], out=parent)
+    saved = load_checkpoint(parent)
+    kids = tmp_path / "children"
+    split_to_directory(parent, kids, SplitConfig(children=2))
+    tune_directory(str(kids), digits, TuneConfig(epochs=1, max_lr=0.05, data=DataConfig(batch_size=128)))
+
+    def scored(model, split):
+        probs, labels = collect_probs([model], digits.loader(split, batch_size=512))
+        return classification_metrics(probs[0], labels)
+
+    stale = load_model(parent)[0]
+    fresh = load_model(parent)[0]
+    update_bn(digits.loader("train", batch_size=256, augment=False, shuffle=False), fresh)
+    assert scored(stale, "val")["accuracy"] < 0.2 < 0.5 < scored(fresh, "val")["accuracy"]
+    check = parent_check(kids, digits)
+    assert check["parent"]["accuracy"] == pytest.approx(scored(fresh, "val")["accuracy"])
+    assert check["parent"]["nll"] == pytest.approx(scored(fresh, "val")["nll"], rel=1e-4)
+    assert not check["parent_at_chance"]
+    rows, _ = evaluate_run(kids, digits, parent_path=parent, device="cpu")
+    assert rows[0]["name"] == "parent"
+    assert rows[0]["nll"] == pytest.approx(scored(fresh, "test")["nll"], rel=1e-4)
+    assert same(load_checkpoint(parent)["state_dict"], saved["state_dict"])  # the file is left as saved
+
+
 def test_a_batchnorm_model_that_really_collapsed_is_still_restored(digits):
     snaps = Snapshots()
     result = train_parent(BN_CONFIG, data=digits, callbacks=[Sabotage(2), snaps])

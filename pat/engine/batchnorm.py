@@ -20,7 +20,7 @@ from torch.optim.swa_utils import update_bn
 
 from pat.engine.loop import epoch_metrics, evaluate
 
-__all__ = ["recalibrate_bn", "has_batchnorm", "recalibrated_metrics"]
+__all__ = ["recalibrate_bn", "has_batchnorm", "recalibrated_metrics", "with_fresh_statistics"]
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -37,6 +37,15 @@ def recalibrate_bn(model: nn.Module, loader: Iterable[Any]) -> nn.Module:
     """
     update_bn(loader, model)
     return model
+
+
+def with_fresh_statistics(model: nn.Module, loader: Iterable[Any]) -> nn.Module:
+    """``model`` itself if it has no BatchNorm, else a copy whose statistics ``loader`` recomputed.
+
+    What a model's weights are worth when its running averages lag them (a trunk trained at a
+    constant LR), without touching the model a user holds.
+    """
+    return recalibrate_bn(copy.deepcopy(model), loader) if has_batchnorm(model) else model
 
 
 def recalibrated_metrics(train: Iterable[Any], val: Iterable[Any], *,
@@ -56,8 +65,7 @@ def recalibrated_metrics(train: Iterable[Any], val: Iterable[Any], *,
         if not has_batchnorm(model):
             return None
         if not kept:
-            fresh = recalibrate_bn(copy.deepcopy(model), train)
-            kept.update(epoch_metrics("val", evaluate(fresh, val, loss_fn=loss_fn)))
+            kept.update(epoch_metrics("val", evaluate(with_fresh_statistics(model, train), val, loss_fn=loss_fn)))
         return kept
 
     return recheck
