@@ -43,7 +43,8 @@
 #   --snapshots 0 --deep 0 --threads 1 --variants "trunk physical partition x2 flops" (~590 s a seed): independent
 #   99.33±0.11 / 0.027, pat default 99.16±0.26 / 0.035 (-0.17±0.23 pts, p 0.50; +0.009 TS-NLL, p 0.04), physical x2
 #   99.67±0.10 / 0.023 (+0.33±0.16, p 0.11). --budget 12: independent 96.04±0.58, pat default 80.61±0.98, physical
-#   x2 95.26±0.44 (-0.78±0.41, p 0.13).
+#   x2 95.26±0.44 (-0.78±0.41, p 0.13). The default's parent with its statistics recomputed (decision 66;
+#   --variants ''): 99.05±0.21 at 48 (default +0.11±0.14, p 0.48), 83.23±3.03 at 12 (default -2.62±3.12).
 """Equal-budget benchmark: does a pat ensemble beat one model trained for the whole budget?
 
 Every arm spends the same total training budget B (in epochs over the training split; each
