@@ -18,8 +18,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml | $(BIN)/python
 demo: $(VENV)/.installed
 	$(BIN)/pat demo
 
+# a worker per core, at most 4 (each holds its own torch): every test runs torch on one
+# thread (tests/conftest.py), so the cores are shared out by workers, not by threads
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4
 
 lint: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet ruff
