@@ -227,6 +227,35 @@ def test_a_child_whose_tuning_collapsed_keeps_its_best_epoch(digits, digits_pare
     assert "warning: child-0 collapsed" in captured.get() and "child-1" not in captured.get()
 
 
+def test_a_child_whose_tuning_diverged_from_the_start_gets_back_the_child_as_split(digits, digits_parent,
+                                                                                    tmp_path):
+    """A child at chance from its first tuned epoch on (a peak LR too high for it diverges
+    this way: LeNet-S on digits, one child in six at seed 1 of `pat demo`'s config) is handed
+    back the state it started from, not the least bad of its collapsed epochs."""
+    from pat.children import load_child
+    from pat.config import SplitConfig, TuneConfig
+    from pat.engine.guard import describe_restored
+    from pat.pipeline import parent_check
+    from pat.records import masks_of
+    from pat.splitting import split_to_directory
+    from pat.tuner import tune_directory
+
+    kids = tmp_path / "children"
+    split_to_directory(digits_parent, kids, SplitConfig(children=2))
+    as_split = load_child(kids / "child-0.pt").state_dict()
+    config = TuneConfig(epochs=2, max_lr=0.05, data=DataConfig(batch_size=128))
+    tune_directory(str(kids), digits, config, callbacks=lambda name: [Sabotage(0)] if name == "child-0" else [])
+    check = parent_check(kids, digits)
+    restored = check["children_restored"]["child-0"]
+    assert restored["epoch"] == 0 and restored["val_acc"] > 0.3 and restored["last"]["val_acc"] < 0.2
+    child = load_child(kids / "child-0.pt")
+    assert same(child.state_dict(), as_split)  # LeNet-S: no BatchNorm statistics to recompute
+    masks, params = masks_of(child), dict(child.named_parameters())
+    assert masks and all(int(params[n][~m].count_nonzero()) == 0 for n, m in masks.items())
+    assert "starting state (epoch 0) was kept" in describe_restored(restored, "child-0")
+    assert "restored" not in load_checkpoint(kids / "child-1.pt")["metrics"]
+
+
 class SabotageMember(Callback):
     """Zero child ``member``'s weights inside a grouped (together) network before epoch ``at``."""
 

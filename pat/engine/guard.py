@@ -93,6 +93,20 @@ class CollapseGuard(Callback):
             self.best = {"epoch": int(m["epoch"]), "val_loss": float(loss), "val_acc": float(m[self.acc_key]),
                          "state_dict": weights}
 
+    def start(self, model: nn.Module, metrics: Mapping[str, float]) -> None:
+        """Make the state a fit starts from its epoch 0, if ``metrics`` (its validation metrics) are.
+
+        For a child: the network as split is a trained one, and a tuning that diverged from
+        its first steps (every epoch at chance) is handed back that, not the least bad of
+        its collapsed epochs. Call it before the fit; a resumed fit's own record replaces it.
+        """
+        loss = metrics.get(self.loss_key)
+        if loss is None or self.acc_key not in metrics or not math.isfinite(loss):
+            return
+        source = self.weights(model) if self.weights is not None else model.state_dict()
+        self.best = {"epoch": 0, "val_loss": float(loss), "val_acc": float(metrics[self.acc_key]),
+                     "state_dict": {k: v.detach().to("cpu", copy=True) for k, v in source.items()}}
+
     def on_fit_start(self, state: FitState) -> None:
         """A resumed fit's restored epoch was written before this guard saw it: consider it now."""
         self.restored = None
@@ -134,6 +148,7 @@ class CollapseGuard(Callback):
 def describe_restored(restored: Mapping[str, Any], what: str = "the model") -> str:
     """One line saying which epoch was handed back and why (for the CLI)."""
     last = restored["last"]
+    at = f"epoch {restored['epoch']}"
+    kept = at if restored["epoch"] else "its starting state (epoch 0)"
     return (f"{what} collapsed: validation accuracy {last['val_acc']:.2%} at its last epoch "
-            f"({last['epoch']}) against {restored['val_acc']:.2%} at epoch {restored['epoch']}; "
-            f"epoch {restored['epoch']} was kept")
+            f"({last['epoch']}) against {restored['val_acc']:.2%} at {at}; {kept} was kept")

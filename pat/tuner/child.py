@@ -21,7 +21,7 @@ from pat.engine.batchnorm import has_batchnorm, recalibrate_bn, recalibrated_met
 from pat.engine.callbacks import Callback
 from pat.engine.cost import example_input, fit_cost
 from pat.engine.guard import CollapseGuard
-from pat.engine.loop import final_metrics, fit, resolve_device
+from pat.engine.loop import epoch_metrics, evaluate, final_metrics, fit, resolve_device
 from pat.engine.masking import MaskEnforcer
 from pat.engine.optim import recipe
 from pat.engine.steps import create_step
@@ -149,6 +149,9 @@ def tune_child(
     if evals:
         plain = data.loader("train", batch_size=config.data.batch_size, device=device, augment=False, shuffle=False)
         guard = [CollapseGuard(data.num_classes, recheck=recalibrated_metrics(plain, evals["val"]))]
+        # the child as split is a candidate too: a tuning that diverged from its first steps
+        # hands it back rather than the least bad of its collapsed epochs
+        guard[0].start(child, epoch_metrics("val", evaluate(child, evals["val"])))
     state = fit(child, train, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler,
                 step=create_step(config.step), eval_data=evals, callbacks=[*enforcer, *callbacks, *guard],
                 amp=config.amp, device=device, resume_path=resume_path, resume_extra=resume_extra)
