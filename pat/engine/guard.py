@@ -87,11 +87,13 @@ class CollapseGuard(Callback):
         if loss is None or self.acc_key not in m or not math.isfinite(loss):
             return
         if self.best is None or loss < self.best["val_loss"]:
-            model = _inner(state.model)
-            source = self.weights(model) if self.weights is not None else model.state_dict()
-            weights = {k: v.detach().to("cpu", copy=True) for k, v in source.items()}
             self.best = {"epoch": int(m["epoch"]), "val_loss": float(loss), "val_acc": float(m[self.acc_key]),
-                         "state_dict": weights}
+                         "state_dict": self._copy(_inner(state.model))}
+
+    def _copy(self, model: nn.Module) -> dict[str, Tensor]:
+        """CPU copies of the weights this guard keeps (the member's, with ``member``)."""
+        source = self.weights(model) if self.weights is not None else model.state_dict()
+        return {k: v.detach().to("cpu", copy=True) for k, v in source.items()}
 
     def start(self, model: nn.Module, metrics: Mapping[str, float]) -> None:
         """Make the state a fit starts from its epoch 0, if ``metrics`` (its validation metrics) are.
@@ -103,9 +105,8 @@ class CollapseGuard(Callback):
         loss = metrics.get(self.loss_key)
         if loss is None or self.acc_key not in metrics or not math.isfinite(loss):
             return
-        source = self.weights(model) if self.weights is not None else model.state_dict()
         self.best = {"epoch": 0, "val_loss": float(loss), "val_acc": float(metrics[self.acc_key]),
-                     "state_dict": {k: v.detach().to("cpu", copy=True) for k, v in source.items()}}
+                     "state_dict": self._copy(model)}
 
     def on_fit_start(self, state: FitState) -> None:
         """A resumed fit's restored epoch was written before this guard saw it: consider it now."""
