@@ -82,18 +82,17 @@ class CollapseGuard(Callback):
         return self.best["state_dict"] if self.restored is not None and self.best is not None else None
 
     def _consider(self, state: FitState) -> None:
-        m = state.metrics
-        loss = m.get(self.loss_key)
-        if loss is None or self.acc_key not in m or not math.isfinite(loss):
+        self._offer(int(state.metrics.get("epoch", 0)), state.metrics, _inner(state.model))
+
+    def _offer(self, epoch: int, metrics: Mapping[str, float], model: nn.Module) -> None:
+        """Keep ``model``'s weights (CPU copies) as epoch ``epoch`` if its validation loss is the lowest yet."""
+        loss = metrics.get(self.loss_key)
+        if loss is None or self.acc_key not in metrics or not math.isfinite(loss):
             return
         if self.best is None or loss < self.best["val_loss"]:
-            self.best = {"epoch": int(m["epoch"]), "val_loss": float(loss), "val_acc": float(m[self.acc_key]),
-                         "state_dict": self._copy(_inner(state.model))}
-
-    def _copy(self, model: nn.Module) -> dict[str, Tensor]:
-        """CPU copies of the weights this guard keeps (the member's, with ``member``)."""
-        source = self.weights(model) if self.weights is not None else model.state_dict()
-        return {k: v.detach().to("cpu", copy=True) for k, v in source.items()}
+            source = self.weights(model) if self.weights is not None else model.state_dict()
+            self.best = {"epoch": epoch, "val_loss": float(loss), "val_acc": float(metrics[self.acc_key]),
+                         "state_dict": {k: v.detach().to("cpu", copy=True) for k, v in source.items()}}
 
     def start(self, model: nn.Module, metrics: Mapping[str, float]) -> None:
         """Make the state a fit starts from its epoch 0, if ``metrics`` (its validation metrics) are.
@@ -102,11 +101,8 @@ class CollapseGuard(Callback):
         its first steps (every epoch at chance) is handed back that, not the least bad of
         its collapsed epochs. Call it before the fit; a resumed fit's own record replaces it.
         """
-        loss = metrics.get(self.loss_key)
-        if loss is None or self.acc_key not in metrics or not math.isfinite(loss):
-            return
-        self.best = {"epoch": 0, "val_loss": float(loss), "val_acc": float(metrics[self.acc_key]),
-                     "state_dict": self._copy(model)}
+        self.best = None
+        self._offer(0, metrics, model)
 
     def on_fit_start(self, state: FitState) -> None:
         """A resumed fit's restored epoch was written before this guard saw it: consider it now."""
