@@ -40,7 +40,7 @@ from pat.engine.checkpoint import load_checkpoint, load_model
 from pat.engine.distributed import Ranks, init_ranks
 from pat.engine.loop import resolve_device
 from pat.ensemble.ensemble import Ensemble
-from pat.ensemble.metrics import accuracy_vs_size, classification_metrics, evaluate
+from pat.ensemble.metrics import accuracy_vs_size, classification_metrics, evaluate, sample_nll
 from pat.ensemble.predict import collect_probs
 from pat.errors import PatError, check, first_line
 from pat.io import atomic_write
@@ -266,11 +266,14 @@ def parent_check(children_dir: str | Path, data: Dataset, *, parent_path: str | 
     ``{}`` when there is no validation split or no parent file to compare with; otherwise
     ``{"parent": {...}, "ensemble": {...}, "flips": {...}, "worse": bool, "parent_at_chance": bool,
     "parent_restored": dict | None, "children_restored": {name: dict}}``.
-    ``worse`` means a higher NLL than the parent's, or a lower accuracy by more than chance
-    explains: ``flips`` counts the images only the parent gets right (``lost``) and only the
-    ensemble gets right (``won``), and the accuracy is lower when ``lost - won`` exceeds
-    1.96 sqrt(lost + won), the paired sign test at 5 % (on digits' 143 validation images one
-    image is 0.7 %, which no one should read as a verdict). ``parent_at_chance`` is a parent
+    ``worse`` means a lower accuracy or a higher NLL than the parent's by more than chance
+    explains, each judged image by image (on digits' 143 validation images one image is 0.7 %,
+    which no one should read as a verdict). ``flips`` counts the images only the parent gets
+    right (``lost``) and only the ensemble gets right (``won``), and the accuracy is lower
+    when ``lost - won`` exceeds 1.96 sqrt(lost + won), the paired sign test at 5 %.
+    ``nll_diff`` holds the mean and standard error of the ensemble's NLL minus the parent's
+    over the images, and the NLL is higher when the mean exceeds 1.96 standard errors, the
+    paired t-test at 5 % (decision 69). ``parent_at_chance`` is a parent
     within 1.5x of chance accuracy; ``parent_restored`` is the parent checkpoint's ``restored`` record
     (its training collapsed and an earlier epoch was handed over; :mod:`pat.engine.guard`);
     ``children_restored`` holds the same record for each child whose tuning collapsed.
@@ -287,12 +290,15 @@ def parent_check(children_dir: str | Path, data: Dataset, *, parent_path: str | 
     probs, labels = collect_probs([parent, *ensemble.members], data.loader("val", batch_size=512, device=dev))
     p = classification_metrics(probs[0], labels)
     e = classification_metrics(probs[1:].mean(0), labels)
-    parent_hit, ensemble_hit = probs[0].argmax(1) == labels, probs[1:].mean(0).argmax(1) == labels
+    pair = torch.stack([probs[0], probs[1:].mean(0)])  # parent, ensemble: (2, N, C)
+    parent_hit, ensemble_hit = pair.argmax(-1) == labels
     lost, won = int((parent_hit & ~ensemble_hit).sum()), int((ensemble_hit & ~parent_hit).sum())
+    diff = sample_nll(pair[1], labels) - sample_nll(pair[0], labels)
+    nll_diff = {"mean": float(diff.mean()), "se": float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else 0.0}
     keys = ("accuracy", "nll", "ece")
     return {"parent": {k: p[k] for k in keys}, "ensemble": {k: e[k] for k in keys},
-            "members": len(ensemble.members), "flips": {"lost": lost, "won": won},
-            "worse": lost - won > 1.96 * math.sqrt(lost + won) or e["nll"] > p["nll"],
+            "members": len(ensemble.members), "flips": {"lost": lost, "won": won}, "nll_diff": nll_diff,
+            "worse": lost - won > 1.96 * math.sqrt(lost + won) or nll_diff["mean"] > 1.96 * nll_diff["se"],
             # a parent that learnt nothing (a trunk diverged at its constant LR, say)
             "parent_at_chance": p["accuracy"] <= 1.5 / data.num_classes,
             # a parent whose last epoch collapsed, handed over at its best epoch instead

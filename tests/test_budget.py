@@ -171,8 +171,9 @@ def test_run_with_a_budget_writes_the_allocation_and_the_validation_check(tmp_pa
     check = metrics["validation"]
     assert check["members"] == a.children
     lost, won = check["flips"]["lost"], check["flips"]["won"]
-    assert check["worse"] == (lost - won > 1.96 * (lost + won) ** 0.5
-                              or check["ensemble"]["nll"] > check["parent"]["nll"])
+    diff = check["nll_diff"]
+    assert diff["mean"] == pytest.approx(check["ensemble"]["nll"] - check["parent"]["nll"], abs=1e-5)
+    assert check["worse"] == (lost - won > 1.96 * (lost + won) ** 0.5 or diff["mean"] > 1.96 * diff["se"])
     assert check["parent_at_chance"] == (check["parent"]["accuracy"] <= 1.5 / 10)
     # the baseline is the parent's recipe as configured for the whole budget, not the trunk's
     baseline = load_checkpoint(tmp_path / "run" / "independent.pt")["config"]

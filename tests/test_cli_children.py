@@ -232,11 +232,12 @@ def test_validation_line_warns_when_the_ensemble_or_its_parent_fails(parent_acc,
     from pat.cli.render import console
 
     check = {"parent": {"accuracy": parent_acc, "nll": 0.2}, "ensemble": {"accuracy": ens_acc, "nll": 0.2},
-             "members": 6, "flips": {"lost": 9, "won": 2}, "worse": ens_acc < parent_acc,
+             "members": 6, "flips": {"lost": 9, "won": 2}, "nll_diff": {"mean": 0.0, "se": 0.0125},
+             "worse": ens_acc < parent_acc,
              "parent_at_chance": parent_acc <= 0.15, "parent_restored": kept}
     with console.capture() as captured:
         _validation_line(check)
     text = captured.get()
-    assert text.startswith("validation: ensemble of 6")
+    assert text.startswith("validation: ensemble of 6") and "+0.0000 ± 0.0125; images" in text
     assert all(w in text for w in words)
     assert ("warning" in text) == bool(words)

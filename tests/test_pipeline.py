@@ -40,7 +40,7 @@ def test_output_holding_another_run_is_refused(tmp_path):
 @pytest.mark.parametrize("lost, won, worse", [(1, 0, False), (3, 1, False), (5, 0, True), (12, 3, True)])
 def test_parent_check_calls_a_lower_accuracy_worse_only_beyond_chance(tmp_path, digits, digits_parent,
                                                                        monkeypatch, lost, won, worse):
-    """One image of 143 flipping is noise; a paired sign test decides (the NLL is held equal here)."""
+    """One image of 143 flipping is noise; a paired sign test decides (every image's NLL is held equal)."""
     import torch
 
     import pat.pipeline as pipeline
@@ -49,8 +49,7 @@ def test_parent_check_calls_a_lower_accuracy_worse_only_beyond_chance(tmp_path, 
     split = pipeline.split_to_directory(digits_parent, tmp_path / "kids", SplitConfig(children=2))
     y = digits.val.y
     n, c = len(y), digits.num_classes
-    right = torch.nn.functional.one_hot(y, c).float()
-    wrong = torch.nn.functional.one_hot((y + 1) % c, c).float()
+    right, wrong = _soft(y, c, 0.4, 0.35), _soft(y, c, 0.4, 0.45)  # the same p(true class), argmax flipped
     parent, ensemble = right.clone(), right.clone()
     ensemble[:lost], parent[lost : lost + won] = wrong[:lost], wrong[lost : lost + won]
     members = torch.stack([ensemble, ensemble])
@@ -59,4 +58,49 @@ def test_parent_check_calls_a_lower_accuracy_worse_only_beyond_chance(tmp_path, 
         "accuracy": float((probs.argmax(1) == labels).float().mean()), "nll": 0.1, "ece": 0.0})
     check = pipeline.parent_check(split.path, digits, parent_path=digits_parent, device="cpu")
     assert check["flips"] == {"lost": lost, "won": won} and n > lost + won
+    assert check["nll_diff"] == {"mean": 0.0, "se": 0.0}
+    assert check["worse"] is worse
+
+
+def _soft(y, c, true, runner_up):
+    """Probabilities with ``true`` on each label, ``runner_up`` on the next class, the rest spread evenly."""
+    import torch
+
+    probs = torch.full((len(y), c), (1 - true - runner_up) / (c - 2))
+    probs[torch.arange(len(y)), y] = true
+    probs[torch.arange(len(y)), (y + 1) % c] = runner_up
+    return probs
+
+
+@pytest.mark.parametrize("shift, spread, worse", [(0.02, 0.0, True), (0.02, 0.5, False), (-0.02, 0.0, False)])
+def test_parent_check_calls_a_higher_nll_worse_only_beyond_chance(tmp_path, digits, digits_parent, monkeypatch,
+                                                                  shift, spread, worse):
+    """The ensemble's NLL against the parent's, image by image: a paired t-test at 5 % decides.
+
+    The ensemble is given each image's parent probability of the true class times exp(-shift),
+    with ``spread`` added and taken away on alternate images: a small shift on every image is a
+    verdict, the same shift under noise of 0.5 a nat on 143 images is not. The accuracy is held
+    equal (the same argmax everywhere).
+    """
+    import torch
+
+    import pat.pipeline as pipeline
+    from pat.config import SplitConfig
+
+    split = pipeline.split_to_directory(digits_parent, tmp_path / "kids", SplitConfig(children=2))
+    y = digits.val.y
+    n, c = len(y), digits.num_classes
+    parent = _soft(y, c, 0.6, 0.1)
+    noise = spread * (torch.arange(n) % 2 * 2 - 1).float()  # +spread, -spread, ...
+    if n % 2:
+        noise[-1] = 0.0
+    true = 0.6 * torch.exp(-(shift + noise))
+    ensemble = ((1 - true) / (c - 1))[:, None].repeat(1, c)  # below the true class's share: argmax kept
+    ensemble[torch.arange(n), y] = true
+    members = torch.stack([ensemble, ensemble])
+    monkeypatch.setattr(pipeline, "collect_probs", lambda models, loader: (torch.cat([parent[None], members]), y))
+    check = pipeline.parent_check(split.path, digits, parent_path=digits_parent, device="cpu")
+    assert check["flips"] == {"lost": 0, "won": 0}
+    assert check["nll_diff"]["mean"] == pytest.approx(shift, abs=1e-5)
+    assert check["ensemble"]["nll"] - check["parent"]["nll"] == pytest.approx(shift, abs=1e-5)
     assert check["worse"] is worse

@@ -219,7 +219,7 @@ def _validation_line(check: dict) -> None:
     e, p = check["ensemble"], check["parent"]
     console.print(f"validation: ensemble of {check['members']} accuracy {e['accuracy']:.2%}, NLL {e['nll']:.4f} "
                   f"vs parent {p['accuracy']:.2%}, NLL {p['nll']:.4f} "
-                  f"({e['accuracy'] - p['accuracy']:+.2%}, {e['nll'] - p['nll']:+.4f}; images only the "
+                  f"({e['accuracy'] - p['accuracy']:+.2%}, {e['nll'] - p['nll']:+.4f}{_se(check)}; images only the "
                   f"ensemble gets right {check['flips']['won']}, only the parent {check['flips']['lost']})",
                   highlight=False, soft_wrap=True)
     if check.get("parent_restored"):
@@ -236,6 +236,12 @@ def _validation_line(check: dict) -> None:
         console.print("[yellow]warning:[/] the ensemble is worse than its parent on validation: give each "
                       "child more tuning steps (more epochs, fewer children) or keep more of the parent "
                       "(lower sparsity); see docs/tuning.md", highlight=False, soft_wrap=True)
+
+
+def _se(check: dict) -> str:
+    """`` ± SE`` of the paired NLL difference, where the check has it (runs before decision 69 do not)."""
+    diff = check.get("nll_diff")
+    return f" ± {diff['se']:.4f}" if diff else ""
 
 
 def _trend_line(trend: dict | None) -> None:

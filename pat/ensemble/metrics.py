@@ -32,6 +32,7 @@ __all__ = [
     "N_BINS",
     "accuracy",
     "nll",
+    "sample_nll",
     "ece",
     "brier",
     "calibration_bins",
@@ -65,9 +66,13 @@ def accuracy(probs: Tensor, labels: Tensor) -> float:
 
 def nll(probs: Tensor, labels: Tensor) -> float:
     """Mean negative log-likelihood of the true class (natural log)."""
+    return float(sample_nll(probs, labels).mean())
+
+
+def sample_nll(probs: Tensor, labels: Tensor) -> Tensor:
+    """``(N,)`` negative log-likelihood of each sample's true class, for paired comparisons."""
     probs, labels = _pair(probs, labels)
-    true = probs.gather(1, labels[:, None]).squeeze(1)
-    return float(-true.clamp_min(_EPS).log().mean())
+    return -probs.gather(1, labels[:, None]).squeeze(1).clamp_min(_EPS).log()
 
 
 def ece(probs: Tensor, labels: Tensor, n_bins: int = N_BINS) -> float:
