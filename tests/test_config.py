@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from pat.config import DataConfig, TrainConfig, from_dict, load_yaml, save_yaml, to_dict
@@ -36,3 +38,32 @@ def test_train_config_pretrained_needs_a_torchvision_model():
         TrainConfig(model="resnet20", pretrained=True)
     with pytest.raises(PatError, match=r"pretrained must be true or false\. Got 'yes'"):
         TrainConfig(model="tv:resnet18", pretrained="yes")  # type: ignore[arg-type]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inner:
+    a: int = 1
+    b: int = 2
+
+    def __post_init__(self) -> None:
+        if self.a == self.b:
+            raise PatError(f"a and b must differ. Got {self.a} twice.")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outer:
+    inner: _Inner = dataclasses.field(default_factory=lambda: _Inner(a=5))
+    plain: _Inner = dataclasses.field(default_factory=_Inner)
+
+
+def test_a_section_given_in_part_is_merged_onto_its_fields_own_default():
+    """``inner``'s default is not its class's: the keys a section leaves out come from it."""
+    assert from_dict(_Outer, {"inner": {"b": 3}}) == _Outer(inner=_Inner(a=5, b=3))
+    assert from_dict(_Outer, {"plain": {"b": 3}}) == _Outer(plain=_Inner(a=1, b=3))
+    assert from_dict(_Outer, {"inner": {}}) == _Outer()
+    # an error that comes from a merged default says which values came from it
+    with pytest.raises(PatError, match=r"^config.inner: a and b must differ. Got 5 twice. \(keys left out of "
+                                       r"config.inner take this run's defaults: a=5\)$"):
+        from_dict(_Outer, {"inner": {"b": 5}})
+    with pytest.raises(PatError, match=r"^a and b must differ. Got 1 twice.$"):
+        from_dict(_Outer, {"plain": {"b": 1}})
