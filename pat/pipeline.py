@@ -26,7 +26,6 @@ from pat.budget import TRAIN_FLOPS_PER_FORWARD, Allocation, allocate_budget
 from pat.config import (
     DataConfig,
     RunConfig,
-    SplitConfig,
     TrainConfig,
     TuneConfig,
     load_yaml,
@@ -71,8 +70,9 @@ class RunResult:
 def demo_config(out: str = "runs/demo") -> RunConfig:
     """The ``pat demo`` run: digits, LeNet-S, a 48-epoch budget, and the model it must beat.
 
-    pat's defaults throughout — the budget split half to the parent and half to 6 children
-    (random masks at sparsity 0.2, one-cycle peak at 0.2x the parent's LR) — plus an
+    ``pat run``'s defaults throughout — half the budget to a trunk at a constant LR, the rest
+    to two physical children that partition its channels, each tuned (one-cycle, peak at the
+    trunk's LR) for as many epochs as its FLOPs allow (:func:`pat.config.run_split`) — plus an
     independent LeNet-S trained for the whole 48 epochs with the parent's recipe, so the
     ensemble is shown against its parent and against one model of the same budget.
     """
@@ -81,7 +81,6 @@ def demo_config(out: str = "runs/demo") -> RunConfig:
     data = DataConfig(dataset="digits", batch_size=128)
     return RunConfig(
         parent=TrainConfig(model="lenet-s", lr=0.05, data=data),
-        split=SplitConfig(),
         tune=TuneConfig(data=data),
         budget=BudgetConfig(epochs=48),
         baseline=True,
