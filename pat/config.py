@@ -108,16 +108,22 @@ class SplitConfig:
             check(self.physical, "pack needs physical=True (children slimmed to their own channels). Got physical=False.")
             check(self.children >= 2, f"pack needs at least 2 children. Got children={self.children}.")
 
+    def describe(self) -> str:
+        """One line: ``2 physical children (neuron level, partition)``, ``6 masked children (...)``."""
+        method = self.method if self.sparsity is None else f"{self.method} at sparsity {self.sparsity:g}"
+        kind = "packed" if self.pack else "physical" if self.physical else "masked"
+        return f"{self.children} {kind} children ({self.level} level, {method})"
+
 
 def run_split() -> SplitConfig:
     """How ``pat run`` splits its parent when the config has no ``split`` section.
 
     Two physical children that partition the parent's channels (each keeps a disjoint half of
     every hidden layer, about 0.3 of its FLOPs): at an equal budget in FLOPs each tunes about
-    three times as long as a masked child, and the pair ran ahead of pat's six masked
-    children in six of the seven regimes measured and never fell below its parent
-    (docs/decisions.md, 67). ``pat split`` and a ``split`` section keep
-    :class:`SplitConfig`'s defaults.
+    three times as long as a masked child, and the pair ran ahead of or level with six masked
+    children in six of the seven regimes measured (docs/decisions.md, 71). ``pat split`` keeps
+    :class:`SplitConfig`'s defaults; a run config's ``split`` section given in part is merged
+    onto these (decision 70).
     """
     return SplitConfig(children=2, level="neuron", method="partition", sparsity=None, physical=True)
 
@@ -165,8 +171,8 @@ class RunConfig:
     """The whole pipeline: parent → split → tune → evaluate (``pat run CONFIG.yaml``)."""
 
     parent: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    # without a split section: two physical children that partition the parent's channels
-    # (run_split); a section given is read as pat split reads its options
+    # two physical children that partition the parent's channels (run_split); a split section
+    # changes only the keys it gives
     split: SplitConfig = dataclasses.field(default_factory=run_split)
     tune: TuneConfig = dataclasses.field(default_factory=TuneConfig)
     out: str = "runs/pat"  # directory: parent.pt, children/, config.yaml, metrics.json

@@ -331,7 +331,8 @@ def run(config: RunConfig, *, force: bool = False, progress: Progress = lambda s
     With ``config.budget`` the stages' lengths and the number of children come from
     :func:`pat.budget.allocate_budget` (and, with ``budget.trunk``, the parent trains at a
     constant LR and the children peak at it); the resolved config is what ``config.yaml`` keeps.
-    ``announce`` receives one line describing the allocation before training starts.
+    ``announce`` receives the lines that describe the run before training starts: its split,
+    and its allocation when it has a budget.
 
     Under ``torchrun`` (``ranks``, default read from its environment) every rank calls this:
     the parent and the baseline train data-parallel (:func:`pat.parent.train_parent`), the
@@ -350,8 +351,10 @@ def run(config: RunConfig, *, force: bool = False, progress: Progress = lambda s
     data = load_dataset(pdata.dataset, data_dir=pdata.data_dir, val_fraction=pdata.val_fraction, seed=pdata.seed)
     recipe = config.parent  # the baseline trains with the user's recipe, not the trunk's constant LR
     config, allocation = resolve_budget(config, data)
-    if allocation is not None and ranks.is_main:
-        announce(allocation.describe())
+    if ranks.is_main:
+        announce(f"split: {config.split.describe()}")
+        if allocation is not None:
+            announce(allocation.describe())
     out = Path(config.out)
     _on_main(ranks, lambda: _claim_output(config, force, allocation))
     parent_path, children_dir = out / "parent.pt", out / "children"

@@ -127,8 +127,9 @@ def test_budget_too_small_for_one_child_epoch():
 
 
 def test_run_config_reads_a_budget_and_resolves_it(digits):
-    config = from_dict(RunConfig, {"budget": {"epochs": 48}, "split": {"children": 6}})
-    assert config.budget == BudgetConfig(epochs=48)
+    masked = {"children": 6, "level": "connection", "physical": False, "method": "random", "sparsity": 0.2}
+    config = from_dict(RunConfig, {"budget": {"epochs": 48}, "split": masked})
+    assert config.budget == BudgetConfig(epochs=48) and config.split == SplitConfig(children=6)
     resolved, allocation = resolve_budget(config, digits)
     assert (resolved.parent.epochs, resolved.split.children, resolved.tune.epochs) == (24, 6, 4)
     # the parent is a trunk at a constant LR and the children peak at that LR
@@ -159,7 +160,8 @@ def test_run_with_a_budget_writes_the_allocation_and_the_validation_check(tmp_pa
     lines = []
     result = run(config, announce=lines.append)
     a = result.allocation
-    assert lines == [a.describe()] and a.parent_epochs + a.children * a.child_epochs == 6
+    assert lines == [f"split: {a.children} masked children (connection level, random at sparsity 0.2)",
+                     a.describe()] and a.parent_epochs + a.children * a.child_epochs == 6
     saved = load_yaml(tmp_path / "run" / "config.yaml")
     assert (saved["parent"]["epochs"], saved["split"]["children"], saved["tune"]["epochs"]) == (
         a.parent_epochs, a.children, a.child_epochs)
@@ -218,7 +220,7 @@ def test_the_run_notes_when_one_model_was_still_improving():
         with console.capture() as captured:
             _trend_line(trend)
         text = captured.get()
-        assert ("lowest validation loss at epoch 95 of 96" in text and "children: 2" in text) == shown
+        assert ("lowest validation loss at epoch 95 of 96" in text and "docs/tuning.md" in text) == shown
         assert bool(text) == shown
 
 

@@ -149,7 +149,8 @@ def test_pat_run_under_torchrun_trains_the_parent_data_parallel_and_reports_once
     assert [m["status"] for m in EnsembleDir.load(out / "children").members] == ["tuned"] * 3
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["name"] for r in metrics["test"]][:4] == ["parent", "child-0", "child-1", "child-2"]
-    assert done.stdout.count("test split —") == 1 and done.stdout.count("validation:") == 1
+    assert done.stdout.count("test split —") == 1 and done.stdout.count("validation: ensemble of") == 1
+    assert done.stdout.count("split: 3 physical children (neuron level, partition)") == 1
 
 
 ELASTIC_RUN = """

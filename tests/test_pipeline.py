@@ -12,12 +12,30 @@ from pat.pipeline import demo_config, resolve_budget, run
 
 @pytest.mark.slow
 def test_demo_ensemble_beats_its_parent_on_digits_test_split(tmp_path, digits):
-    result = run(demo_config(str(tmp_path / "demo")))
+    """One seed of the demo: more accurate than its parent, and no worse in NLL than chance explains.
+
+    On test, image by image as on validation (decision 69): over seeds 0-4 the pair's test NLL is
+    below its parent's on four and level on one (seed 0 on one thread, -0.0001 +- 0.020), so a
+    strictly lower NLL is not a claim one seed carries.
+    """
+    from pat.ensemble.ensemble import Ensemble
+    from pat.ensemble.metrics import sample_nll
+    from pat.ensemble.predict import collect_probs
+    from pat.pipeline import load_parent
+
+    out = tmp_path / "demo"
+    result = run(demo_config(str(out)))
     parent, ensemble, independent = result.rows[0], result.rows[-2], result.rows[-1]
-    assert parent["name"] == "parent" and ensemble["name"] == "ensemble (6)"
+    assert parent["name"] == "parent" and ensemble["name"] == "ensemble (2)"
+    assert [r["name"] for r in result.rows[1:-2]] == ["child-0", "child-1"]
     assert independent["name"] == "independent (48 ep)"
-    assert ensemble["nll"] < parent["nll"]
-    assert ensemble["accuracy"] >= parent["accuracy"]
+    assert ensemble["accuracy"] > parent["accuracy"]
+    members = Ensemble.load(out / "children", device="cpu", calibrated=False).members
+    probs, labels = collect_probs([load_parent(out / "parent.pt", digits, "cpu")[0], *members],
+                                  digits.loader("test", batch_size=512))
+    diff = sample_nll(probs[1:].mean(0), labels) - sample_nll(probs[0], labels)
+    assert float(diff.mean()) == pytest.approx(ensemble["nll"] - parent["nll"], abs=1e-5)
+    assert float(diff.mean()) <= 1.96 * float(diff.std()) / len(diff) ** 0.5
     assert not result.validation["worse"]  # and on validation too, where the run checks it
     saved = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert saved["test"][-2]["accuracy"] == ensemble["accuracy"]

@@ -204,8 +204,8 @@ def demo(out, device, force) -> None:
         config, parent=dataclasses.replace(config.parent, device=device),
         tune=dataclasses.replace(config.tune, device=device))
     if init_ranks().is_main:
-        console.print(f"[bold]pat demo[/]: LeNet-S parent on digits → {config.split.children} "
-                      f"{config.split.method} children → one-cycle tuning → softmax average")
+        console.print(f"[bold]pat demo[/]: LeNet-S parent on digits → {config.split.describe()} → "
+                      "one-cycle tuning → softmax average", highlight=False)
     _run_on_ranks(config, force)
 
 
@@ -250,8 +250,8 @@ def _trend_line(trend: dict | None) -> None:
         return
     console.print(f"[yellow]note:[/] the independent model was still improving at its end (lowest validation "
                   f"loss at epoch {trend['best_epoch']} of {trend['epochs']}); there one model of the budget has "
-                  "beaten pat's ensemble in every measurement so far, and fewer children each tuned longer "
-                  "(split: {children: 2}) lose less — docs/tuning.md", highlight=False, soft_wrap=True)
+                  "beaten pat's ensemble in most measurements (the physical pair in two of three, six masked "
+                  "children in every one) — docs/tuning.md", highlight=False, soft_wrap=True)
 
 
 def _render(result) -> None:
