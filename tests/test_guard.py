@@ -310,6 +310,35 @@ def test_children_tuned_together_each_keep_their_best_epoch(digits, digits_paren
     assert not same(child.state_dict(), load_child(untouched / "child-0.pt").state_dict())
 
 
+def test_children_tuned_together_whose_one_diverged_from_the_start_gets_back_the_child_as_split(
+        digits, digits_parent, tmp_path):
+    """Together as one by one: a child at chance from its first epoch is handed back its state
+    as split (epoch 0), masked, and its sibling ends where it ends without the sabotage."""
+    from pat.children import load_child
+    from pat.config import SplitConfig, TuneConfig
+    from pat.pipeline import parent_check
+    from pat.records import masks_of
+    from pat.splitting import split_to_directory
+    from pat.tuner import tune_directory
+
+    kids, untouched = tmp_path / "children", tmp_path / "untouched"
+    for out in (kids, untouched):
+        split_to_directory(digits_parent, out, SplitConfig(children=2))
+    as_split = load_child(kids / "child-0.pt").state_dict()
+    config = TuneConfig(epochs=2, max_lr=0.05, together=True, data=DataConfig(batch_size=128))
+    tune_directory(str(kids), digits, config, callbacks=lambda name: [SabotageMember(0, member=0)])
+    tune_directory(str(untouched), digits, config)
+    assert "together" in load_checkpoint(kids / "child-0.pt")["cost"]  # one grouped fit, not a fallback
+    restored = parent_check(kids, digits)["children_restored"]
+    assert set(restored) == {"child-0"}
+    assert restored["child-0"]["epoch"] == 0 and restored["child-0"]["last"]["val_acc"] < 0.25
+    child = load_child(kids / "child-0.pt")
+    assert same(child.state_dict(), as_split)
+    masks, params = masks_of(child), dict(child.named_parameters())
+    assert masks and all(int(params[n][~m].count_nonzero()) == 0 for n, m in masks.items())
+    assert same(load_child(kids / "child-1.pt").state_dict(), load_child(untouched / "child-1.pt").state_dict())
+
+
 class History(Callback):
     def __init__(self) -> None:
         self.rows: list[dict] = []

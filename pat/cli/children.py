@@ -205,7 +205,7 @@ def demo(out, device, force) -> None:
         tune=dataclasses.replace(config.tune, device=device))
     if init_ranks().is_main:
         console.print(f"[bold]pat demo[/]: LeNet-S parent on digits → {config.split.describe()} → "
-                      "one-cycle tuning → softmax average", highlight=False)
+                      "one-cycle tuning → softmax average", highlight=False, soft_wrap=True)
     _run_on_ranks(config, force)
 
 

@@ -20,7 +20,14 @@ from pat.data import Dataset
 from pat.engine.batchnorm import recalibrated_metrics
 from pat.engine.callbacks import Callback
 from pat.engine.guard import CollapseGuard
-from pat.engine.loop import autocast_for, final_metrics, fit, resolve_device
+from pat.engine.loop import (
+    autocast_for,
+    epoch_metrics,
+    evaluate,
+    final_metrics,
+    fit,
+    resolve_device,
+)
 from pat.engine.masking import MaskEnforcer
 from pat.errors import PatError, check
 from pat.jobs import member_seed
@@ -155,7 +162,8 @@ def tune_together(
     from one stream). Returns each child's metrics, also left with the costs in each child's
     record. With a validation split each child has its own
     :class:`pat.engine.guard.CollapseGuard`: a child whose last epoch collapsed is handed back
-    its lowest-validation-loss epoch (``metrics["restored"]``), the others are untouched.
+    its lowest-validation-loss epoch (``metrics["restored"]``; the child as split counts as
+    epoch 0, as in :func:`pat.tuner.tune_child`), the others are untouched.
 
     With ``config.together == "auto"`` the grouped step is timed against M one-child steps
     first and ``None`` is returned (nothing tuned) when it is not faster, or when the model
@@ -193,6 +201,10 @@ def tune_together(
         recheck = recalibrated_metrics(_Fanned(plain, m), evals["val"], loss_fn=_summed_loss)
         guards = [CollapseGuard(data.num_classes, member=i, weights=lambda net, i=i: child_state(net.packed, i),
                                 recheck=recheck) for i in range(m)]
+        # each child as split is its guard's epoch 0, as for one child alone (tune_child)
+        start = epoch_metrics("val", evaluate(model, evals["val"], loss_fn=_summed_loss))
+        for guard in guards:
+            guard.start(model, start)
     state = fit(model, train, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler,
                 loss_fn=_summed_loss, eval_data=evals, callbacks=[MaskEnforcer(packed_masks), *callbacks, *guards],
                 amp=config.amp, device=device, resume_path=resume_path, resume_extra=resume_extra)
