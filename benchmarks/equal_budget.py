@@ -60,8 +60,11 @@ row also shows optimizer steps, training FLOPs and seconds) unless marked:
   calibrated-NLL-vs-size curve gives every arm's deep-ensemble equivalent (DEE).
 - ``pat ...``: :func:`pat.allocate_budget` splits B between a parent and its children; the
   parent's LR is chosen on validation with the same grid at its own length (a trunk parent's
-  at the constant LR it trains at); children are split from it and tuned with :func:`pat.tune`. ``pat default`` is the library's default
-  recipe; the other ``pat`` rows are the recovery variants studied in issue 11 (``--variants``).
+  at the constant LR it trains at); children are split from it and tuned with :func:`pat.tune`. ``pat default`` is
+  ``pat run``'s recipe with a budget: since decision 71 (2026-12-06, night) two physical children that
+  partition the trunk's channels, charged their FLOPs; every figure above this docstring that names
+  ``pat default`` is the earlier one, six masked children (now ``--variants "trunk s0.2 x6"``). The other
+  ``pat`` rows are the recovery variants studied in issue 11 (``--variants``).
 - ``parent``: the PAT default's parent alone (its share of the budget), the floor the
   ensemble must not fall below; a BatchNorm parent with its statistics recomputed on the
   training split, as pat compares it (rows measured before 2026-12-06 evening used its
@@ -96,7 +99,7 @@ from torch import Tensor, nn
 
 from pat.budget import TRAIN_FLOPS_PER_FORWARD, BudgetConfig, allocate_budget
 from pat.children import split
-from pat.config import DataConfig, SplitConfig, TrainConfig, TuneConfig
+from pat.config import DataConfig, RunConfig, TrainConfig, TuneConfig
 from pat.data import Dataset, Split, load_dataset
 from pat.data.core import stratified_split
 from pat.engine.batchnorm import has_batchnorm, with_fresh_statistics
@@ -250,6 +253,8 @@ VARIANTS: dict[str, Recipe] = {
     # the parent as a trunk: trained at a constant LR, the children anneal from it (one-cycle
     # peaking at the parent's LR) -- pat's default with a budget
     "annealed parent s0.2 x6 lr.2": Recipe(method="random", sparsity=0.2, lr_scale=0.2, min_child_steps=10),
+    # pat run's default until decision 71 (the rows named "pat default" before 2026-12-06, night)
+    "trunk s0.2 x6": Recipe(method="random", sparsity=0.2, children=6, trunk=True, min_child_steps=10),
     "trunk s0.2 x4": Recipe(method="random", sparsity=0.2, children=4, trunk=True),
     "trunk s0.2 x8": Recipe(method="random", sparsity=0.2, children=8, trunk=True),
     "trunk s0.2 x12": Recipe(method="random", sparsity=0.2, children=12, trunk=True),
@@ -460,10 +465,17 @@ def run_seed(args: argparse.Namespace, data: Dataset, seed: int, variants: list[
 
 
 def default_recipe() -> Recipe:
-    """pat's default recipe: the defaults of the split, tuning and budget configs."""
-    sp, tu, bu = SplitConfig(), TuneConfig(), BudgetConfig(epochs=1)
+    """pat's default recipe: what ``pat run`` does with a budget and no split or tune section.
+
+    Since decision 71 that is two physical children partitioning the trunk's channels, each
+    charged its own FLOPs (so tuned for as many more epochs); before it, six masked children,
+    now the variant ``trunk s0.2 x6``.
+    """
+    run, bu = RunConfig(), BudgetConfig(epochs=1)
+    sp, tu = run.split, run.tune
     return Recipe(parent_share=bu.parent_share, children=sp.children, method=sp.method, sparsity=sp.sparsity,
-                  level=sp.level, physical=sp.physical, lr_scale=1.0 if bu.trunk else tu.max_lr_share, schedule=tu.schedule,
+                  level=sp.level, physical=sp.physical, equal_flops=sp.physical,
+                  lr_scale=1.0 if bu.trunk else tu.max_lr_share, schedule=tu.schedule,
                   bagging=tu.bagging, min_child_steps=bu.min_child_steps, trunk=bu.trunk)
     # with a trunk parent (pat.pipeline.resolve_budget) the children peak at the parent's LR
 

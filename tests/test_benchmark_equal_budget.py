@@ -10,13 +10,14 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import equal_budget  # noqa: E402
 
 
-def test_default_arm_is_pats_own_defaults():
+def test_default_arm_is_pat_runs_own_defaults():
     from pat.budget import BudgetConfig
-    from pat.config import SplitConfig
+    from pat.config import RunConfig
 
-    recipe = equal_budget.default_recipe()
-    assert (recipe.children, recipe.method, recipe.sparsity) == (SplitConfig().children, SplitConfig().method,
-                                                                 SplitConfig().sparsity)
+    recipe, split = equal_budget.default_recipe(), RunConfig().split
+    assert (recipe.children, recipe.method, recipe.sparsity, recipe.level, recipe.physical) == (
+        split.children, split.method, split.sparsity, split.level, split.physical)
+    assert recipe.equal_flops == split.physical  # pat run's budget charges physical children their FLOPs
     assert recipe.trunk == BudgetConfig(epochs=1).trunk and recipe.lr_scale == 1.0
 
 
@@ -33,8 +34,11 @@ def test_every_arm_spends_the_budget_and_the_report_reads_back(tmp_path, capsys)
     assert len(results) == 2
     for rows in results:
         steps = rows["independent"]["steps"]
-        for arm in ("independent (last epoch)", "snapshot (2 cycles)", "pat default", "pat trunk dense x6"):
+        for arm in ("independent (last epoch)", "snapshot (2 cycles)", "pat trunk dense x6"):
             assert rows[arm]["steps"] == steps, arm  # equal budget, in optimizer steps
+        # the default's physical children are charged their FLOPs: more steps, the same FLOPs
+        flops = rows["independent"]["flops"]
+        assert rows["pat default"]["steps"] > steps and 0.9 * flops <= rows["pat default"]["flops"] <= flops
         assert rows["deep (2x budget)"]["steps"] == 2 * steps
         assert rows["parent (pat default)"]["steps"] < steps
         assert rows["independent"]["schedule"] in ("parent", "cosine")  # the grid's choice is kept
