@@ -45,6 +45,10 @@
 #   99.67±0.10 / 0.023 (+0.33±0.16, p 0.11). --budget 12: independent 96.04±0.58, pat default 80.61±0.98, physical
 #   x2 95.26±0.44 (-0.78±0.41, p 0.13). The default's parent with its statistics recomputed (decision 66;
 #   --variants ''): 99.05±0.21 at 48 (default +0.11±0.14, p 0.48), 83.23±3.03 at 12 (default -2.62±3.12).
+# pat run's default since decision 71 (2026-12-06, night: the physical pair; "trunk s0.2 x6" the earlier default):
+#   --budget 16 --seeds 5 --first-seed {300,305} --deep 0 --snapshots 0 --threads 1 --variants "trunk s0.2 x6"
+#   (~65 s a seed): independent 98.08±0.17 / 0.067 (best epoch 12-16), pat default (8 + 2 x 14) 98.36±0.33 / 0.075
+#   (+0.28±0.36, p 0.46), trunk s0.2 x6 (10 + 6 x 1) 95.82±0.92 / 0.129 (-2.26±0.86, p 0.03).
 """Equal-budget benchmark: does a pat ensemble beat one model trained for the whole budget?
 
 Every arm spends the same total training budget B (in epochs over the training split; each
