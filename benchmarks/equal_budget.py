@@ -433,35 +433,39 @@ def run_seed(args: argparse.Namespace, data: Dataset, seed: int, variants: list[
     budget = args.budget
     cache: dict = {}
     rows: dict[str, Row] = {}
+    plain = data.loader("train", batch_size=256, device=resolve_device(args.device), augment=False, shuffle=False)
+
+    def compared(models: list[nn.Module]) -> list[nn.Module]:
+        # as pat compares models (pat.pipeline.load_compared, decision 72): BatchNorm statistics
+        # recomputed on the unaugmented training split, as every pat child's are after tuning
+        return [with_fresh_statistics(m, plain) for m in models]
+
     model, cost, chosen = train_best(args, data, budget, seed, cache)
     # the deep ensemble first: its size curve is every arm's DEE yardstick. Its members are
     # the independent model and M-1 more at the independent model's chosen LR and schedule.
     deep = [(model, cost)] + [train_fixed(args, data, budget, seed * 1000 + k, chosen) for k in range(1, args.deep)]
-    deep_models = [m for m, _ in deep]
+    deep_models = compared([m for m, _ in deep])
     curve = None
     if args.deep > 1:
         row, vp, tp = arm_row(deep_models, sum_costs([c for _, c in deep]), data, curve=None)
         curve = size_curve(vp, data.val.y, tp, data.test.y)
         row["dee"] = float(len(deep))
         rows[f"deep ({args.deep}x budget)"] = row
-    rows["independent"], _, _ = arm_row([model], cost, data, curve=curve)
+    rows["independent"], _, _ = arm_row(deep_models[:1], cost, data, curve=curve)  # the deep ensemble's first
     rows["independent"].update({"lr": chosen["lr"], "schedule": chosen["schedule"], "best_epoch": chosen["best_epoch"]})
     # the same run kept at its last epoch: with a small validation split "best epoch" can stop early
-    rows["independent (last epoch)"], _, _ = arm_row([chosen["last"]], cost, data, curve=curve)
+    rows["independent (last epoch)"], _, _ = arm_row(compared([chosen["last"]]), cost, data, curve=curve)
     if args.snapshots > 0:
         members, cost = snapshot_members(args, data, budget, args.snapshots, chosen["lr"], seed)
-        rows[f"snapshot ({args.snapshots} cycles)"], _, _ = arm_row(members, cost, data, curve=curve)
+        rows[f"snapshot ({args.snapshots} cycles)"], _, _ = arm_row(compared(members), cost, data, curve=curve)
     for name in ["default", *variants]:
         recipe = default_recipe() if name == "default" else VARIANTS[name]
         kids, cost, parent, info = pat_members(args, data, budget, recipe, seed, cache)
         label = f"pat {name}"
         rows[label], _, _ = arm_row(kids, cost, data, curve=curve)
         rows[label].update({k: info[k] for k in ("parent_epochs", "children", "child_epochs")})
-        if name == "default":  # as pat compares it: BatchNorm statistics recomputed (pat.pipeline.load_parent)
-            plain = data.loader("train", batch_size=256, device=resolve_device(args.device), augment=False,
-                                shuffle=False)
-            rows["parent (pat default)"], _, _ = arm_row([with_fresh_statistics(parent, plain)], info["cost"], data,
-                                                         curve=curve)
+        if name == "default":  # as pat compares it (pat.pipeline.load_compared)
+            rows["parent (pat default)"], _, _ = arm_row(compared([parent]), info["cost"], data, curve=curve)
     if args.paper:
         for name, (members, cost) in paper_arms(args, data, budget, seed).items():
             rows[name], _, _ = arm_row(members, cost, data, curve=curve)

@@ -49,7 +49,7 @@ from pat.store import EnsembleDir
 from pat.tuner import tune_directory
 
 __all__ = ["RunResult", "run", "demo_config", "evaluate_run", "split_to_directory", "split_footprint",
-           "resolve_budget", "parent_check", "physical_child_cost", "recomputes_bn", "load_parent"]
+           "resolve_budget", "parent_check", "physical_child_cost", "recomputes_bn", "load_compared"]
 
 Progress = Callable[[str], Iterable[Callback]]
 
@@ -210,35 +210,38 @@ def run_epochs(config: RunConfig, child_cost: float = 1.0, recompute_bn: bool = 
     return max(1, round(config.parent.epochs + config.split.children * passes * share * child_cost))
 
 
-def load_parent(path: str | Path, data: Dataset, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The parent an ensemble is compared with, and its checkpoint.
+def load_compared(path: str | Path, data: Dataset, device: torch.device, *,
+                  argument: str = "parent") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A model an ensemble is compared with (its parent, or one model of the same budget), and its checkpoint.
 
-    A parent with BatchNorm is compared with its statistics recomputed on the unaugmented
-    training split, as every child's are after tuning (``tune.recompute_bn``): a trunk trained
+    A model with BatchNorm is compared with its statistics recomputed on the unaugmented
+    training split, as every child's are after tuning (``tune.recompute_bn``). A trunk trained
     at a constant LR keeps running averages that lag its weights (ResNet-8 on digits after 6
-    epochs: 11 % validation accuracy as saved, 77 % recomputed), and an ensemble measured
-    against that would clear a bar its parent's weights do not set. The file is untouched;
-    the pass is an evaluation, not training, so no budget is charged for it.
+    epochs: 11 % validation accuracy as saved, 77 % recomputed, decision 66), and even an
+    annealed model's averages come from augmented batches (ResNet-8 after 48 epochs: TS-NLL
+    0.033 as saved, 0.023 recomputed, decision 72); an ensemble measured against either would
+    clear a bar that model's weights do not set. The file is untouched; the pass is an
+    evaluation, not training, so no budget is charged for it.
     """
-    parent, saved = load_model(path, device=device, argument="parent")
+    model, saved = load_model(path, device=device, argument=argument)
     plain = data.loader("train", batch_size=256, device=device, augment=False, shuffle=False)
-    return with_fresh_statistics(parent, plain), saved
+    return with_fresh_statistics(model, plain), saved
 
 
 def evaluate_run(children_dir: Path, data: Dataset, *, parent_path: Path | None = None,
                  device: str = "auto", split: str = "test",
                  baseline: tuple[str, Path] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Metrics of the parent (if given; :func:`load_parent`), every child and the children's softmax average.
+    """Metrics of the parent (if given; :func:`load_compared`), every child and the children's softmax average.
 
     Each child row also has ``ensemble_acc``: the accuracy of the average of children 1..i,
     i.e. what the ensemble reached as children were added. ``baseline`` (name, checkpoint)
-    adds a last row for a model to compare the ensemble with.
+    adds a last row for a model to compare the ensemble with, loaded as the parent is.
     """
     dev = resolve_device(device)
     ensemble = Ensemble.load(children_dir, device=dev)
     models = list(ensemble.members)
     if parent_path is not None:
-        models.insert(0, load_parent(parent_path, data, dev)[0])
+        models.insert(0, load_compared(parent_path, data, dev)[0])
     probs, labels = collect_probs(models, data.loader(split, batch_size=512, device=dev))
     rows = [{"name": "parent", **classification_metrics(probs[0], labels)}] if parent_path else []
     children = probs[1:] if parent_path is not None else probs
@@ -249,7 +252,7 @@ def evaluate_run(children_dir: Path, data: Dataset, *, parent_path: Path | None 
     rows.append({"name": f"ensemble ({len(children)})", **report["ensemble"]})
     if baseline is not None:
         name, path = baseline
-        model = load_model(path, device=dev, argument="baseline")[0]
+        model = load_compared(path, data, dev, argument="baseline")[0]
         probs, labels = collect_probs([model], data.loader(split, batch_size=512, device=dev))
         rows.append({"name": name, **classification_metrics(probs[0], labels)})
     return rows, report["diversity"]
@@ -259,7 +262,7 @@ def parent_check(children_dir: str | Path, data: Dataset, *, parent_path: str | 
                  device: str = "auto") -> dict[str, Any]:
     """The ensemble against its parent on the validation split: accuracy and NLL of each.
 
-    A parent with BatchNorm is evaluated with its statistics recomputed (:func:`load_parent`).
+    A parent with BatchNorm is evaluated with its statistics recomputed (:func:`load_compared`).
 
     ``parent_path`` defaults to the parent recorded in the ensemble's manifest. Returns
     ``{}`` when there is no validation split or no parent file to compare with; otherwise
@@ -285,7 +288,7 @@ def parent_check(children_dir: str | Path, data: Dataset, *, parent_path: str | 
         return {}
     dev = resolve_device(device)
     ensemble = Ensemble.load(children_dir, device=dev, calibrated=False)
-    parent, saved = load_parent(parent_path, data, dev)
+    parent, saved = load_compared(parent_path, data, dev)
     probs, labels = collect_probs([parent, *ensemble.members], data.loader("val", batch_size=512, device=dev))
     p = classification_metrics(probs[0], labels)
     e = classification_metrics(probs[1:].mean(0), labels)

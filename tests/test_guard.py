@@ -127,9 +127,9 @@ def test_stale_batchnorm_statistics_are_not_taken_for_a_collapse(digits, tmp_pat
 
 
 def test_a_batchnorm_parent_is_compared_with_its_statistics_recomputed(digits, tmp_path):
-    """The ensemble-vs-parent check and the run's parent row judge a BatchNorm parent by its
-    weights: statistics recomputed on the unaugmented training split (as each child's are),
-    not the lagging averages it was saved with. The file keeps what it was saved with."""
+    """The ensemble-vs-parent check and the run's parent and one-model rows judge a BatchNorm
+    model by its weights: statistics recomputed on the unaugmented training split (as each
+    child's are), not the averages it was saved with. The file keeps what it was saved with."""
     from torch.optim.swa_utils import update_bn
 
     from pat.config import SplitConfig, TuneConfig
@@ -160,9 +160,11 @@ def test_a_batchnorm_parent_is_compared_with_its_statistics_recomputed(digits, t
     assert check["parent"]["accuracy"] == pytest.approx(scored(fresh, "val")["accuracy"])
     assert check["parent"]["nll"] == pytest.approx(scored(fresh, "val")["nll"], rel=1e-4)
     assert not check["parent_at_chance"]
-    rows, _ = evaluate_run(kids, digits, parent_path=parent, device="cpu")
-    assert rows[0]["name"] == "parent"
-    assert rows[0]["nll"] == pytest.approx(scored(fresh, "test")["nll"], rel=1e-4)
+    # the one model of the budget is held to the same treatment (decision 72): here the same file
+    rows, _ = evaluate_run(kids, digits, parent_path=parent, device="cpu", baseline=("one model", parent))
+    assert rows[0]["name"] == "parent" and rows[-1]["name"] == "one model"
+    for row in (rows[0], rows[-1]):
+        assert row["nll"] == pytest.approx(scored(fresh, "test")["nll"], rel=1e-4)
     assert same(load_checkpoint(parent)["state_dict"], saved["state_dict"])  # the file is left as saved
 
 

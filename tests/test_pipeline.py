@@ -21,7 +21,7 @@ def test_demo_ensemble_beats_its_parent_on_digits_test_split(tmp_path, digits):
     from pat.ensemble.ensemble import Ensemble
     from pat.ensemble.metrics import sample_nll
     from pat.ensemble.predict import collect_probs
-    from pat.pipeline import load_parent
+    from pat.pipeline import load_compared
 
     out = tmp_path / "demo"
     result = run(demo_config(str(out)))
@@ -31,7 +31,7 @@ def test_demo_ensemble_beats_its_parent_on_digits_test_split(tmp_path, digits):
     assert independent["name"] == "independent (48 ep)"
     assert ensemble["accuracy"] > parent["accuracy"]
     members = Ensemble.load(out / "children", device="cpu", calibrated=False).members
-    probs, labels = collect_probs([load_parent(out / "parent.pt", digits, "cpu")[0], *members],
+    probs, labels = collect_probs([load_compared(out / "parent.pt", digits, "cpu")[0], *members],
                                   digits.loader("test", batch_size=512))
     diff = sample_nll(probs[1:].mean(0), labels) - sample_nll(probs[0], labels)
     assert float(diff.mean()) == pytest.approx(ensemble["nll"] - parent["nll"], abs=1e-5)
