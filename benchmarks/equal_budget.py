@@ -45,6 +45,10 @@
 #   99.67±0.10 / 0.023 (+0.33±0.16, p 0.11). --budget 12: independent 96.04±0.58, pat default 80.61±0.98, physical
 #   x2 95.26±0.44 (-0.78±0.41, p 0.13). The default's parent with its statistics recomputed (decision 66;
 #   --variants ''): 99.05±0.21 at 48 (default +0.11±0.14, p 0.48), 83.23±3.03 at 12 (default -2.62±3.12).
+#   Scored fairly (decision 72: the independent's BatchNorm statistics recomputed too, as this script now
+#   does) one model is 96.49±0.43 / 0.113 at 12, 99.67±0.10 / 0.017 at 48, 99.61±0.14 / 0.012 at 96: physical
+#   x2 -1.23±0.34 (p 0.02), +0.00±0.12 (TS-NLL +0.006, p 0.07), +0.22±0.10 (p 0.10); the six masked children
+#   -15.88, -0.50±0.24 (TS-NLL +0.019, p 0.004), -0.06±0.14.
 # pat run's default since decision 71 (2026-12-06, night: the physical pair; "trunk s0.2 x6" the earlier default):
 #   --budget 16 --seeds 5 --first-seed {300,305} --deep 0 --snapshots 0 --threads 1 --variants "trunk s0.2 x6"
 #   (~65 s a seed): independent 98.08±0.17 / 0.067 (best epoch 12-16), pat default (8 + 2 x 14) 98.36±0.33 / 0.075
