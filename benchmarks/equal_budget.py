@@ -53,6 +53,8 @@
 #   --budget 16 --seeds 5 --first-seed {300,305} --deep 0 --snapshots 0 --threads 1 --variants "trunk s0.2 x6"
 #   (~65 s a seed): independent 98.08±0.17 / 0.067 (best epoch 12-16), pat default (8 + 2 x 14) 98.36±0.33 / 0.075
 #   (+0.28±0.36, p 0.46), trunk s0.2 x6 (10 + 6 x 1) 95.82±0.92 / 0.129 (-2.26±0.86, p 0.03).
+#   --budget 24, the same seeds (~85 s a seed): independent 98.22±0.23 / 0.063 (best epoch 11-24), pat default
+#   (12 + 2 x 20) 98.91±0.16 / 0.047 (+0.70±0.18, p 0.004; TS-NLL -0.016, p 0.06), trunk s0.2 x6 98.47±0.19 / 0.062.
 """Equal-budget benchmark: does a pat ensemble beat one model trained for the whole budget?
 
 Every arm spends the same total training budget B (in epochs over the training split; each

@@ -121,7 +121,7 @@ def run_split() -> SplitConfig:
     Two physical children that partition the parent's channels (each keeps a disjoint half of
     every hidden layer, about 0.3 of its FLOPs): at an equal budget in FLOPs each tunes about
     three times as long as a masked child, and the pair ran ahead of or level with six masked
-    children in seven of the eight regimes measured (docs/decisions.md, 71). ``pat split`` keeps
+    children in eight of the nine regimes measured (docs/decisions.md, 71). ``pat split`` keeps
     :class:`SplitConfig`'s defaults; a run config's ``split`` section given in part is merged
     onto these (decision 70).
     """
