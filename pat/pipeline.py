@@ -290,9 +290,8 @@ def parent_check(children_dir: str | Path, data: Dataset, *, parent_path: str | 
     ensemble = Ensemble.load(children_dir, device=dev, calibrated=False)
     parent, saved = load_compared(parent_path, data, dev)
     probs, labels = collect_probs([parent, *ensemble.members], data.loader("val", batch_size=512, device=dev))
-    p = classification_metrics(probs[0], labels)
-    e = classification_metrics(probs[1:].mean(0), labels)
     pair = torch.stack([probs[0], probs[1:].mean(0)])  # parent, ensemble: (2, N, C)
+    p, e = (classification_metrics(q, labels) for q in pair)
     parent_hit, ensemble_hit = pair.argmax(-1) == labels
     lost, won = int((parent_hit & ~ensemble_hit).sum()), int((ensemble_hit & ~parent_hit).sum())
     diff = sample_nll(pair[1], labels) - sample_nll(pair[0], labels)
