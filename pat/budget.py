@@ -29,7 +29,9 @@ A child with BatchNorm has its running statistics recomputed after tuning (one f
 over its training share, ``tune.recompute_bn``). A forward pass is a third of a training pass
 (:data:`TRAIN_FLOPS_PER_FORWARD`), so with ``recompute_bn`` a budget in epochs
 or FLOPs charges each child a third of one of its epochs on top of its tuning; a budget in
-steps does not (the pass takes no optimizer step).
+steps does not (the pass takes no optimizer step). The parent's own pass at the end of its
+training (``TrainConfig.recompute_bn``) is outside the budget, as the pass of the one model
+trained for the whole budget is: both arms of the comparison pay it.
 """
 
 from __future__ import annotations

@@ -57,9 +57,13 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool | None = None  # bf16 autocast; None = on for CUDA only
     pretrained: bool = False  # start from torchvision's DEFAULT ImageNet weights (tv: models only)
+    # BatchNorm statistics recomputed on the unaugmented training split once training ends
+    # (the running averages of augmented batches and of weights still moving are not the model's)
+    recompute_bn: bool = True
 
     def __post_init__(self) -> None:
         check(self.epochs > 0, f"epochs must be positive. Got {self.epochs}.")
+        check(isinstance(self.recompute_bn, bool), f"recompute_bn must be true or false. Got {self.recompute_bn!r}.")
         check(self.lr > 0, f"lr must be positive. Got {self.lr}.")
         check(isinstance(self.pretrained, bool), f"pretrained must be true or false. Got {self.pretrained!r}.")
         # checked here, not only by create_model, so a run is refused before any data is loaded

@@ -13,7 +13,12 @@ from torch import nn
 
 from pat.config import TrainConfig, to_dict
 from pat.data import Dataset, load_dataset
-from pat.engine.batchnorm import recalibrated_metrics
+from pat.engine.batchnorm import (
+    has_batchnorm,
+    recalibrate_bn,
+    recalibrated_metrics,
+    statistics_loader,
+)
 from pat.engine.callbacks import Callback
 from pat.engine.checkpoint import save_model
 from pat.engine.cost import example_input, fit_cost
@@ -68,6 +73,11 @@ def train_parent(
     or accuracy back more than halfway to chance from its best) ends with its best validation
     epoch instead (:class:`pat.engine.guard.CollapseGuard`); ``result.restored`` and the
     checkpoint's ``restored`` say which. Any other run ends at its last epoch, as trained.
+
+    A model with BatchNorm then has its statistics recomputed by one forward pass over the
+    unaugmented training split (``config.recompute_bn``, charged in ``result.cost`` as
+    ``bn_samples``): its running averages mix augmented batches and weights that were still
+    moving, and eval mode would score weights it no longer has (decision 73).
     """
     ranks = ranks if ranks is not None else init_ranks()
     device = resolve_device(ranks.device(config.device))
@@ -94,9 +104,13 @@ def train_parent(
     state = fit(net, train, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler,
                 eval_data=evals, callbacks=[*callbacks, guard], amp=config.amp, device=device,
                 resume_path=resume, resume_extra={"config": to_dict(config)})
+    bn_samples = 0
+    if config.recompute_bn and has_batchnorm(model):  # every rank alike: the whole split, in order
+        recalibrate_bn(model, statistics_loader(data, device))
+        bn_samples = len(data.train)
     metrics = final_metrics(model, data, device=device, amp=config.amp)
     extra = {"ranks": ranks.world_size} if ranks.distributed else {}
-    cost = fit_cost(state, example_input(data, device), model=model, **extra)
+    cost = fit_cost(state, example_input(data, device), model=model, bn_samples=bn_samples, **extra)
     restored = guard.restored if guard is not None else None
     if out is not None and ranks.is_main:
         save_model(out, model, kind="model", config=to_dict(config), metrics=metrics,

@@ -33,7 +33,7 @@ from pat.config import (
     to_dict,
 )
 from pat.data import Dataset, load_dataset
-from pat.engine.batchnorm import has_batchnorm, with_fresh_statistics
+from pat.engine.batchnorm import has_batchnorm, statistics_loader, with_fresh_statistics
 from pat.engine.callbacks import Callback
 from pat.engine.checkpoint import load_checkpoint, load_model
 from pat.engine.distributed import Ranks, init_ranks
@@ -224,8 +224,7 @@ def load_compared(path: str | Path, data: Dataset, device: torch.device, *,
     evaluation, not training, so no budget is charged for it.
     """
     model, saved = load_model(path, device=device, argument=argument)
-    plain = data.loader("train", batch_size=256, device=device, augment=False, shuffle=False)
-    return with_fresh_statistics(model, plain), saved
+    return with_fresh_statistics(model, statistics_loader(data, device)), saved
 
 
 def evaluate_run(children_dir: Path, data: Dataset, *, parent_path: Path | None = None,

@@ -32,11 +32,14 @@ from pat.cli.render import EpochProgress, console, fmt, metrics_table
               help="Start from torchvision's DEFAULT ImageNet weights (tv: models only; downloaded once into "
                    "torch's cache): the head is replaced for the dataset's classes, the first conv adapted "
                    "to its channels.")
+@click.option("--recompute-bn/--keep-bn", default=True,
+              help="Recompute BatchNorm statistics on the unaugmented training split when training ends "
+                   "[default: recompute].")
 @device_options
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write (e.g. parent.pt).")
 @force_option
 def train(model, dataset, data_dir, batch_size, val_fraction, data_seed, epochs, optimizer, lr,
-          weight_decay, schedule, seed, pretrained, device, amp, out, force) -> None:
+          weight_decay, schedule, seed, pretrained, recompute_bn, device, amp, out, force) -> None:
     """Train a parent network into a checkpoint.
 
     An interrupted run resumes from OUT.partial when started again with the same --out.
@@ -61,7 +64,7 @@ def train(model, dataset, data_dir, batch_size, val_fraction, data_seed, epochs,
         sources["lr"] = "adam default"
     config = TrainConfig(
         model=model, epochs=settings["epochs"], optimizer=optimizer, lr=settings["lr"], weight_decay=weight_decay,
-        schedule=schedule, seed=seed, device=device, amp=amp, pretrained=pretrained,
+        schedule=schedule, seed=seed, device=device, amp=amp, pretrained=pretrained, recompute_bn=recompute_bn,
         data=DataConfig(dataset=d["dataset"], data_dir=d["data_dir"], val_fraction=d["val_fraction"],
                         batch_size=settings["batch_size"], seed=d["seed"]),
     )
@@ -158,6 +161,8 @@ def _cost_rows(cost) -> list[dict[str, str]]:
         {"key": "inference MACs / sample",
          "value": _flops(cost.get("forward_flops_per_sample", 0) // 2) + "MACs"},
     ]
+    if cost.get("bn_samples"):
+        rows.append({"key": "BatchNorm recomputed on", "value": f"{cost['bn_samples']:,} samples (one forward pass, charged)"})
     if cost.get("parent"):
         rows.append({"key": "started from", "value": str(cost["parent"])})
     return rows

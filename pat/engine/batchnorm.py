@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
 from pat.engine.loop import epoch_metrics, evaluate
 
-__all__ = ["recalibrate_bn", "has_batchnorm", "recalibrated_metrics", "with_fresh_statistics"]
+if TYPE_CHECKING:
+    from pat.data import Dataset
+
+__all__ = ["recalibrate_bn", "has_batchnorm", "recalibrated_metrics", "statistics_loader", "with_fresh_statistics"]
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -37,6 +41,16 @@ def recalibrate_bn(model: nn.Module, loader: Iterable[Any]) -> nn.Module:
     """
     update_bn(loader, model)
     return model
+
+
+def statistics_loader(data: Dataset, device: torch.device | str) -> Iterable[Any]:
+    """The data a whole model's statistics are recomputed on: the training split, unaugmented, in order.
+
+    One definition for the end of ``pat train`` and for every model an ensemble is compared
+    with (:func:`pat.pipeline.load_compared`), so a parent recomputed when it was trained is
+    left exactly as it is when it is compared.
+    """
+    return data.loader("train", batch_size=256, device=device, augment=False, shuffle=False)
 
 
 def with_fresh_statistics(model: nn.Module, loader: Iterable[Any]) -> nn.Module:

@@ -106,11 +106,18 @@ def training_cost(forward_flops_per_sample: int, *, steps: int, samples: int, se
 
 
 def fit_cost(state: FitState, example_input: Tensor, *, model: nn.Module | None = None,
-             **extra: Any) -> dict[str, Any]:
-    """:func:`training_cost` of a finished :func:`pat.engine.loop.fit` run (``extra`` is added)."""
+             bn_samples: int = 0, **extra: Any) -> dict[str, Any]:
+    """:func:`training_cost` of a finished :func:`pat.engine.loop.fit` run (``extra`` is added).
+
+    ``bn_samples``: samples of the forward-only pass that recomputed the model's BatchNorm
+    statistics after the run (:mod:`pat.engine.batchnorm`), charged a forward pass each.
+    """
     model = model if model is not None else state.model
     cost = training_cost(forward_flops(model, example_input), steps=state.step,
                          samples=state.samples, seconds=state.seconds, passes=state.sample_passes)
+    if bn_samples:
+        cost["flops"] += cost["forward_flops_per_sample"] * int(bn_samples)
+        cost["bn_samples"] = int(bn_samples)
     return {**cost, **extra}
 
 

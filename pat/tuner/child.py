@@ -106,11 +106,7 @@ def optimization(model: nn.Module, config: TuneConfig, steps: int) -> tuple[Any,
 def tuning_cost(child: nn.Module, state: Any, data: Dataset, device: torch.device, bn_samples: int,
                 **extra: Any) -> dict[str, Any]:
     """A child's tuning cost: the run's, plus the forward passes that recomputed its BatchNorm."""
-    cost = fit_cost(state, example_input(data, device), model=child, **extra)
-    if bn_samples:  # forward passes only: a third of a training pass each
-        cost["flops"] += cost["forward_flops_per_sample"] * bn_samples
-        cost["bn_samples"] = bn_samples
-    return cost
+    return fit_cost(state, example_input(data, device), model=child, bn_samples=bn_samples, **extra)
 
 
 def tune_child(
