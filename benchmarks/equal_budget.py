@@ -112,7 +112,7 @@ from pat.children import split
 from pat.config import DataConfig, RunConfig, TrainConfig, TuneConfig
 from pat.data import Dataset, Split, load_dataset
 from pat.data.core import stratified_split
-from pat.engine.batchnorm import has_batchnorm, with_fresh_statistics
+from pat.engine.batchnorm import has_batchnorm, statistics_loader, with_fresh_statistics
 from pat.engine.callbacks import Callback, FitState
 from pat.engine.cost import example_input, fit_cost, sum_costs
 from pat.engine.loop import fit, resolve_device
@@ -286,6 +286,16 @@ VARIANTS: dict[str, Recipe] = {
     # children (each about a third of the trunk's FLOPs), each tuned for as many more epochs
     "trunk physical partition x2 flops": Recipe(method="partition", level="neuron", physical=True, sparsity=None,
                                                 children=2, equal_flops=True, trunk=True),
+    # the pair's trunk share, for the budgets where one model is still improving at its end
+    "trunk physical partition x2 flops share 0.25": Recipe(method="partition", level="neuron", physical=True,
+                                                           sparsity=None, children=2, equal_flops=True,
+                                                           trunk=True, parent_share=0.25),
+    "trunk physical partition x2 flops share 0.1": Recipe(method="partition", level="neuron", physical=True,
+                                                          sparsity=None, children=2, equal_flops=True,
+                                                          trunk=True, parent_share=0.1),
+    "trunk physical partition x2 flops share 0.75": Recipe(method="partition", level="neuron", physical=True,
+                                                           sparsity=None, children=2, equal_flops=True,
+                                                           trunk=True, parent_share=0.75),
     "trunk physical s0.3 x2 flops": Recipe(method="random", level="neuron", physical=True, sparsity=0.3,
                                            children=2, equal_flops=True, trunk=True),
     "trunk physical s0.3 x4 flops": Recipe(method="random", level="neuron", physical=True, sparsity=0.3,
@@ -439,7 +449,7 @@ def run_seed(args: argparse.Namespace, data: Dataset, seed: int, variants: list[
     budget = args.budget
     cache: dict = {}
     rows: dict[str, Row] = {}
-    plain = data.loader("train", batch_size=256, device=resolve_device(args.device), augment=False, shuffle=False)
+    plain = statistics_loader(data, resolve_device(args.device))
 
     def compared(models: list[nn.Module]) -> list[nn.Module]:
         # as pat compares models (pat.pipeline.load_compared, decision 72): BatchNorm statistics
