@@ -73,7 +73,9 @@ row also shows optimizer steps, training FLOPs and seconds) unless marked:
   at the constant LR it trains at); children are split from it and tuned with :func:`pat.tune`. ``pat default`` is
   ``pat run``'s recipe with a budget: since decision 71 (2026-12-06, night) two physical children that
   partition the trunk's channels, charged their FLOPs; every figure above this docstring that names
-  ``pat default`` is the earlier one, six masked children (now ``--variants "trunk s0.2 x6"``). The other
+  ``pat default`` is the earlier one, six masked children (now ``--variants "trunk s0.2 x6"``). Since
+  decision 74 (2026-12-07) the pair's trunk gets a quarter of the budget, not half (the half-budget
+  pair is ``--variants "trunk physical partition x2 flops"``). The other
   ``pat`` rows are the recovery variants studied in issue 11 (``--variants``).
 - ``parent``: the PAT default's parent alone (its share of the budget), the floor the
   ensemble must not fall below; a BatchNorm parent with its statistics recomputed on the
@@ -107,7 +109,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pat.budget import TRAIN_FLOPS_PER_FORWARD, BudgetConfig, allocate_budget
+from pat.budget import TRAIN_FLOPS_PER_FORWARD, BudgetConfig, allocate_budget, parent_share_for
 from pat.children import split
 from pat.config import DataConfig, RunConfig, TrainConfig, TuneConfig
 from pat.data import Dataset, Split, load_dataset
@@ -497,7 +499,7 @@ def default_recipe() -> Recipe:
     """
     run, bu = RunConfig(), BudgetConfig(epochs=1)
     sp, tu = run.split, run.tune
-    return Recipe(parent_share=bu.parent_share, children=sp.children, method=sp.method, sparsity=sp.sparsity,
+    return Recipe(parent_share=parent_share_for(bu, physical=sp.physical), children=sp.children, method=sp.method, sparsity=sp.sparsity,
                   level=sp.level, physical=sp.physical, equal_flops=sp.physical,
                   lr_scale=1.0 if bu.trunk else tu.max_lr_share, schedule=tu.schedule,
                   bagging=tu.bagging, min_child_steps=bu.min_child_steps, trunk=bu.trunk)

@@ -4,7 +4,8 @@ A budget is given in epochs over the training split, in optimizer steps or in tr
 (``budget: {epochs: 48}`` in a run config, :class:`BudgetConfig` in Python). It is converted
 to *parent epochs* — one pass of the dense network over the training split — and allocated:
 
-1. the parent gets ``parent_share`` of it (rounded to whole epochs, at least one);
+1. the parent gets ``parent_share`` of it (rounded to whole epochs, at least one): by default
+   half for masked children and a quarter for physical ones (:func:`parent_share_for`);
 2. the rest is shared by the children in whole epochs each. A child pass over a bagged share
    of the data costs that share of an epoch, so bagged children get more epochs;
 3. a child needs optimizer steps to recover from its pruning: when the rest would give each
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 
 from pat.errors import PatError, check
 
-__all__ = ["BudgetConfig", "Allocation", "allocate_budget", "TRAIN_FLOPS_PER_FORWARD"]
+__all__ = ["BudgetConfig", "Allocation", "allocate_budget", "parent_share_for", "TRAIN_FLOPS_PER_FORWARD"]
 
 # a training pass (forward + backward) costs about three forwards (Kaplan et al., 2020); the
 # budget's unit and pat.engine.cost's FLOP counts both rest on it
@@ -55,7 +56,7 @@ class BudgetConfig:
     epochs: float | None = None  # passes of the dense parent over the training split
     steps: int | None = None  # optimizer steps of batch_size samples
     flops: float | None = None  # training FLOPs (3 x forward, pat.engine.cost)
-    parent_share: float = 0.5  # share of the budget the parent trains for
+    parent_share: float | None = None  # share of the budget the parent trains for; None: parent_share_for
     min_child_steps: int = 10  # fewer children, each with at least this many steps
     # the parent trains at a constant LR (its share of the budget is all exploration) and
     # every child anneals from it: a one-cycle peaking at the parent's LR (docs/benchmarks.md)
@@ -69,7 +70,9 @@ class BudgetConfig:
         (unit, value), = given.items()
         check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
               f"budget.{unit} must be a positive number. Got {value!r}.")
-        check(0 < self.parent_share < 1, f"budget.parent_share must be in (0, 1). Got {self.parent_share}.")
+        check(self.parent_share is None or (isinstance(self.parent_share, (int, float))
+                                            and not isinstance(self.parent_share, bool) and 0 < self.parent_share < 1),
+              f"budget.parent_share must be in (0, 1). Got {self.parent_share!r}.")
         check(isinstance(self.trunk, bool), f"budget.trunk must be true or false. Got {self.trunk!r}.")
         check(isinstance(self.min_child_steps, int) and self.min_child_steps >= 1,
               f"budget.min_child_steps must be a positive integer. Got {self.min_child_steps!r}.")
@@ -92,6 +95,7 @@ class Allocation:
     child_steps_per_epoch: int  # a child's steps per epoch (fewer when bagged)
     child_cost: float = 1.0  # a child step's cost in dense parent steps (physical children: < 1)
     recompute_bn: bool = False  # each child charged a forward pass over its data (BatchNorm statistics)
+    parent_share: float = 0.5  # the share the parent's epochs were rounded from
 
     @property
     def child_passes(self) -> float:
@@ -114,7 +118,8 @@ class Allocation:
         return {"budget_epochs": self.budget_epochs, "parent_epochs": self.parent_epochs,
                 "children": self.children, "child_epochs": self.child_epochs,
                 "steps": self.steps, "spent_epochs": round(self.spent_epochs, 4),
-                "child_cost": round(self.child_cost, 4), "recompute_bn": self.recompute_bn}
+                "child_cost": round(self.child_cost, 4), "recompute_bn": self.recompute_bn,
+                "parent_share": self.parent_share}
 
     def describe(self) -> str:
         """One line for a person: the budget and how it was split, in epochs and steps."""
@@ -136,6 +141,7 @@ def allocate_budget(
     flops_per_sample: float | None = None,
     child_cost: float = 1.0,
     recompute_bn: bool = False,
+    physical: bool = False,
 ) -> Allocation:
     """Split ``budget`` between a parent and at most ``children`` children (see the module doc).
 
@@ -154,6 +160,8 @@ def allocate_budget(
         recompute_bn: charge each child the forward pass over its training share that
             recomputes its BatchNorm statistics after tuning (a third of one of its epochs;
             ignored for a budget in steps).
+        physical: the children are physical (neuron level, pruned channels removed); it sets
+            the parent's share when the budget does not (:func:`parent_share_for`).
     """
     check(train_size > 0 and batch_size > 0, f"train_size and batch_size must be positive. Got {train_size}, {batch_size}.")
     check(children >= 1, f"children must be at least 1. Got {children}.")
@@ -171,7 +179,8 @@ def allocate_budget(
         if not flops_per_sample:
             raise PatError("a budget in flops needs the model's FLOPs per sample; give epochs or steps instead.")
         total = float(budget.flops) / (flops_per_sample * train_size)
-    parent = max(1, round(total * budget.parent_share))
+    share = parent_share_for(budget, physical=physical)
+    parent = max(1, round(total * share))
     # in child steps: what the parent leaves, at what a child step costs (a hair of slack so
     # that an exact fit is not lost to rounding)
     rest = (total - parent) * steps_per_epoch / child_cost * (1 + 1e-9)
@@ -192,7 +201,20 @@ def allocate_budget(
     parent += int(leftover // steps_per_epoch)
     return Allocation(budget_epochs=round(total, 4), parent_epochs=parent, children=m, child_epochs=per_child,
                       steps_per_epoch=steps_per_epoch, child_steps_per_epoch=child_steps_per_epoch,
-                      child_cost=child_cost, recompute_bn=recompute_bn)
+                      child_cost=child_cost, recompute_bn=recompute_bn, parent_share=share)
+
+
+def parent_share_for(budget: BudgetConfig, *, physical: bool) -> float:
+    """The share of ``budget`` the parent trains for: ``budget.parent_share`` if given, else by the children.
+
+    Masked children cost a dense step and get a few epochs each: half the budget goes to the
+    parent. Physical children cost a fraction of one and get several times the epochs, enough
+    to do much of the learning themselves: a quarter goes to the parent. Chosen on seeds 0-2
+    at three budgets and confirmed on fresh seeds (docs/decisions.md, 74).
+    """
+    if budget.parent_share is not None:
+        return float(budget.parent_share)
+    return 0.25 if physical else 0.5
 
 
 def budget_text(budget: BudgetConfig) -> str:

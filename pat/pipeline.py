@@ -70,7 +70,7 @@ class RunResult:
 def demo_config(out: str = "runs/demo") -> RunConfig:
     """The ``pat demo`` run: digits, LeNet-S, a 48-epoch budget, and the model it must beat.
 
-    ``pat run``'s defaults throughout — half the budget to a trunk at a constant LR, the rest
+    ``pat run``'s defaults throughout — a quarter of the budget to a trunk at a constant LR, the rest
     to two physical children that partition its channels, each tuned (one-cycle, peak at the
     trunk's LR) for as many epochs as its FLOPs allow (:func:`pat.config.run_split`) — plus an
     independent LeNet-S trained for the whole 48 epochs with the parent's recipe, so the
@@ -117,7 +117,7 @@ def resolve_budget(config: RunConfig, data: Dataset) -> tuple[RunConfig, Allocat
         return allocate_budget(config.budget, train_size=len(data.train.y),
                                batch_size=config.tune.data.batch_size, children=children,
                                bagging=config.tune.bagging, flops_per_sample=flops, child_cost=cost,
-                               recompute_bn=recompute_bn)
+                               recompute_bn=recompute_bn, physical=config.split.physical)
 
     # a partition's children are larger when fewer: when the budget affords fewer children
     # than asked for, their cost is measured again at that number (it only ever goes down)

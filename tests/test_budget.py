@@ -121,6 +121,28 @@ def test_bad_budgets_are_refused_with_the_argument(kwargs, words):
     assert words in str(e.value)
 
 
+def test_the_parents_share_follows_the_children_unless_the_budget_gives_it(digits):
+    """Physical children, cheap enough to tune for several times a masked child's epochs, get a
+    quarter-budget trunk; masked children a half one; a share the budget gives is kept (decision 74)."""
+    kw = {"train_size": 1295, "batch_size": 128, "children": 2}
+    masked = allocate_budget(BudgetConfig(epochs=48), **kw)
+    physical = allocate_budget(BudgetConfig(epochs=48), **kw, child_cost=0.29, physical=True)
+    assert (masked.parent_epochs, masked.parent_share) == (24, 0.5)
+    assert (physical.parent_epochs, physical.parent_share, physical.child_epochs) == (12, 0.25, 62)
+    assert physical.spent_epochs <= 48 and physical.as_dict()["parent_share"] == 0.25
+    given = allocate_budget(BudgetConfig(epochs=48, parent_share=0.5), **kw, child_cost=0.29, physical=True)
+    assert (given.parent_epochs, given.parent_share) == (24, 0.5)
+    steps = allocate_budget(BudgetConfig(steps=528), **kw, physical=True)  # steps: the share still follows
+    assert steps.parent_epochs == 12
+    # pat run's default split is physical: its trunk gets a quarter of the budget
+    resolved, a = resolve_budget(RunConfig(budget=BudgetConfig(epochs=48)), digits)
+    assert resolved.parent.epochs == a.parent_epochs == 12 and a.children == 2
+    six = RunConfig(budget=BudgetConfig(epochs=48), split=SplitConfig(children=6))
+    assert resolve_budget(six, digits)[0].parent.epochs == 24
+    with pytest.raises(PatError, match="budget.parent_share must be in \\(0, 1\\). Got True"):
+        BudgetConfig(epochs=48, parent_share=True)
+
+
 def test_budget_too_small_for_one_child_epoch():
     with pytest.raises(PatError, match="leaves no child a single epoch"):
         allocate_budget(BudgetConfig(epochs=1), train_size=1295, batch_size=128, children=2)
@@ -242,7 +264,10 @@ def test_a_budget_charges_physical_children_their_flops(tmp_path, digits):
     resolved, a = resolve_budget(config, digits)
     assert torch.equal(torch.random.get_rng_state(), state)  # measuring the children moved no seed
     masked = resolve_budget(dataclasses.replace(config, split=SplitConfig(children=2)), digits)[1]
-    assert a.child_cost < 1 / 3 and a.child_epochs == int(masked.child_epochs / a.child_cost) >= 3
+    assert (masked.parent_epochs, masked.child_epochs) == (2, 1)  # half the budget, then a dense epoch each
+    # a quarter to the trunk (decision 74), the rest in child epochs at the children's cost
+    assert a.parent_epochs == 1 and a.child_cost < 1 / 3
+    assert a.child_epochs == int((4 - a.parent_epochs) / (2 * a.child_cost)) >= 3 * masked.child_epochs
     result = run(config)
     run_dir = tmp_path / "run"
     x = example_input(digits)
