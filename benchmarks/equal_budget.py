@@ -55,6 +55,14 @@
 #   (+0.28±0.36, p 0.46), trunk s0.2 x6 (10 + 6 x 1) 95.82±0.92 / 0.129 (-2.26±0.86, p 0.03).
 #   --budget 24, the same seeds (~85 s a seed): independent 98.22±0.23 / 0.063 (best epoch 11-24), pat default
 #   (12 + 2 x 20) 98.91±0.16 / 0.047 (+0.70±0.18, p 0.004; TS-NLL -0.016, p 0.06), trunk s0.2 x6 98.47±0.19 / 0.062.
+# The pair's trunk share (decision 74, 2026-12-07): --first-seed 300 --deep 0 --snapshots 0 --threads 1 --variants
+#   "trunk physical partition x2 flops share 0.25" (pat default = the half-budget pair then); quarter - half /
+#   quarter - one model, points (TS-NLL):
+#   --model resnet8 --lrs 0.05 --budget 12, 10 seeds (~4 min a seed): 96.35±0.27 / 0.111 (3 + 2 x 17) against
+#     94.74 (7 + 2 x 9) and one model 95.54: +1.62±0.46 (p 0.007; -0.046, p 0.001) / +0.81±0.36 (p 0.049; -0.008)
+#   --model resnet8 --lrs 0.05 --budget 48, 3 seeds (~11 min): 99.54 / 0.021; -0.09±0.09 / +0.28±0.43
+#   --budget 16, 10 seeds: 98.25 / 0.081; -0.11±0.36 / +0.17±0.29.  --budget 48, 5 seeds: 99.50 / 0.034;
+#     -0.06±0.20 (+0.009, p 0.31) / +1.00±0.34 (p 0.04).  --budget 144, 3 seeds: 99.72 / 0.021; +0.37±0.19 / +0.74±0.33
 """Equal-budget benchmark: does a pat ensemble beat one model trained for the whole budget?
 
 Every arm spends the same total training budget B (in epochs over the training split; each
