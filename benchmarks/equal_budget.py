@@ -61,7 +61,9 @@
 #   --model resnet8 --lrs 0.05 --budget 12, 10 seeds (~4 min a seed): 96.35±0.27 / 0.111 (3 + 2 x 17) against
 #     94.74 (7 + 2 x 9) and one model 95.54: +1.62±0.46 (p 0.007; -0.046, p 0.001) / +0.81±0.36 (p 0.049; -0.008)
 #   --model resnet8 --lrs 0.05 --budget 48, 3 seeds (~11 min): 99.54 / 0.021; -0.09±0.09 / +0.28±0.43
-#   --budget 16, 10 seeds: 98.25 / 0.081; -0.11±0.36 / +0.17±0.29.  --budget 48, 5 seeds: 99.50 / 0.034;
+#   --budget 16, 10 seeds: 98.25 / 0.081; -0.11±0.36 / +0.17±0.29.  --budget 24, 10 seeds (after the change, the
+#     half-budget pair as the variant): 98.97 / 0.052 (6 + 2 x 31); +0.06±0.12 / +0.75±0.19 (p 0.004; -0.011, p 0.006)
+#   --budget 48, 5 seeds: 99.50 / 0.034;
 #     -0.06±0.20 (+0.009, p 0.31) / +1.00±0.34 (p 0.04).  --budget 144, 3 seeds: 99.72 / 0.021; +0.37±0.19 / +0.74±0.33
 """Equal-budget benchmark: does a pat ensemble beat one model trained for the whole budget?
 
