@@ -75,3 +75,23 @@ def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(path)["v"], torch.ones(1))
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+def test_an_interrupt_just_after_the_temporary_file_is_created_leaves_no_file(tmp_path, monkeypatch):
+    """Ctrl-C can land between the temporary file's creation and the code that would remove it
+    (seen once in the suite: a pool interrupted while writing its manifest left a .tmp behind)."""
+    import os
+
+    from pat.io import atomic_write
+
+    real_open = os.open
+
+    def open_then_interrupt(*args, **kwargs):
+        real_open(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "open", open_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "m.json", lambda f: f.write(b"{}"))
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
