@@ -29,6 +29,7 @@ from pat.config import (
     TrainConfig,
     TuneConfig,
     load_yaml,
+    run_split,
     save_yaml,
     to_dict,
 )
@@ -38,6 +39,7 @@ from pat.engine.callbacks import Callback
 from pat.engine.checkpoint import load_checkpoint, load_model
 from pat.engine.distributed import Ranks, init_ranks
 from pat.engine.loop import resolve_device
+from pat.ensemble.calibration import calibrated_nll
 from pat.ensemble.ensemble import Ensemble
 from pat.ensemble.metrics import accuracy_vs_size, classification_metrics, evaluate, sample_nll
 from pat.ensemble.predict import collect_probs
@@ -48,7 +50,7 @@ from pat.splitting import split_footprint, split_to_directory
 from pat.store import EnsembleDir
 from pat.tuner import tune_directory
 
-__all__ = ["RunResult", "run", "demo_config", "evaluate_run", "split_to_directory", "split_footprint",
+__all__ = ["RunResult", "run", "demo_config", "across_seeds", "evaluate_run", "split_to_directory", "split_footprint",
            "resolve_budget", "parent_check", "physical_child_cost", "recomputes_bn", "load_compared"]
 
 Progress = Callable[[str], Iterable[Callback]]
@@ -67,7 +69,7 @@ class RunResult:
     baseline_trend: dict[str, Any] | None = None  # baseline: true only; see baseline_trend()
 
 
-def demo_config(out: str = "runs/demo") -> RunConfig:
+def demo_config(out: str = "runs/demo", seed: int = 0) -> RunConfig:
     """The ``pat demo`` run: digits, LeNet-S, a 48-epoch budget, and the model it must beat.
 
     ``pat run``'s defaults throughout — a quarter of the budget to a trunk at a constant LR, the rest
@@ -75,17 +77,54 @@ def demo_config(out: str = "runs/demo") -> RunConfig:
     trunk's LR) for as many epochs as its FLOPs allow (:func:`pat.config.run_split`) — plus an
     independent LeNet-S trained for the whole 48 epochs with the parent's recipe, so the
     ensemble is shown against its parent and against one model of the same budget.
+    ``seed`` seeds the parent's and the one model's initialisation, the split and the tuning;
+    the data split stays the same, so runs of several seeds are scored on the same test images.
     """
     from pat.budget import BudgetConfig
 
     data = DataConfig(dataset="digits", batch_size=128)
     return RunConfig(
-        parent=TrainConfig(model="lenet-s", lr=0.05, data=data),
-        tune=TuneConfig(data=data),
+        parent=TrainConfig(model="lenet-s", lr=0.03, seed=seed, data=data),
+        split=dataclasses.replace(run_split(), seed=seed),
+        tune=TuneConfig(seed=seed, data=data),
         budget=BudgetConfig(epochs=48),
         baseline=True,
         out=out,
     )
+
+
+def across_seeds(results: list[RunResult], keys: tuple[str, ...] = ("accuracy", "nll_ts", "ece")) -> dict[str, Any]:
+    """Runs of one config over several seeds, scored on the same test images: mean and standard error.
+
+    ``rows``: the parent, the ensemble and (with ``baseline``) the independent model, each key a
+    ``(mean, standard error)`` over the runs. ``versus``: the ensemble minus each of the others,
+    paired run by run, each key ``(mean, standard error, runs where the ensemble is better)``:
+    higher accuracy, lower NLL or ECE. A key a run lacks (``nll_ts`` without a validation split)
+    is left out.
+    """
+    def pick(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [r for r in rows if r["name"] == "parent" or r["name"].startswith(("ensemble", "independent"))]
+
+    runs = [pick(r.rows) for r in results]
+    check(len(runs) >= 2 and all([r["name"] for r in rows] == [r["name"] for r in runs[0]] for rows in runs),
+          f"across_seeds needs at least two runs of one config. Got {len(runs)}.")
+
+    def stats(values: list[float]) -> tuple[float, float]:
+        mean = sum(values) / len(values)
+        return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+    present = [k for k in keys if all(row.get(k) is not None for rows in runs for row in rows)]
+    summary: dict[str, Any] = {"seeds": len(runs), "rows": [], "versus": {}}
+    for i, name in enumerate(r["name"] for r in runs[0]):
+        summary["rows"].append({"name": name, **{k: stats([rows[i][k] for rows in runs]) for k in present}})
+    e = next(i for i, r in enumerate(runs[0]) if r["name"].startswith("ensemble"))
+    for i, name in enumerate(r["name"] for r in runs[0]):
+        if i != e:
+            versus = summary["versus"][name] = {}
+            for k in present:
+                d = [rows[e][k] - rows[i][k] for rows in runs]
+                versus[k] = (*stats(d), sum(v > 0 if k == "accuracy" else v < 0 for v in d))
+    return summary
 
 
 def resolve_budget(config: RunConfig, data: Dataset) -> tuple[RunConfig, Allocation | None]:
@@ -241,19 +280,26 @@ def evaluate_run(children_dir: Path, data: Dataset, *, parent_path: Path | None 
     models = list(ensemble.members)
     if parent_path is not None:
         models.insert(0, load_compared(parent_path, data, dev)[0])
+    if baseline is not None:
+        models.append(load_compared(baseline[1], data, dev, argument="baseline")[0])
     probs, labels = collect_probs(models, data.loader(split, batch_size=512, device=dev))
-    rows = [{"name": "parent", **classification_metrics(probs[0], labels)}] if parent_path else []
-    children = probs[1:] if parent_path is not None else probs
+    first, last = int(parent_path is not None), len(models) - int(baseline is not None)
+    children = probs[first:last]
+    # each row's NLL after a temperature fitted on validation (the ensemble's on its average)
+    calibrated: list[float | None] = [None] * (len(models) + 1)
+    if split != "val" and len(data.val.y):
+        val, val_y = collect_probs(models, data.loader("val", batch_size=512, device=dev))
+        pairs = [*zip(val, probs, strict=True), (val[first:last].mean(0), children.mean(0))]
+        calibrated = [calibrated_nll(v, val_y, t, labels) for v, t in pairs]
+    rows = [{"name": "parent", **classification_metrics(probs[0], labels), "nll_ts": calibrated[0]}] if first else []
     report = evaluate(children, labels)
     running = accuracy_vs_size(children, labels).tolist()
-    for name, m, acc in zip(ensemble.names, report["members"], running, strict=True):
-        rows.append({"name": name, **{k: v for k, v in m.items() if k != "index"}, "ensemble_acc": acc})
-    rows.append({"name": f"ensemble ({len(children)})", **report["ensemble"]})
+    for i, (name, m, acc) in enumerate(zip(ensemble.names, report["members"], running, strict=True)):
+        rows.append({"name": name, **{k: v for k, v in m.items() if k != "index"}, "nll_ts": calibrated[first + i],
+                     "ensemble_acc": acc})
+    rows.append({"name": f"ensemble ({len(children)})", **report["ensemble"], "nll_ts": calibrated[-1]})
     if baseline is not None:
-        name, path = baseline
-        model = load_compared(path, data, dev, argument="baseline")[0]
-        probs, labels = collect_probs([model], data.loader(split, batch_size=512, device=dev))
-        rows.append({"name": name, **classification_metrics(probs[0], labels)})
+        rows.append({"name": baseline[0], **classification_metrics(probs[-1], labels), "nll_ts": calibrated[-2]})
     return rows, report["diversity"]
 
 

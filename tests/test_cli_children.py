@@ -241,3 +241,34 @@ def test_validation_line_warns_when_the_ensemble_or_its_parent_fails(parent_acc,
     assert text.startswith("validation: ensemble of 6") and "+0.0000 ± 0.0125; images" in text
     assert all(w in text for w in words)
     assert ("warning" in text) == bool(words)
+
+
+def test_demo_runs_each_seed_into_its_own_directory_and_summarizes_them(tmp_path, monkeypatch):
+    """``pat demo --seeds 3``: seeds 0-2 of the same pair split (initialisation, split, tuning), the
+    same data split, each in OUT/seed-K, then their mean ± SE and the ensemble paired against the others."""
+    import pat.pipeline as pipeline
+    from pat.pipeline import RunResult
+
+    configs = []
+
+    def fake_run(config, **kwargs):
+        configs.append(config)
+        s = config.parent.seed
+        rows = [{"name": "parent", "accuracy": 0.8, "nll": 0.5, "nll_ts": 0.4, "ece": 0.1, "brier": 0.2},
+                {"name": "ensemble (2)", "accuracy": 0.97 + s / 100, "nll": 0.1, "nll_ts": 0.1, "ece": 0.1, "brier": 0.1},
+                {"name": "independent (48 ep)", "accuracy": 0.98, "nll": 0.1, "nll_ts": 0.2, "ece": 0.1, "brier": 0.1}]
+        return RunResult(out=config.out, rows=rows, diversity={}, seconds=1.0)
+
+    monkeypatch.setattr(pipeline, "run", fake_run)
+    result = run("demo", "--out", tmp_path / "d", "--seeds", 3, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert [c.out for c in configs] == [str(tmp_path / "d" / f"seed-{s}") for s in range(3)]
+    for s, c in enumerate(configs):
+        assert (c.parent.seed, c.split.seed, c.tune.seed, c.parent.data.seed) == (s, s, s, 0)
+        assert (c.split.children, c.split.method, c.split.physical, c.budget.epochs) == (2, "partition", True, 48)
+    assert "3 seeds" in result.output
+    assert "0.9800 ± 0.0058" in result.output  # the ensemble's accuracy: 0.97, 0.98, 0.99
+    line = next(s for s in result.output.splitlines() if "− independent" in s)
+    assert "accuracy +0.0000 ± 0.0058 (better on 1 of 3)" in line and "nll_ts -0.1000" in line
+    assert one_error_line(run("demo", "--out", tmp_path / "e", "--seeds", 0)).count("--seeds") == 1
+    assert not (tmp_path / "e").exists()

@@ -184,6 +184,28 @@ def _check_trend_note(text: str, tmp: Path) -> None:
     assert captured.get().strip() == text.strip()
 
 
+def _check_demo_summary(text: str, tmp: Path) -> None:
+    """docs/tuning.md's summary line of pat demo: the shape of what it prints (figures aside)."""
+    from pat.cli.children import _render_seeds
+    from pat.cli.render import console
+    from pat.pipeline import RunResult
+
+    def result(acc: float) -> RunResult:
+        rows = [{"name": name, "accuracy": acc - k / 10, "nll": 0.1, "nll_ts": 0.1 + k / 10, "ece": 0.01}
+                for k, name in enumerate(("parent", "ensemble (2)", "independent (48 ep)"))]
+        return RunResult(out="x", rows=rows, diversity={}, seconds=1.0)
+
+    width, console.width = console.width, 400  # one line, as on a wide terminal
+    try:
+        with console.capture() as captured:
+            _render_seeds([result(0.9), result(0.95), result(0.97), result(0.91), result(0.99)])
+    finally:
+        console.width = width
+    line = next(s for s in captured.get().splitlines() if "− independent" in s)
+    shape = text.strip().removesuffix("...")
+    assert re.sub(r"\d", "#", line).startswith(re.sub(r"\d", "#", shape)), (line, shape)
+
+
 def _keys_by_depth(text: str) -> dict[int, set[str]]:
     """The ``"key":`` names of a JSON-like sketch by brace depth (the sketch is not JSON)."""
     keys: dict[int, set[str]] = {}
@@ -247,8 +269,9 @@ BLOCKS: dict[tuple[str, int], Case] = {
     ("docs/tuning.md", 7): Case("check", "note: the independent model", check=_check_trend_note),
     ("docs/tuning.md", 8): Case("check", "parent: {model: lenet-s", check=_check_run_config),
     ("docs/tuning.md", 9): Case("check", "budget 48 epochs", check=_check_budget_line),
-    ("docs/tuning.md", 10): Case("shell", "torchrun"),
+    ("docs/tuning.md", 10): Case("check", "ensemble (2) − independent", check=_check_demo_summary),
     ("docs/tuning.md", 11): Case("shell", "torchrun"),
+    ("docs/tuning.md", 12): Case("shell", "torchrun"),
 }
 
 

@@ -14,9 +14,10 @@ from pat.pipeline import demo_config, resolve_budget, run
 def test_demo_ensemble_beats_its_parent_on_digits_test_split(tmp_path, digits):
     """One seed of the demo: more accurate than its parent, and no worse in NLL than chance explains.
 
-    On test, image by image as on validation (decision 69): over seeds 0-4 the pair's test NLL is
-    below its parent's on four and level on one (seed 0 on one thread, -0.0001 +- 0.020), so a
-    strictly lower NLL is not a claim one seed carries.
+    On test, image by image as on validation (decision 69). At the demo's LR 0.03 (decision 75)
+    the ensemble's test NLL was below its parent's on each of seeds 0-4 (0.016-0.027 against
+    0.057-0.320, one thread), but at 0.05 one seed was level, so the assertion keeps to what one
+    seed carries: not worse beyond chance.
     """
     from pat.ensemble.ensemble import Ensemble
     from pat.ensemble.metrics import sample_nll
@@ -122,3 +123,63 @@ def test_parent_check_calls_a_higher_nll_worse_only_beyond_chance(tmp_path, digi
     assert check["nll_diff"]["mean"] == pytest.approx(shift, abs=1e-5)
     assert check["ensemble"]["nll"] - check["parent"]["nll"] == pytest.approx(shift, abs=1e-5)
     assert check["worse"] is worse
+
+
+def test_each_test_row_also_gives_its_nll_after_a_temperature_fitted_on_validation(tmp_path, digits, digits_parent):
+    """``nll_ts``: a model whose logits are scaled by 4 has another raw NLL but the same calibrated one,
+    the ensemble's temperature is fitted on its averaged softmax, and a run scored on validation has none."""
+    from pat.config import SplitConfig
+    from pat.engine.checkpoint import load_checkpoint, save_checkpoint
+    from pat.ensemble.calibration import calibrated_nll
+    from pat.ensemble.ensemble import Ensemble
+    from pat.ensemble.predict import collect_probs
+    from pat.pipeline import evaluate_run, split_to_directory
+
+    kids = tmp_path / "kids"
+    split_to_directory(digits_parent, kids, SplitConfig(children=2))
+    sharp = load_checkpoint(digits_parent)
+    sharp["state_dict"] = {k: v * 4 if k.startswith("fc.") else v for k, v in sharp["state_dict"].items()}
+    save_checkpoint(tmp_path / "sharp.pt", {k: v for k, v in sharp.items() if k not in ("format_version", "pat_version")})
+    rows, _ = evaluate_run(kids, digits, parent_path=digits_parent, device="cpu", baseline=("sharp", tmp_path / "sharp.pt"))
+    parent, ensemble, scaled = rows[0], rows[-2], rows[-1]
+    assert abs(scaled["nll"] - parent["nll"]) > 0.1
+    assert scaled["nll_ts"] == pytest.approx(parent["nll_ts"], abs=1e-3)
+    members = Ensemble.load(kids, device="cpu").members
+    val, val_y = collect_probs(members, digits.loader("val", batch_size=512))
+    test, test_y = collect_probs(members, digits.loader("test", batch_size=512))
+    assert ensemble["nll_ts"] == pytest.approx(calibrated_nll(val.mean(0), val_y, test.mean(0), test_y), rel=1e-5)
+    assert ensemble["nll_ts"] != pytest.approx(rows[1]["nll_ts"], rel=1e-3)  # not a member's
+    rows, _ = evaluate_run(kids, digits, parent_path=digits_parent, device="cpu", split="val")
+    assert all(r["nll_ts"] is None for r in rows)
+
+
+def _result(seed: int, parent: float, ensemble: float, one: float):
+    from pat.pipeline import RunResult
+
+    def row(name, acc):
+        return {"name": name, "accuracy": acc, "nll": 1 - acc, "nll_ts": 0.5 - acc / 2, "ece": 0.1, "brier": 0.2}
+
+    rows = [row("parent", parent), {**row("child-0", 0.5), "ensemble_acc": 0.5}, row("ensemble (2)", ensemble),
+            row("independent (48 ep)", one)]
+    return RunResult(out=f"seed-{seed}", rows=rows, diversity={}, seconds=1.0)
+
+
+def test_runs_over_seeds_are_summarized_as_mean_and_standard_error_and_compared_seed_by_seed():
+    import statistics
+
+    from pat.pipeline import across_seeds
+
+    runs = [_result(0, 0.90, 0.97, 0.98), _result(1, 0.80, 0.99, 0.96), _result(2, 0.85, 0.98, 0.95)]
+    summary = across_seeds(runs)
+    assert summary["seeds"] == 3 and [r["name"] for r in summary["rows"]] == ["parent", "ensemble (2)", "independent (48 ep)"]
+    mean, se = summary["rows"][2]["accuracy"]
+    assert mean == pytest.approx(statistics.fmean([0.98, 0.96, 0.95]))
+    assert se == pytest.approx(statistics.stdev([0.98, 0.96, 0.95]) / 3**0.5)
+    versus = summary["versus"]["independent (48 ep)"]
+    diffs = [-0.01, 0.03, 0.03]
+    assert versus["accuracy"][:2] == pytest.approx((statistics.fmean(diffs), statistics.stdev(diffs) / 3**0.5))
+    assert versus["accuracy"][2] == 2 and versus["nll_ts"][2] == 2  # higher accuracy, lower NLL is better
+    assert versus["ece"][2] == 0  # a tie is not a win
+    assert summary["versus"]["parent"]["accuracy"][2] == 3
+    with pytest.raises(PatError, match="at least two runs"):
+        across_seeds(runs[:1])

@@ -17,7 +17,7 @@ from pat.cli.options import (
 )
 from pat.cli.render import EpochProgress, console, metrics_table
 
-CHILD_COLUMNS = ["name", "accuracy", "nll", "ece", "brier", "ensemble_acc"]
+CHILD_COLUMNS = ["name", "accuracy", "nll", "nll_ts", "ece", "brier", "ensemble_acc"]
 
 
 def _progress(stage: str):
@@ -164,8 +164,11 @@ def run(config_file, out, force) -> None:
     _run_on_ranks(config, force, announce=_announce)
 
 
-def _run_on_ranks(config, force: bool, announce=lambda line: None) -> None:
-    """``pat.pipeline.run`` on every torchrun rank (or the one process); rank 0 alone prints."""
+def _run_on_ranks(config, force: bool, announce=lambda line: None):
+    """``pat.pipeline.run`` on every torchrun rank (or the one process); rank 0 alone prints.
+
+    Returns the run's result on rank 0, None on the others.
+    """
     import sys
 
     from pat.engine.distributed import init_ranks
@@ -182,6 +185,7 @@ def _run_on_ranks(config, force: bool, announce=lambda line: None) -> None:
         sys.exit(2)  # the same refusal, which rank 0 shows
     if result is not None:
         _render(result)
+    return result
 
 
 def _announce(line: str) -> None:
@@ -189,24 +193,49 @@ def _announce(line: str) -> None:
 
 
 @click.command()
-@click.option("--out", default="runs/demo", type=click.Path(file_okay=False), help="Where the demo writes its run.")
+@click.option("--out", default="runs/demo", type=click.Path(file_okay=False),
+              help="Where the demo writes its runs (OUT/seed-0, OUT/seed-1, ...).")
+@click.option("--seeds", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Runs, seeded 0..SEEDS-1, summarized as mean ± standard error (one seed's 359 test "
+                   "images decide nothing).")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--force", is_flag=True, help="Rerun every stage even if OUT holds a finished demo.")
-def demo(out, device, force) -> None:
+def demo(out, seeds, device, force) -> None:
     """Prune and Tune end to end on embedded digits."""
     import dataclasses
+    from pathlib import Path
 
     from pat.engine.distributed import init_ranks
     from pat.pipeline import demo_config
 
-    config = demo_config(out)
-    config = dataclasses.replace(
-        config, parent=dataclasses.replace(config.parent, device=device),
-        tune=dataclasses.replace(config.tune, device=device))
-    if init_ranks().is_main:
-        console.print(f"[bold]pat demo[/]: LeNet-S parent on digits → {config.split.describe()} → "
-                      "one-cycle tuning → softmax average", highlight=False, soft_wrap=True)
-    _run_on_ranks(config, force)
+    results = []
+    for seed in range(seeds):
+        config = demo_config(str(Path(out) / f"seed-{seed}"), seed=seed)
+        config = dataclasses.replace(
+            config, parent=dataclasses.replace(config.parent, device=device),
+            tune=dataclasses.replace(config.tune, device=device))
+        if init_ranks().is_main:
+            console.print(f"[bold]pat demo[/], seed {seed} of {seeds}: LeNet-S parent on digits → "
+                          f"{config.split.describe()} → one-cycle tuning → softmax average", highlight=False,
+                          soft_wrap=True)
+        results.append(_run_on_ranks(config, force))
+    if seeds > 1 and init_ranks().is_main:
+        _render_seeds(results)
+
+
+def _render_seeds(results) -> None:
+    """The runs' mean ± standard error, and the ensemble against the others paired seed by seed."""
+    from pat.pipeline import across_seeds
+
+    summary = across_seeds(results)
+    n = summary["seeds"]
+    keys = [k for k in ("accuracy", "nll_ts", "ece") if k in summary["rows"][0]]
+    rows = [{"name": r["name"], **{k: f"{r[k][0]:.4f} ± {r[k][1]:.4f}" for k in keys}} for r in summary["rows"]]
+    console.print(metrics_table(f"test split, {n} seeds (mean ± standard error)", rows, ["name", *keys]))
+    ensemble = next(r["name"] for r in summary["rows"] if r["name"].startswith("ensemble"))
+    for other, versus in summary["versus"].items():
+        parts = [f"{k} {m:+.4f} ± {se:.4f} (better on {better} of {n})" for k, (m, se, better) in versus.items()]
+        console.print(f"{ensemble} − {other}, paired over seeds: " + ", ".join(parts), highlight=False, soft_wrap=True)
 
 
 def _validation_line(check: dict) -> None:
@@ -260,8 +289,10 @@ def _render(result) -> None:
     ensemble = next(r for r in result.rows if r["name"].startswith("ensemble"))
     others = [parent, *(r for r in result.rows if r["name"].startswith("independent"))]
     for other in others:
+        calibrated = (f", NLL (TS) {ensemble['nll_ts'] - other['nll_ts']:+.4f}"
+                      if ensemble.get("nll_ts") is not None and other.get("nll_ts") is not None else "")
         console.print(f"{ensemble['name']} vs {other['name']}: accuracy {ensemble['accuracy'] - other['accuracy']:+.2%}, "
-                      f"NLL {ensemble['nll'] - other['nll']:+.4f}, ECE {ensemble['ece'] - other['ece']:+.4f}",
+                      f"NLL {ensemble['nll'] - other['nll']:+.4f}{calibrated}, ECE {ensemble['ece'] - other['ece']:+.4f}",
                       highlight=False)
     d = result.diversity
     if d.get("disagreement") is not None:
