@@ -272,7 +272,9 @@ def evaluate_run(children_dir: Path, data: Dataset, *, parent_path: Path | None 
     """Metrics of the parent (if given; :func:`load_compared`), every child and the children's softmax average.
 
     Each child row also has ``ensemble_acc``: the accuracy of the average of children 1..i,
-    i.e. what the ensemble reached as children were added. ``baseline`` (name, checkpoint)
+    i.e. what the ensemble reached as children were added. Every row has ``nll_ts``: its NLL
+    after a temperature fitted on the validation split (the ensemble's on the children's
+    averaged softmax; None when ``split`` is ``"val"`` or there is no validation split). ``baseline`` (name, checkpoint)
     adds a last row for a model to compare the ensemble with, loaded as the parent is.
     """
     dev = resolve_device(device)
