@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -110,8 +111,7 @@ def across_seeds(results: list[RunResult], keys: tuple[str, ...] = ("accuracy", 
           f"across_seeds needs at least two runs of one config. Got {len(runs)}.")
 
     def stats(values: list[float]) -> tuple[float, float]:
-        mean = sum(values) / len(values)
-        return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+        return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
 
     present = [k for k in keys if all(row.get(k) is not None for rows in runs for row in rows)]
     summary: dict[str, Any] = {"seeds": len(runs), "rows": [], "versus": {}}
