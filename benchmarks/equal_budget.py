@@ -65,6 +65,8 @@
 #     half-budget pair as the variant): 98.97 / 0.052 (6 + 2 x 31); +0.06±0.12 / +0.75±0.19 (p 0.004; -0.011, p 0.006)
 #   --budget 48, 5 seeds: 99.50 / 0.034;
 #     -0.06±0.20 (+0.009, p 0.31) / +1.00±0.34 (p 0.04).  --budget 144, 3 seeds: 99.72 / 0.021; +0.37±0.19 / +0.74±0.33
+#   --dataset fashion-mnist --budget 48 --lrs 0.05, seeds 300-302 (after the change; 5100-8300 s a seed): one model
+#     92.36±0.06 / 0.210, pat default (quarter) 92.25±0.19 / 0.216: -0.11±0.13 (p 0.50) / +0.0068±0.0015 (p 0.047)
 """Equal-budget benchmark: does a pat ensemble beat one model trained for the whole budget?
 
 Every arm spends the same total training budget B (in epochs over the training split; each
