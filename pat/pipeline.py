@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
-import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -24,6 +22,14 @@ from typing import Any
 import torch
 
 from pat.budget import TRAIN_FLOPS_PER_FORWARD, Allocation, allocate_budget
+from pat.comparison import (
+    Comparison,
+    across_seeds,
+    baseline_trend,
+    evaluate_run,
+    load_compared,
+    parent_check,
+)
 from pat.config import (
     DataConfig,
     RunConfig,
@@ -35,24 +41,19 @@ from pat.config import (
     to_dict,
 )
 from pat.data import Dataset, load_dataset
-from pat.engine.batchnorm import has_batchnorm, statistics_loader, with_fresh_statistics
+from pat.engine.batchnorm import has_batchnorm
 from pat.engine.callbacks import Callback
-from pat.engine.checkpoint import load_checkpoint, load_model
+from pat.engine.checkpoint import load_checkpoint
 from pat.engine.distributed import Ranks, init_ranks
-from pat.engine.loop import resolve_device
-from pat.ensemble.calibration import calibrated_nll
-from pat.ensemble.ensemble import Ensemble
-from pat.ensemble.metrics import accuracy_vs_size, classification_metrics, evaluate, sample_nll
-from pat.ensemble.predict import collect_probs
 from pat.errors import PatError, check, first_line
 from pat.io import atomic_write
 from pat.parent import train_parent
 from pat.splitting import split_footprint, split_to_directory
-from pat.store import EnsembleDir
 from pat.tuner import tune_directory
 
+# the run's comparisons live in pat.comparison; their names stay importable from here
 __all__ = ["RunResult", "run", "demo_config", "across_seeds", "evaluate_run", "split_to_directory", "split_footprint",
-           "resolve_budget", "parent_check", "physical_child_cost", "recomputes_bn", "load_compared"]
+           "resolve_budget", "parent_check", "physical_child_cost", "recomputes_bn", "load_compared", "baseline_trend"]
 
 Progress = Callable[[str], Iterable[Callback]]
 
@@ -92,39 +93,6 @@ def demo_config(out: str = "runs/demo", seed: int = 0) -> RunConfig:
         baseline=True,
         out=out,
     )
-
-
-def across_seeds(results: list[RunResult], keys: tuple[str, ...] = ("accuracy", "nll_ts", "ece")) -> dict[str, Any]:
-    """Runs of one config over several seeds, scored on the same test images: mean and standard error.
-
-    ``rows``: the parent, the ensemble and (with ``baseline``) the independent model, each key a
-    ``(mean, standard error)`` over the runs. ``versus``: the ensemble minus each of the others,
-    paired run by run, each key ``(mean, standard error, runs where the ensemble is better)``:
-    higher accuracy, lower NLL or ECE. A key a run lacks (``nll_ts`` without a validation split)
-    is left out.
-    """
-    def pick(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [r for r in rows if r["name"] == "parent" or r["name"].startswith(("ensemble", "independent"))]
-
-    runs = [pick(r.rows) for r in results]
-    check(len(runs) >= 2 and all([r["name"] for r in rows] == [r["name"] for r in runs[0]] for rows in runs),
-          f"across_seeds needs at least two runs of one config. Got {len(runs)}.")
-
-    def stats(values: list[float]) -> tuple[float, float]:
-        return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
-
-    present = [k for k in keys if all(row.get(k) is not None for rows in runs for row in rows)]
-    summary: dict[str, Any] = {"seeds": len(runs), "rows": [], "versus": {}}
-    for i, name in enumerate(r["name"] for r in runs[0]):
-        summary["rows"].append({"name": name, **{k: stats([rows[i][k] for rows in runs]) for k in present}})
-    e = next(i for i, r in enumerate(runs[0]) if r["name"].startswith("ensemble"))
-    for i, name in enumerate(r["name"] for r in runs[0]):
-        if i != e:
-            versus = summary["versus"][name] = {}
-            for k in present:
-                d = [rows[e][k] - rows[i][k] for rows in runs]
-                versus[k] = (*stats(d), sum(v > 0 if k == "accuracy" else v < 0 for v in d))
-    return summary
 
 
 def resolve_budget(config: RunConfig, data: Dataset) -> tuple[RunConfig, Allocation | None]:
@@ -249,130 +217,6 @@ def run_epochs(config: RunConfig, child_cost: float = 1.0, recompute_bn: bool = 
     return max(1, round(config.parent.epochs + config.split.children * passes * share * child_cost))
 
 
-def load_compared(path: str | Path, data: Dataset, device: torch.device, *,
-                  argument: str = "parent") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A model an ensemble is compared with (its parent, or one model of the same budget), and its checkpoint.
-
-    A model with BatchNorm is compared with its statistics recomputed on the unaugmented
-    training split, as every child's are after tuning (``tune.recompute_bn``). A trunk trained
-    at a constant LR keeps running averages that lag its weights (ResNet-8 on digits after 6
-    epochs: 11 % validation accuracy as saved, 77 % recomputed, decision 66), and even an
-    annealed model's averages come from augmented batches (ResNet-8 after 48 epochs: TS-NLL
-    0.033 as saved, 0.023 recomputed, decision 72); an ensemble measured against either would
-    clear a bar that model's weights do not set. The file is untouched; the pass is an
-    evaluation, not training, so no budget is charged for it.
-    """
-    model, saved = load_model(path, device=device, argument=argument)
-    return with_fresh_statistics(model, statistics_loader(data, device)), saved
-
-
-def evaluate_run(children_dir: Path, data: Dataset, *, parent_path: Path | None = None,
-                 device: str = "auto", split: str = "test",
-                 baseline: tuple[str, Path] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Metrics of the parent (if given; :func:`load_compared`), every child and the children's softmax average.
-
-    Each child row also has ``ensemble_acc``: the accuracy of the average of children 1..i,
-    i.e. what the ensemble reached as children were added. Every row has ``nll_ts``: its NLL
-    after a temperature fitted on the validation split (the ensemble's on the children's
-    averaged softmax; None when ``split`` is ``"val"`` or there is no validation split). ``baseline`` (name, checkpoint)
-    adds a last row for a model to compare the ensemble with, loaded as the parent is.
-    """
-    dev = resolve_device(device)
-    ensemble = Ensemble.load(children_dir, device=dev)
-    models = list(ensemble.members)
-    if parent_path is not None:
-        models.insert(0, load_compared(parent_path, data, dev)[0])
-    if baseline is not None:
-        models.append(load_compared(baseline[1], data, dev, argument="baseline")[0])
-    probs, labels = collect_probs(models, data.loader(split, batch_size=512, device=dev))
-    first, last = int(parent_path is not None), len(models) - int(baseline is not None)
-    children = probs[first:last]
-    # each row's NLL after a temperature fitted on validation (the ensemble's on its average)
-    calibrated: list[float | None] = [None] * (len(models) + 1)
-    if split != "val" and len(data.val.y):
-        val, val_y = collect_probs(models, data.loader("val", batch_size=512, device=dev))
-        pairs = [*zip(val, probs, strict=True), (val[first:last].mean(0), children.mean(0))]
-        calibrated = [calibrated_nll(v, val_y, t, labels) for v, t in pairs]
-    rows = [{"name": "parent", **classification_metrics(probs[0], labels), "nll_ts": calibrated[0]}] if first else []
-    report = evaluate(children, labels)
-    running = accuracy_vs_size(children, labels).tolist()
-    for i, (name, m, acc) in enumerate(zip(ensemble.names, report["members"], running, strict=True)):
-        rows.append({"name": name, **{k: v for k, v in m.items() if k != "index"}, "nll_ts": calibrated[first + i],
-                     "ensemble_acc": acc})
-    rows.append({"name": f"ensemble ({len(children)})", **report["ensemble"], "nll_ts": calibrated[-1]})
-    if baseline is not None:
-        rows.append({"name": baseline[0], **classification_metrics(probs[-1], labels), "nll_ts": calibrated[-2]})
-    return rows, report["diversity"]
-
-
-def parent_check(children_dir: str | Path, data: Dataset, *, parent_path: str | Path | None = None,
-                 device: str = "auto") -> dict[str, Any]:
-    """The ensemble against its parent on the validation split: accuracy and NLL of each.
-
-    A parent with BatchNorm is evaluated with its statistics recomputed (:func:`load_compared`).
-
-    ``parent_path`` defaults to the parent recorded in the ensemble's manifest. Returns
-    ``{}`` when there is no validation split or no parent file to compare with; otherwise
-    ``{"parent": {...}, "ensemble": {...}, "flips": {...}, "worse": bool, "parent_at_chance": bool,
-    "parent_restored": dict | None, "children_restored": {name: dict}}``.
-    ``worse`` means a lower accuracy or a higher NLL than the parent's by more than chance
-    explains, each judged image by image (on digits' 143 validation images one image is 0.7 %,
-    which no one should read as a verdict). ``flips`` counts the images only the parent gets
-    right (``lost``) and only the ensemble gets right (``won``), and the accuracy is lower
-    when ``lost - won`` exceeds 1.96 sqrt(lost + won), the paired sign test at 5 %.
-    ``nll_diff`` holds the mean and standard error of the ensemble's NLL minus the parent's
-    over the images, and the NLL is higher when the mean exceeds 1.96 standard errors, the
-    paired t-test at 5 % (decision 69). ``parent_at_chance`` is a parent
-    within 1.5x of chance accuracy; ``parent_restored`` is the parent checkpoint's ``restored`` record
-    (its training collapsed and an earlier epoch was handed over; :mod:`pat.engine.guard`);
-    ``children_restored`` holds the same record for each child whose tuning collapsed.
-    """
-    if not len(data.val.y):
-        return {}
-    ens_dir = EnsembleDir.load(children_dir)
-    parent_path = parent_path or (ens_dir.manifest.get("parent") or {}).get("file")
-    if not parent_path or not Path(parent_path).is_file():
-        return {}
-    dev = resolve_device(device)
-    ensemble = Ensemble.load(children_dir, device=dev, calibrated=False)
-    parent, saved = load_compared(parent_path, data, dev)
-    probs, labels = collect_probs([parent, *ensemble.members], data.loader("val", batch_size=512, device=dev))
-    pair = torch.stack([probs[0], probs[1:].mean(0)])  # parent, ensemble: (2, N, C)
-    p, e = (classification_metrics(q, labels) for q in pair)
-    parent_hit, ensemble_hit = pair.argmax(-1) == labels
-    lost, won = int((parent_hit & ~ensemble_hit).sum()), int((ensemble_hit & ~parent_hit).sum())
-    diff = sample_nll(pair[1], labels) - sample_nll(pair[0], labels)
-    nll_diff = {"mean": float(diff.mean()), "se": float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else 0.0}
-    keys = ("accuracy", "nll", "ece")
-    return {"parent": {k: p[k] for k in keys}, "ensemble": {k: e[k] for k in keys},
-            "members": len(ensemble.members), "flips": {"lost": lost, "won": won}, "nll_diff": nll_diff,
-            "worse": lost - won > 1.96 * math.sqrt(lost + won) or nll_diff["mean"] > 1.96 * nll_diff["se"],
-            # a parent that learnt nothing (a trunk diverged at its constant LR, say)
-            "parent_at_chance": p["accuracy"] <= 1.5 / data.num_classes,
-            # a parent whose last epoch collapsed, handed over at its best epoch instead
-            "parent_restored": saved.get("restored"),
-            "children_restored": {m["name"]: m["metrics"]["restored"] for m in ens_dir.members
-                                  if (m.get("metrics") or {}).get("restored")}}
-
-
-def baseline_trend(history: list[dict[str, float]]) -> dict[str, Any] | None:
-    """Whether the independent model of a run was still improving when its budget ran out.
-
-    ``{"best_epoch", "epochs", "still_improving"}``: the epoch of its lowest validation loss,
-    its last epoch, and whether the first lies in the last tenth of the run (the last epoch
-    for runs under 15 epochs). That is the regime in which one model beat pat's ensemble of
-    the same budget in every measurement in docs/benchmarks.md (Fashion-MNIST at 12–96 epochs:
-    best epochs 23–24 of 24, 45–48 of 48, 91–96 of 96); where pat's ensemble won (digits at 144
-    epochs) the best epochs were 38–104. None without validation metrics.
-    """
-    losses = [(h["val_loss"], int(h["epoch"])) for h in history
-              if "val_loss" in h and math.isfinite(h["val_loss"])]
-    if not losses:
-        return None
-    best, epochs = min(losses)[1], int(history[-1]["epoch"])
-    return {"best_epoch": best, "epochs": epochs, "still_improving": best > epochs - max(1, round(0.1 * epochs))}
-
-
 def run(config: RunConfig, *, force: bool = False, progress: Progress = lambda stage: (),
         announce: Callable[[str], None] = lambda line: None, ranks: Ranks | None = None) -> RunResult | None:
     """Run (or continue) the whole Prune-and-Tune pipeline described by ``config``.
@@ -426,9 +270,9 @@ def run(config: RunConfig, *, force: bool = False, progress: Progress = lambda s
                          callbacks=progress("independent"), out=baseline[1], ranks=ranks)
     if not ranks.is_main:
         return None
-    rows, diversity = evaluate_run(children_dir, data, parent_path=parent_path, device=tune.device,
-                                   baseline=baseline)
-    validation = parent_check(children_dir, data, parent_path=parent_path, device=tune.device)
+    compared = Comparison(children_dir, data, parent_path=parent_path, baseline=baseline, device=tune.device)
+    rows, diversity = compared.rows()
+    validation = compared.parent_check()  # on the validation probabilities the rows' temperatures used
     trend = baseline_trend(load_checkpoint(baseline[1], argument="baseline", mmap=True).get("history") or []) if baseline else None
     seconds = time.perf_counter() - start
     record = {"test": rows, "diversity": diversity, "validation": validation, "seconds": seconds,

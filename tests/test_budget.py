@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from pat.budget import BudgetConfig, allocate_budget
+from pat.comparison import baseline_trend
 from pat.config import (
     DataConfig,
     RunConfig,
@@ -18,7 +19,7 @@ from pat.config import (
 )
 from pat.engine.checkpoint import load_checkpoint
 from pat.errors import PatError
-from pat.pipeline import baseline_trend, resolve_budget, run
+from pat.pipeline import resolve_budget, run
 
 
 @pytest.mark.parametrize("epochs", [3, 8, 16, 17, 48, 100, 301])

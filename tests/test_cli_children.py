@@ -112,8 +112,8 @@ def test_tune_reports_children_and_rerun_skips_them(tuned):
     assert again.exit_code == 0 and "✓" not in again.output  # nothing tuned again
     assert "ensemble (4)" in again.output
     # the run ends with the ensemble against its parent on validation, warning when worse
+    from pat.comparison import parent_check
     from pat.data import load_dataset
-    from pat.pipeline import parent_check
 
     check = parent_check(tuned, load_dataset("digits"))
     line = next(line for line in again.output.splitlines() if line.startswith("validation: ensemble of 4"))

@@ -168,7 +168,7 @@ def _check_run_output(text: str, tmp: Path) -> None:
     assert documented("allocation", "baseline_trend") == set(real["allocation"]), sorted(real["allocation"])
     assert documented("validation", "allocation") == set(real["validation"]), sorted(real["validation"])
     assert real["baseline_trend"] is None  # no baseline in this run; the sketch's keys are baseline_trend()'s
-    from pat.pipeline import baseline_trend
+    from pat.comparison import baseline_trend
 
     sketch = set(re.findall(r'"(\w+)":', text[text.index('"baseline_trend"') + 17:]))
     assert sketch == set(baseline_trend([{"epoch": 1, "val_loss": 0.5}]))

@@ -81,8 +81,8 @@ def test_a_collapsed_parent_is_saved_at_its_best_epoch(digits, tmp_path):
     info = run("info", out)
     assert info.exit_code == 0 and f"{best} of 4" in info.output
     # what `pat run` and `pat tune` warn with: the ensemble's check reads the parent's record
+    from pat.comparison import parent_check
     from pat.config import SplitConfig
-    from pat.pipeline import parent_check
     from pat.splitting import split_to_directory
 
     split_to_directory(out, tmp_path / "children", SplitConfig(children=2))
@@ -134,11 +134,11 @@ def test_a_batchnorm_parent_is_compared_with_its_statistics_recomputed(digits, t
     child's are), not the averages it was saved with. The file keeps what it was saved with."""
     from torch.optim.swa_utils import update_bn
 
+    from pat.comparison import evaluate_run, parent_check
     from pat.config import SplitConfig, TuneConfig
     from pat.engine.checkpoint import load_model
     from pat.ensemble.metrics import classification_metrics
     from pat.ensemble.predict import collect_probs
-    from pat.pipeline import evaluate_run, parent_check
     from pat.splitting import split_to_directory
     from pat.tuner import tune_directory
 
@@ -205,8 +205,8 @@ def test_a_child_whose_tuning_collapsed_keeps_its_best_epoch(digits, digits_pare
     from pat.children import load_child
     from pat.cli.children import _validation_line
     from pat.cli.render import console
+    from pat.comparison import parent_check
     from pat.config import SplitConfig, TuneConfig
-    from pat.pipeline import parent_check
     from pat.records import masks_of
     from pat.splitting import split_to_directory
     from pat.tuner import tune_directory
@@ -237,9 +237,9 @@ def test_a_child_whose_tuning_diverged_from_the_start_gets_back_the_child_as_spl
     this way: LeNet-S on digits, one child in six at seed 1 of `pat demo`'s config) is handed
     back the state it started from, not the least bad of its collapsed epochs."""
     from pat.children import load_child
+    from pat.comparison import parent_check
     from pat.config import SplitConfig, TuneConfig
     from pat.engine.guard import describe_restored
-    from pat.pipeline import parent_check
     from pat.records import masks_of
     from pat.splitting import split_to_directory
     from pat.tuner import tune_directory
@@ -286,8 +286,8 @@ def test_children_tuned_together_each_keep_their_best_epoch(digits, digits_paren
     """Tuned together, each child has its own guard on its own validation metrics: the child
     that fell to chance is handed back its best epoch, masked; its sibling ends at its last."""
     from pat.children import load_child
+    from pat.comparison import parent_check
     from pat.config import SplitConfig, TuneConfig
-    from pat.pipeline import parent_check
     from pat.records import masks_of
     from pat.splitting import split_to_directory
     from pat.tuner import tune_directory
@@ -319,8 +319,8 @@ def test_children_tuned_together_whose_one_diverged_from_the_start_gets_back_the
     """Together as one by one: a child at chance from its first epoch is handed back its state
     as split (epoch 0), masked, and its sibling ends where it ends without the sabotage."""
     from pat.children import load_child
+    from pat.comparison import parent_check
     from pat.config import SplitConfig, TuneConfig
-    from pat.pipeline import parent_check
     from pat.records import masks_of
     from pat.splitting import split_to_directory
     from pat.tuner import tune_directory

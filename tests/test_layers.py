@@ -24,7 +24,7 @@ LAYERS = {
     "engine": 3,
     "children": 4, "splitting": 4, "pack": 4, "tuner": 4, "producers": 4, "jobs": 4, "parent": 4, "store": 4, "lock": 4,
     "ensemble": 5,
-    "pipeline": 6,
+    "comparison": 6, "pipeline": 6,
     "cli": 7,
 }  # fmt: skip
 EXEMPT = {"pat", "pat.__main__"}

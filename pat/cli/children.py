@@ -52,7 +52,7 @@ def split(parent, children, method, anti_random, sparsity, level, scope, physica
     """Prune a parent into diverse children."""
     from pat.config import SplitConfig
     from pat.errors import PatError
-    from pat.pipeline import split_to_directory
+    from pat.splitting import split_to_directory
 
     if anti_random and method not in (None, "anti-random"):
         raise PatError(f"--anti-random conflicts with --method {method}.")
@@ -99,10 +99,10 @@ def tune(children_dir, epochs, schedule, max_lr, lr, bagging, recompute_bn, cycl
     Each child is saved the moment it finishes, so a rerun skips finished children. Under torchrun (torchrun --nproc-per-node N -m pat tune ...) the children are sharded
     across ranks.
     """
+    from pat.comparison import evaluate_run, parent_check
     from pat.config import DataConfig, TuneConfig
     from pat.engine.distributed import init_ranks
     from pat.errors import PatError
-    from pat.pipeline import evaluate_run, parent_check
     from pat.tuner import tune_directory
 
     if together and auto_together:
@@ -225,7 +225,7 @@ def demo(out, seeds, device, force) -> None:
 
 def _render_seeds(results) -> None:
     """The runs' mean ± standard error, and the ensemble against the others paired seed by seed."""
-    from pat.pipeline import across_seeds
+    from pat.comparison import across_seeds
 
     summary = across_seeds(results)
     n = summary["seeds"]

@@ -47,7 +47,7 @@ def statistics_loader(data: Dataset, device: torch.device | str) -> Iterable[Any
     """The data a whole model's statistics are recomputed on: the training split, unaugmented, in order.
 
     One definition for the end of ``pat train`` and for every model an ensemble is compared
-    with (:func:`pat.pipeline.load_compared`), so a parent recomputed when it was trained is
+    with (:func:`pat.comparison.load_compared`), so a parent recomputed when it was trained is
     left exactly as it is when it is compared.
     """
     return data.loader("train", batch_size=256, device=device, augment=False, shuffle=False)
