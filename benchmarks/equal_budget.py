@@ -314,6 +314,11 @@ VARIANTS: dict[str, Recipe] = {
                                            children=2, equal_flops=True, trunk=True),
     "trunk physical s0.3 x4 flops": Recipe(method="random", level="neuron", physical=True, sparsity=0.3,
                                            children=4, equal_flops=True, trunk=True),
+    # data-rich regimes where a half-width child is well below one full-width model (full
+    # Fashion-MNIST at 48): wider physical children, and full-width ones (no pruning) as the control
+    "trunk physical s0.3 x2 flops share 0.25": Recipe(method="random", level="neuron", physical=True, sparsity=0.3,
+                                                      children=2, equal_flops=True, trunk=True, parent_share=0.25),
+    "trunk dense x2 share 0.25": Recipe(method="random", sparsity=0.0, children=2, trunk=True, parent_share=0.25),
     "physical cyclic d0.7 lr.2": Recipe(method="cyclic", sparsity=0.3, level="neuron", physical=True,
                                         equal_flops=True, lr_scale=0.2),
     "neuron partition x2 lr.2": Recipe(children=2, method="partition", level="neuron", sparsity=None,
@@ -459,14 +464,22 @@ def arm_row(members: list[nn.Module], cost: dict[str, Any], data: Dataset, *, cu
     return row, val.softmax(-1), test.softmax(-1)
 
 
-def run_seed(args: argparse.Namespace, data: Dataset, seed: int, variants: list[str]) -> dict[str, Row]:
+def run_seed(args: argparse.Namespace, data: Dataset, seed: int, variants: list[str],
+             reused: dict[str, Row] | None = None) -> dict[str, Row]:
+    """Every arm's row for one seed; with ``reused`` (this seed's rows from an earlier ``--save``)
+    only the variants run, and are added beside the rows they are paired with."""
     budget = args.budget
     cache: dict = {}
+    if reused is not None:
+        rows = dict(reused)
+        for name in variants:
+            rows[f"pat {name}"] = pat_row(args, data, budget, VARIANTS[name], seed, cache, curve=None)[0]
+        return rows
     rows: dict[str, Row] = {}
     plain = statistics_loader(data, resolve_device(args.device))
 
     def compared(models: list[nn.Module]) -> list[nn.Module]:
-        # as pat compares models (pat.pipeline.load_compared, decision 72): BatchNorm statistics
+        # as pat compares models (pat.comparison.load_compared, decision 72): BatchNorm statistics
         # recomputed on the unaugmented training split, as every pat child's are after tuning
         return [with_fresh_statistics(m, plain) for m in models]
 
@@ -490,16 +503,21 @@ def run_seed(args: argparse.Namespace, data: Dataset, seed: int, variants: list[
         rows[f"snapshot ({args.snapshots} cycles)"], _, _ = arm_row(compared(members), cost, data, curve=curve)
     for name in ["default", *variants]:
         recipe = default_recipe() if name == "default" else VARIANTS[name]
-        kids, cost, parent, info = pat_members(args, data, budget, recipe, seed, cache)
-        label = f"pat {name}"
-        rows[label], _, _ = arm_row(kids, cost, data, curve=curve)
-        rows[label].update({k: info[k] for k in ("parent_epochs", "children", "child_epochs")})
-        if name == "default":  # as pat compares it (pat.pipeline.load_compared)
+        rows[f"pat {name}"], parent, info = pat_row(args, data, budget, recipe, seed, cache, curve=curve)
+        if name == "default":  # as pat compares it (pat.comparison.load_compared)
             rows["parent (pat default)"], _, _ = arm_row(compared([parent]), info["cost"], data, curve=curve)
     if args.paper:
         for name, (members, cost) in paper_arms(args, data, budget, seed).items():
             rows[name], _, _ = arm_row(members, cost, data, curve=curve)
     return rows
+
+
+def pat_row(args: argparse.Namespace, data: Dataset, budget: int, recipe: Recipe, seed: int, cache: dict, *,
+            curve: Tensor | None) -> tuple[Row, nn.Module, dict[str, Any]]:
+    kids, cost, parent, info = pat_members(args, data, budget, recipe, seed, cache)
+    row, _, _ = arm_row(kids, cost, data, curve=curve)
+    row.update({k: info[k] for k in ("parent_epochs", "children", "child_epochs")})
+    return row, parent, info
 
 
 def default_recipe() -> Recipe:
@@ -588,6 +606,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--paper", action="store_true", help="add the paper's small-budget arms (Adam 1e-3)")
     p.add_argument("--no-rescale", dest="rescale", action="store_false",
                    help="--paper children keep the parent's values on kept weights (the paper; pat rescales)")
+    p.add_argument("--reuse", default=None,
+                   help="JSON file saved by --save for the same seeds and arguments: its rows are kept and only "
+                        "--variants run, paired with them")
     p.add_argument("--save", default=None, help="JSON file the per-seed rows are written to after each seed")
     p.add_argument("--report", nargs="+", default=None,
                    help="print the tables of --save files (their seeds pooled) and exit")
@@ -608,6 +629,16 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
     if args.paper and args.budget < 16:
         p.error(f"--paper splits the budget into a parent and 8 children of whole epochs: it needs --budget >= 16. Got {args.budget}.")
+    reused = None
+    if args.reuse is not None:
+        try:
+            with open(args.reuse) as f:
+                reused = json.load(f)
+        except (OSError, ValueError) as e:
+            p.error(f"--reuse: cannot read {args.reuse}: {e}")
+        if not isinstance(reused, list) or len(reused) != args.seeds or not variants:
+            p.error(f"--reuse: {args.reuse} must hold the rows of --seeds {args.seeds} seeds (a file --save wrote), "
+                    f"and --variants must name what to run beside them")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     data = load_dataset(args.dataset, data_dir=args.data_dir, seed=0)
@@ -621,8 +652,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.model}, batch {args.batch_size} ({steps} steps/epoch); budget {args.budget} epochs; "
           f"{args.seeds} seeds; {torch.get_num_threads()} threads", flush=True)
     results = []
-    for seed in range(args.first_seed, args.first_seed + args.seeds):
-        results.append(run_seed(args, data, seed, variants))
+    for k, seed in enumerate(range(args.first_seed, args.first_seed + args.seeds)):
+        results.append(run_seed(args, data, seed, variants, None if reused is None else reused[k]))
         print(f"seed {seed} done ({time.perf_counter() - start:.0f} s)", flush=True)
         if args.save:  # every finished seed is kept: a crash or a kill loses only the seed running
             with open(args.save, "w") as f:

@@ -44,6 +44,20 @@ def test_every_arm_spends_the_budget_and_the_report_reads_back(tmp_path, capsys)
         assert rows["independent"]["schedule"] in ("parent", "cosine")  # the grid's choice is kept
     equal_budget.main(["--report", str(save)])
     assert capsys.readouterr().out.splitlines()[0].startswith("arm")
+    # --reuse: only the variants run, beside the saved rows of the same seeds. The default's own
+    # recipe as a variant retrains the same trunk and children, so it must reproduce its row
+    again = tmp_path / "again.json"
+    equal_budget.main(["--budget", "4", "--seeds", "2", "--deep", "0", "--snapshots", "0", "--lrs", "0.05",
+                       "--variants", "trunk physical partition x2 flops share 0.25", "--threads", "1",
+                       "--reuse", str(save), "--save", str(again)])
+    assert "pat trunk physical partition x2 flops share 0.25 - pat default: acc +0.0000" in capsys.readouterr().out
+    for old, new in zip(results, json.loads(again.read_text()), strict=True):
+        assert {k: v for k, v in new.items() if k != "pat trunk physical partition x2 flops share 0.25"} == old
+        variant = new["pat trunk physical partition x2 flops share 0.25"]
+        assert {k: variant[k] for k in ("acc", "nll_ts", "steps")} == {k: old["pat default"][k] for k in ("acc", "nll_ts", "steps")}
+    with pytest.raises(SystemExit) as refused:  # a file of other seeds cannot be paired
+        equal_budget.main(["--seeds", "3", "--reuse", str(save), "--variants", "trunk dense x6"])
+    assert refused.value.code == 2 and "--reuse" in capsys.readouterr().err
 
 
 def test_train_size_takes_a_fixed_class_balanced_subset_and_leaves_val_and_test():
