@@ -50,3 +50,33 @@ def test_in_memory_star_members_each_start_from_member_one_not_from_each_other(t
     x, _ = next(iter(tiny_data.loader("test", batch_size=4, device="cpu")))
     probs = ensemble.predict_proba(x)
     assert probs.shape == (4, 10) and torch.allclose(probs.sum(1), torch.ones(4))
+
+
+@pytest.mark.parametrize("producer", ["pool", "starsse", "sharpbalance"])
+@pytest.mark.parametrize("recompute", [True, False])
+def test_every_producer_hands_over_batchnorm_members_with_statistics_of_the_plain_training_split(
+        tmp_path, tiny_data, producer, recompute):
+    """As pat's parent and children are: a member's BatchNorm statistics are those one pass over
+    the unaugmented training split gives its final weights, and the pass is in its cost; with
+    ``recompute_bn=False`` the running averages of training are kept and nothing is charged."""
+    import copy
+    import dataclasses
+
+    from pat.engine.batchnorm import statistics_loader, with_fresh_statistics
+    from pat.engine.checkpoint import save_model
+    from pat.models import create_model
+
+    torch.manual_seed(0)
+    start = tmp_path / "resnet8.pt"
+    save_model(start, create_model("resnet8", num_classes=10, in_channels=1))
+    config, _, in_memory = configs(str(start))[producer]
+    config = dataclasses.replace(config, recompute_bn=recompute,
+                                 **({} if producer == "starsse" else {"model": "resnet8"}))
+    members = in_memory(config, data=tiny_data)
+    plain = statistics_loader(tiny_data, "cpu")
+    for member in members:
+        fresh = with_fresh_statistics(copy.deepcopy(member), plain)
+        stats = [k for k in member.state_dict() if k.endswith(("running_mean", "running_var"))]
+        same = all(torch.allclose(member.state_dict()[k], fresh.state_dict()[k], atol=1e-5) for k in stats)
+        assert stats and same is recompute, member.pat_member.name
+        assert member.pat_member.cost.get("bn_samples", 0) == (len(tiny_data.train) if recompute else 0)

@@ -78,7 +78,7 @@ def split(parent, children, method, anti_random, sparsity, level, scope, physica
 @click.option("--lr", default=0.01, type=float, help="LR of the constant schedule.")
 @click.option("--bagging", default=None, type=float, help="Each child trains on its own seeded share (e.g. 0.9).")
 @click.option("--recompute-bn/--keep-bn", default=True,
-              help="Recompute BatchNorm statistics on each child's data after tuning [default: recompute].")
+              help="Recompute BatchNorm statistics on each child's data after tuning.")
 @click.option("--cycle-momentum", is_flag=True, help="Cycle momentum 0.95→0.85 with the one-cycle LR.")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd")
 @click.option("--step", default="sgd", help="Step rule: sgd, sam, ...")

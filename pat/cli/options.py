@@ -251,6 +251,13 @@ def device_options(func: F) -> F:
     return func
 
 
+def recompute_bn_option(func: F) -> F:
+    """--recompute-bn/--keep-bn: a model's BatchNorm statistics once its training ends."""
+    return click.option("--recompute-bn/--keep-bn", default=True,
+                        help="Recompute BatchNorm statistics on the unaugmented training split when training "
+                             "ends.")(func)
+
+
 def force_option(func: F) -> F:
     """--force: overwrite an existing output."""
     return click.option("--force", is_flag=True, help="Overwrite an existing output.")(func)

@@ -18,6 +18,7 @@ from pat.cli.options import (
     plain_data,
     producer_data,
     recipe_settings,
+    recompute_bn_option,
 )
 from pat.cli.render import EpochProgress, console, err_console, metrics_table
 
@@ -73,6 +74,7 @@ def _summary(title: str, ens: Any, extra: list[str]) -> None:
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd")
 @click.option("--weight-decay", default=5e-4, type=float)
 @click.option("--seed", default=0, type=int, help="Seeds every member: member k is initialised and shuffled with seed x 100003 + k.")
+@recompute_bn_option
 @device_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Ensemble directory to write.")
 @click.option("--plot-policies", "plot", default=None, type=click.Path(dir_okay=False),
@@ -80,7 +82,7 @@ def _summary(title: str, ens: Any, extra: list[str]) -> None:
 @force_option
 @lock_options()
 def pool(model, dataset, data_dir, batch_size, val_fraction, data_seed, epochs, policies, lrs,
-         optimizer, weight_decay, seed, device, amp, out, plot, force) -> None:
+         optimizer, weight_decay, seed, recompute_bn, device, amp, out, plot, force) -> None:
     """Train a pool: one model per (LR policy, LR).
 
     Every (policy, LR) pair becomes one member of one ensemble directory (LREnsemble).
@@ -95,7 +97,7 @@ def pool(model, dataset, data_dir, batch_size, val_fraction, data_seed, epochs, 
         model=model, data=_data_config(out, "pool", dataset, data_dir, batch_size, val_fraction, data_seed, force),
         epochs=epochs, policies=tuple(p for p in policies.split(",") if p.strip()),
         lrs=_floats(lrs, "--lrs"), optimizer=optimizer, weight_decay=weight_decay, seed=seed,
-        device=device, amp=amp,
+        recompute_bn=recompute_bn, device=device, amp=amp,
     )  # fmt: skip
     ranks = init_ranks()
     if plot and ranks.is_main:
@@ -120,13 +122,14 @@ def pool(model, dataset, data_dir, batch_size, val_fraction, data_seed, epochs, 
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd")
 @click.option("--weight-decay", default=5e-4, type=float)
 @click.option("--seed", default=0, type=int, help="Seeds a new classifier head and member k's data order (seed x 100003 + k).")
+@recompute_bn_option
 @device_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Ensemble directory to write.")
 @force_option
 @lock_options()
 def starsse(pretrained, model, dataset, data_dir, batch_size, val_fraction, data_seed, members, epochs,
-            cycle_epochs, lr, cycle_lr_mult, sse, optimizer, weight_decay, seed, device, amp, out,
-            force) -> None:
+            cycle_epochs, lr, cycle_lr_mult, sse, optimizer, weight_decay, seed, recompute_bn, device, amp,
+            out, force) -> None:
     """StarSSE: snapshot members around one fine-tune.
 
     Fine-tune a pretrained model, then snapshot members that all restart from it.
@@ -141,7 +144,8 @@ def starsse(pretrained, model, dataset, data_dir, batch_size, val_fraction, data
         data=_data_config(out, "starsse", dataset, data_dir, batch_size, val_fraction, data_seed, force),
         members=members,
         epochs=epochs, cycle_epochs=cycle_epochs, lr=lr, cycle_lr_mult=cycle_lr_mult, sse=sse,
-        optimizer=optimizer, weight_decay=weight_decay, seed=seed, device=device, amp=amp,
+        optimizer=optimizer, weight_decay=weight_decay, seed=seed, recompute_bn=recompute_bn, device=device,
+        amp=amp,
     )  # fmt: skip
     ranks = init_ranks()
     start = time.perf_counter()
@@ -168,13 +172,14 @@ def starsse(pretrained, model, dataset, data_dir, batch_size, val_fraction, data
 @click.option("--schedule", default="cosine", help="LR policy over all epochs (see docs/schedules.md).")
 @click.option("--weight-decay", default=5e-4, type=float)
 @click.option("--seed", default=0, type=int, help="Seeds every member: member i is initialised and shuffled with seed x 100003 + i.")
+@recompute_bn_option
 @device_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Ensemble directory to write.")
 @force_option
 @lock_options()
 def sharpbalance(model, dataset, data_dir, batch_size, val_fraction, data_seed, members, epochs,
                  initial_epochs, rho, adaptive, flat_ratio, subset, mode, lr, schedule, weight_decay,
-                 seed, device, amp, out, force) -> None:
+                 seed, recompute_bn, device, amp, out, force) -> None:
     """SharpBalance: diverse, flat SAM members.
 
     Train SAM members that are flat on different samples.
@@ -191,7 +196,7 @@ def sharpbalance(model, dataset, data_dir, batch_size, val_fraction, data_seed, 
                                        data_seed, force),
         members=members, epochs=epochs, initial_epochs=initial_epochs, rho=rho, adaptive=adaptive,
         flat_ratio=flat_ratio, subset=subset, mode=mode or "sharpbalance", lr=lr, schedule=schedule,
-        weight_decay=weight_decay, seed=seed, device=device, amp=amp,
+        weight_decay=weight_decay, seed=seed, recompute_bn=recompute_bn, device=device, amp=amp,
     )  # fmt: skip
     ranks = init_ranks()
     start = time.perf_counter()

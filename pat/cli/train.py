@@ -14,6 +14,7 @@ from pat.cli.options import (
     force_option,
     plain_data,
     recipe_settings,
+    recompute_bn_option,
 )
 from pat.cli.render import EpochProgress, console, fmt, metrics_table
 
@@ -32,9 +33,7 @@ from pat.cli.render import EpochProgress, console, fmt, metrics_table
               help="Start from torchvision's DEFAULT ImageNet weights (tv: models only; downloaded once into "
                    "torch's cache): the head is replaced for the dataset's classes, the first conv adapted "
                    "to its channels.")
-@click.option("--recompute-bn/--keep-bn", default=True,
-              help="Recompute BatchNorm statistics on the unaugmented training split when training ends "
-                   "[default: recompute].")
+@recompute_bn_option
 @device_options
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write (e.g. parent.pt).")
 @force_option

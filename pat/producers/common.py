@@ -21,9 +21,12 @@ from torch import nn
 
 from pat.config import plain_config
 from pat.data import Dataset, DeviceLoader, IndexedBatches, load_dataset
-from pat.engine.callbacks import Callback
+from pat.engine.batchnorm import has_batchnorm, recalibrate_bn, statistics_loader
+from pat.engine.callbacks import Callback, FitState
 from pat.engine.checkpoint import load_checkpoint, save_model
+from pat.engine.cost import example_input, fit_cost
 from pat.engine.distributed import Ranks
+from pat.engine.loop import final_metrics
 from pat.errors import PatError
 from pat.jobs import Job, Ledger, Trained, run_jobs, work_dir
 from pat.lock import acquire, release
@@ -36,6 +39,7 @@ __all__ = [
     "indexed_loader",
     "open_ensemble",
     "produce",
+    "finished",
     "MemberLedger",
     "member_file",
     "as_members",
@@ -141,6 +145,27 @@ def _remove_members(old: EnsembleDir) -> None:
                 old.member_path(member).unlink(missing_ok=True)
             except (PatError, KeyError):
                 continue
+
+
+def finished(model: nn.Module, state: FitState, data: Dataset, config: Any, device: torch.device,
+             **fields: Any) -> Trained:
+    """A member as its producer hands it over: BatchNorm statistics recomputed, metrics measured, cost counted.
+
+    With ``config.recompute_bn`` (the default) a model with BatchNorm has its statistics
+    recomputed on the unaugmented training split, as a parent's are after ``pat train`` and a
+    child's after tuning: the running averages of augmented batches are not the model's
+    (a pool of two ResNet-8 members on digits: ensemble TS-NLL 0.037 as trained, 0.026
+    recomputed, decision 76), and members of every producer are compared with one another and
+    with pat's children. The pass is charged in the member's cost. ``fields`` go to
+    :class:`pat.jobs.Trained`.
+    """
+    bn_samples = 0
+    if config.recompute_bn and has_batchnorm(model):
+        recalibrate_bn(model, statistics_loader(data, device))
+        bn_samples = len(data.train)
+    cost = fit_cost(state, example_input(data, device), model=model, bn_samples=bn_samples)
+    return Trained(model, final_metrics(model, data, device=device, amp=config.amp), cost=cost,
+                   history=state.history, **fields)
 
 
 def member_file(ens: EnsembleDir, name: str) -> Path:

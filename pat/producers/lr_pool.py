@@ -20,9 +20,8 @@ import torch
 
 from pat.config import DataConfig
 from pat.data import BatchData, Dataset, as_data
-from pat.engine.cost import example_input, fit_cost
 from pat.engine.distributed import Ranks, init_ranks
-from pat.engine.loop import final_metrics, fit, resolve_device
+from pat.engine.loop import fit, resolve_device
 from pat.engine.optim import recipe
 from pat.engine.schedules import create_schedule
 from pat.errors import check
@@ -31,6 +30,7 @@ from pat.models import create_model
 from pat.producers.common import (
     CallbackFactory,
     as_members,
+    finished,
     load_data,
     produce,
 )
@@ -67,8 +67,10 @@ class PoolConfig:
     seed: int = 0  # member k of the grid: init and data order seeded by pat.jobs.member_seed(seed, k)
     device: str = "auto"
     amp: bool | None = None
+    recompute_bn: bool = True  # BatchNorm statistics recomputed on the unaugmented training split (finished())
 
     def __post_init__(self) -> None:
+        check(isinstance(self.recompute_bn, bool), f"recompute_bn must be true or false. Got {self.recompute_bn!r}.")
         check(self.epochs > 0, f"epochs must be positive. Got {self.epochs}.")
         policies = tuple(_ALIASES.get(p.strip().lower(), p.strip().lower()) for p in self.policies)
         check(len(policies) > 0, "policies must name at least one LR policy. Got none.")
@@ -114,9 +116,8 @@ def train_member(config: PoolConfig, data: Dataset, policy: str, lr: float, inde
     state = fit(model, train, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler,
                 callbacks=callbacks(name) if callbacks else (), amp=config.amp, device=device,
                 resume_path=resume_path, resume_extra=resume_extra)
-    return Trained(model, final_metrics(model, data, device=device, amp=config.amp),
-                   cost=fit_cost(state, example_input(data, device)), history=state.history,
-                   recipe={"policy": policy, "lr": lr, "epochs": config.epochs, "seed": seed})
+    return finished(model, state, data, config, device,
+                    recipe={"policy": policy, "lr": lr, "epochs": config.epochs, "seed": seed})
 
 
 def train_pool(

@@ -35,9 +35,8 @@ from pat.config import DataConfig
 from pat.data import Dataset
 from pat.data.loader import seeded_generator
 from pat.engine.callbacks import FitState
-from pat.engine.cost import example_input, fit_cost
 from pat.engine.distributed import Ranks, init_ranks
-from pat.engine.loop import final_metrics, fit, resolve_device, train_state
+from pat.engine.loop import fit, resolve_device, train_state
 from pat.engine.optim import recipe
 from pat.engine.sam import MixedSAMStep, SAMStep, per_sample_sharpness
 from pat.engine.steps import sgd_step
@@ -47,6 +46,7 @@ from pat.models import create_model
 from pat.producers.common import (
     CallbackFactory,
     as_members,
+    finished,
     indexed_loader,
     load_data,
     produce,
@@ -85,8 +85,10 @@ class SharpBalanceConfig:
     seed: int = 0  # member i's init and data order: pat.jobs.member_seed(seed, i)
     device: str = "auto"
     amp: bool | None = None
+    recompute_bn: bool = True  # BatchNorm statistics recomputed on the unaugmented training split (finished())
 
     def __post_init__(self) -> None:
+        check(isinstance(self.recompute_bn, bool), f"recompute_bn must be true or false. Got {self.recompute_bn!r}.")
         check(self.members >= 2, f"members must be >= 2. Got {self.members}.")
         check(self.rho > 0, f"rho must be positive. Got {self.rho}.")
         check(0 <= self.flat_ratio <= 1, f"flat_ratio must be in [0, 1]. Got {self.flat_ratio}.")
@@ -184,8 +186,7 @@ def _jobs(config: SharpBalanceConfig, data: Dataset, device: torch.device,
         record = {"index": i, "mode": config.mode, "rho": config.rho, "subset": config.subset,
                   "flat_ratio": config.flat_ratio, "epochs": config.epochs, "sam_fraction": fraction,
                   "seed": member_seed(config.seed, i)}
-        return Trained(model, final_metrics(model, data, device=device, amp=config.amp),
-                       cost=fit_cost(state, example_input(data, device)), history=state.history, recipe=record)
+        return finished(model, state, data, config, device, recipe=record)
 
     def first(i: int, ctx: JobContext) -> Any:
         model, loader, optimizer, scheduler = _setup(config, data, i, device)

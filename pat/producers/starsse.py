@@ -29,9 +29,8 @@ from torch import nn
 from pat.config import DataConfig
 from pat.data import BatchData, Dataset, as_data
 from pat.engine.checkpoint import load_checkpoint, model_from_checkpoint
-from pat.engine.cost import example_input, fit_cost
 from pat.engine.distributed import Ranks, init_ranks
-from pat.engine.loop import final_metrics, fit, resolve_device
+from pat.engine.loop import fit, resolve_device
 from pat.engine.optim import recipe
 from pat.errors import PatError, check
 from pat.jobs import Job, JobContext, Trained, member_seed, run_in_memory
@@ -40,6 +39,7 @@ from pat.models._classifier import module_path
 from pat.producers.common import (
     CallbackFactory,
     as_members,
+    finished,
     load_data,
     produce,
 )
@@ -70,8 +70,10 @@ class StarSSEConfig:
     seed: int = 0  # a new classifier head's init; member k's data order: pat.jobs.member_seed(seed, k)
     device: str = "auto"
     amp: bool | None = None
+    recompute_bn: bool = True  # BatchNorm statistics recomputed on the unaugmented training split (finished())
 
     def __post_init__(self) -> None:
+        check(isinstance(self.recompute_bn, bool), f"recompute_bn must be true or false. Got {self.recompute_bn!r}.")
         check(bool(self.pretrained), "pretrained must name a checkpoint or tv:<name>. Got ''.")
         check(self.members >= 1, f"members must be >= 1. Got {self.members}.")
         check(self.epochs > 0, f"epochs must be positive. Got {self.epochs}.")
@@ -140,9 +142,8 @@ def _train_one(config: StarSSEConfig, data: Dataset, model: nn.Module, k: int, o
     state = fit(model, train, epochs=epochs, optimizer=optimizer, scheduler=scheduler,
                 callbacks=callbacks(f"member-{k}") if callbacks else (), amp=config.amp,
                 device=device, resume_path=ctx.partial, resume_extra=ctx.extra)
-    return Trained(model, final_metrics(model, data, device=device, amp=config.amp),
-                   cost=fit_cost(state, example_input(data, device)), history=state.history, parent=origin,
-                   recipe={"index": k, "start": origin, "peak_lr": peak, "epochs": epochs,
+    return finished(model, state, data, config, device, parent=origin,
+                    recipe={"index": k, "start": origin, "peak_lr": peak, "epochs": epochs,
                            "mode": "sse" if config.sse else "star", "seed": seed})
 
 
