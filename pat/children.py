@@ -36,15 +36,9 @@ from pat.masks.apply import (
     require_example_inputs,
 )
 from pat.masks.generate import check_recipe, generate_masks
+from pat.masks.groups import channel_groups, kept_channels
 from pat.masks.limits import LIMITS, bounded, memory_limit
-from pat.masks.physical import (
-    ChildDoesNotRun,
-    channel_groups,
-    check_runs,
-    kept_channels,
-    parent_outputs,
-    slim,
-)
+from pat.masks.physical import ChildDoesNotRun, check_runs, parent_outputs, slim
 from pat.masks.rescale import normalized_layers, rescale_kept_
 from pat.records import Child, child_record
 

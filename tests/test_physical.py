@@ -12,7 +12,8 @@ from torch import nn
 
 from pat.errors import PatError
 from pat.masks import apply_masks, channel_groups, generate_masks, prunable_parameters, slim
-from pat.masks.physical import kept_channels, rebuild_physical
+from pat.masks.groups import kept_channels
+from pat.masks.physical import rebuild_physical
 
 
 def cbr(cin: int, cout: int, stride: int = 1) -> nn.Sequential:

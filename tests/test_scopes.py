@@ -12,7 +12,8 @@ from torch import nn
 import pat
 from pat.errors import PatError
 from pat.masks import apply_masks, channel_groups, generate_masks, prunable_parameters, slim
-from pat.masks.physical import kept_channels, rebuild_physical
+from pat.masks.groups import kept_channels
+from pat.masks.physical import rebuild_physical
 from pat.masks.scopes import scope_inputs, split_key
 
 X = torch.randn(2, 3, 16, 16)

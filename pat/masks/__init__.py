@@ -2,7 +2,8 @@
 
 * :mod:`pat.masks.generate`: random / anti-random / partition / cyclic masks, pure and seeded;
 * :mod:`pat.masks.apply`: which tensors are pruned, enforcing masks during training, accounting;
-* :mod:`pat.masks.physical`: coupled channel groups and physical channel removal (torch-pruning).
+* :mod:`pat.masks.groups`: the coupled output channels a neuron mask keeps or removes together;
+* :mod:`pat.masks.physical`: physical channel removal (torch-pruning).
 
 See ``docs/masks.md``.
 """
@@ -16,8 +17,8 @@ from pat.masks.apply import enforce_masks as enforce_masks
 from pat.masks.apply import prunable_parameters as prunable_parameters
 from pat.masks.apply import sparsity_report as sparsity_report
 from pat.masks.generate import generate_masks as generate_masks
-from pat.masks.physical import ChannelGroup as ChannelGroup
-from pat.masks.physical import channel_groups as channel_groups
+from pat.masks.groups import ChannelGroup as ChannelGroup
+from pat.masks.groups import channel_groups as channel_groups
 from pat.masks.physical import rebuild_physical as rebuild_physical
 from pat.masks.physical import slim as slim
 

@@ -274,7 +274,7 @@ def generate_masks(
         scope: ``layer`` (each tensor or channel group at the exact density) or
             ``global`` (one ranking over all of them).
         seed: the masks are a pure function of it.
-        groups: precomputed :func:`pat.masks.physical.channel_groups` (neuron level).
+        groups: precomputed :func:`pat.masks.groups.channel_groups` (neuron level).
         example_inputs: a batch to trace the model with (neuron level; default from the
             model's pat spec).
 
@@ -295,7 +295,7 @@ def generate_masks(
             for child in keeps
         ]
 
-    from pat.masks.physical import channel_groups, expand_units
+    from pat.masks.groups import channel_groups, expand_units
 
     if not isinstance(params, nn.Module):
         raise PatError(f"level='neuron' needs the model itself. Got {type(params).__name__}.")
