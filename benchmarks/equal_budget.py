@@ -100,7 +100,12 @@ The last lines give paired t-tests over seeds of ``pat default`` against ``indep
 
     python benchmarks/equal_budget.py --budget 48 [--seeds 5] [--batch-size 128]
         [--dataset digits | --dataset cifar10 --data-dir D] [--model lenet-s] [--train-size N]
-        [--variants all | name,name] [--deep 5] [--paper]
+        [--variants all | name,name] [--deep 5] [--paper] [--save rows.json]
+    python benchmarks/equal_budget.py ... --reuse rows.json --variants name,name --save more.json
+
+``--reuse`` keeps the rows an earlier ``--save`` wrote for the same seeds and arguments and runs
+only ``--variants`` beside them, paired seed by seed (a Fashion-MNIST seed's one-model grid
+costs hours of CPU; a new recipe need not pay it again).
 
 ``--paper`` adds the arms of the paper's small-budget experiment (Adam at 1e-3, constant LR,
 8 children x 1 epoch at half the budget), which this script replaces.

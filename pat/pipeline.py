@@ -22,14 +22,7 @@ from typing import Any
 import torch
 
 from pat.budget import TRAIN_FLOPS_PER_FORWARD, Allocation, allocate_budget
-from pat.comparison import (
-    Comparison,
-    across_seeds,
-    baseline_trend,
-    evaluate_run,
-    load_compared,
-    parent_check,
-)
+from pat.comparison import Comparison, baseline_trend
 from pat.config import (
     DataConfig,
     RunConfig,
@@ -51,9 +44,8 @@ from pat.parent import train_parent
 from pat.splitting import split_footprint, split_to_directory
 from pat.tuner import tune_directory
 
-# the run's comparisons live in pat.comparison; their names stay importable from here
-__all__ = ["RunResult", "run", "demo_config", "across_seeds", "evaluate_run", "split_to_directory", "split_footprint",
-           "resolve_budget", "parent_check", "physical_child_cost", "recomputes_bn", "load_compared", "baseline_trend"]
+__all__ = ["RunResult", "run", "demo_config", "split_to_directory", "split_footprint", "resolve_budget",
+           "physical_child_cost", "recomputes_bn"]
 
 Progress = Callable[[str], Iterable[Callback]]
 
