@@ -67,6 +67,9 @@
 #     -0.06±0.20 (+0.009, p 0.31) / +1.00±0.34 (p 0.04).  --budget 144, 3 seeds: 99.72 / 0.021; +0.37±0.19 / +0.74±0.33
 #   --dataset fashion-mnist --budget 48 --lrs 0.05, seeds 300-302 (after the change; 5100-8300 s a seed): one model
 #     92.36±0.06 / 0.210, pat default (quarter) 92.25±0.19 / 0.216: -0.11±0.13 (p 0.50) / +0.0068±0.0015 (p 0.047)
+#     the same seeds, --reuse of their --save files, --variants "trunk physical s0.3 x2 flops share 0.25,trunk dense
+#     x2 share 0.25" (~2450 s a seed): 92.07±0.07 / 0.216 (12 + 2 x 35; -0.29±0.03, p 0.01 / +0.0060, p 0.02) and
+#     92.16±0.10 / 0.217 (12 + 2 x 18; -0.20±0.04, p 0.04 / +0.0070, p 0.02): neither closes the gap
 """Equal-budget benchmark: does a pat ensemble beat one model trained for the whole budget?
 
 Every arm spends the same total training budget B (in epochs over the training split; each
