@@ -70,6 +70,9 @@
 #     the same seeds, --reuse of their --save files, --variants "trunk physical s0.3 x2 flops share 0.25,trunk dense
 #     x2 share 0.25" (~2450 s a seed): 92.07±0.07 / 0.216 (12 + 2 x 35; -0.29±0.03, p 0.01 / +0.0060, p 0.02) and
 #     92.16±0.10 / 0.217 (12 + 2 x 18; -0.20±0.04, p 0.04 / +0.0070, p 0.02): neither closes the gap
+#   --budget 24 --deep 2 --lrs 0.05, the same seeds (1860-2530 s a seed): deep (2x budget), two models of 24 epochs,
+#     92.11±0.14 / 0.215 against the 48-epoch one model: -0.25±0.14 (p 0.21) / +0.0058±0.0017 (p 0.08); pat default
+#     at 48 - it: +0.14±0.15 / +0.0010. At 24: one model 91.69±0.10 / 0.228, pat default 91.53±0.17 / 0.230 (level)
 """Equal-budget benchmark: does a pat ensemble beat one model trained for the whole budget?
 
 Every arm spends the same total training budget B (in epochs over the training split; each
