@@ -13,12 +13,7 @@ from torch import nn
 
 from pat.config import TrainConfig, to_dict
 from pat.data import Dataset, load_dataset
-from pat.engine.batchnorm import (
-    has_batchnorm,
-    recalibrate_bn,
-    recalibrated_metrics,
-    statistics_loader,
-)
+from pat.engine.batchnorm import recalibrated_metrics, settle_statistics
 from pat.engine.callbacks import Callback
 from pat.engine.checkpoint import save_model
 from pat.engine.cost import example_input, fit_cost
@@ -104,10 +99,8 @@ def train_parent(
     state = fit(net, train, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler,
                 eval_data=evals, callbacks=[*callbacks, guard], amp=config.amp, device=device,
                 resume_path=resume, resume_extra={"config": to_dict(config)})
-    bn_samples = 0
-    if config.recompute_bn and has_batchnorm(model):  # every rank alike: the whole split, in order
-        recalibrate_bn(model, statistics_loader(data, device))
-        bn_samples = len(data.train)
+    # every rank alike: the whole split, in order
+    bn_samples = settle_statistics(model, data, device) if config.recompute_bn else 0
     metrics = final_metrics(model, data, device=device, amp=config.amp)
     extra = {"ranks": ranks.world_size} if ranks.distributed else {}
     cost = fit_cost(state, example_input(data, device), model=model, bn_samples=bn_samples, **extra)

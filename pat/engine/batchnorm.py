@@ -24,7 +24,8 @@ from pat.engine.loop import epoch_metrics, evaluate
 if TYPE_CHECKING:
     from pat.data import Dataset
 
-__all__ = ["recalibrate_bn", "has_batchnorm", "recalibrated_metrics", "statistics_loader", "with_fresh_statistics"]
+__all__ = ["recalibrate_bn", "has_batchnorm", "recalibrated_metrics", "statistics_loader", "with_fresh_statistics",
+           "settle_statistics"]
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -51,6 +52,18 @@ def statistics_loader(data: Dataset, device: torch.device | str) -> Iterable[Any
     left exactly as it is when it is compared.
     """
     return data.loader("train", batch_size=256, device=device, augment=False, shuffle=False)
+
+
+def settle_statistics(model: nn.Module, data: Dataset, device: torch.device | str) -> int:
+    """Recompute a trained model's BatchNorm statistics in place on :func:`statistics_loader`.
+
+    What ``pat train`` and every producer do once training ends (``recompute_bn``). Returns the
+    samples the pass took, for the cost record (``bn_samples``): 0 without BatchNorm.
+    """
+    if not has_batchnorm(model):
+        return 0
+    recalibrate_bn(model, statistics_loader(data, device))
+    return len(data.train)
 
 
 def with_fresh_statistics(model: nn.Module, loader: Iterable[Any]) -> nn.Module:

@@ -21,7 +21,7 @@ from torch import nn
 
 from pat.config import plain_config
 from pat.data import Dataset, DeviceLoader, IndexedBatches, load_dataset
-from pat.engine.batchnorm import has_batchnorm, recalibrate_bn, statistics_loader
+from pat.engine.batchnorm import settle_statistics
 from pat.engine.callbacks import Callback, FitState
 from pat.engine.checkpoint import load_checkpoint, save_model
 from pat.engine.cost import example_input, fit_cost
@@ -159,10 +159,7 @@ def finished(model: nn.Module, state: FitState, data: Dataset, config: Any, devi
     with pat's children. The pass is charged in the member's cost. ``fields`` go to
     :class:`pat.jobs.Trained`.
     """
-    bn_samples = 0
-    if config.recompute_bn and has_batchnorm(model):
-        recalibrate_bn(model, statistics_loader(data, device))
-        bn_samples = len(data.train)
+    bn_samples = settle_statistics(model, data, device) if config.recompute_bn else 0
     cost = fit_cost(state, example_input(data, device), model=model, bn_samples=bn_samples)
     return Trained(model, final_metrics(model, data, device=device, amp=config.amp), cost=cost,
                    history=state.history, **fields)
