@@ -31,7 +31,14 @@ from pat.store import EnsembleDir
 if TYPE_CHECKING:
     from pat.pipeline import RunResult
 
-__all__ = ["Comparison", "load_compared", "evaluate_run", "parent_check", "baseline_trend", "across_seeds"]
+__all__ = ["Comparison", "load_compared", "recorded_parent", "evaluate_run", "parent_check", "baseline_trend",
+           "across_seeds"]
+
+
+def recorded_parent(children_dir: str | Path) -> Path | None:
+    """The parent file an ensemble's manifest names, or None when it names none or the file is gone."""
+    recorded = (EnsembleDir.load(children_dir).manifest.get("parent") or {}).get("file")
+    return Path(recorded) if recorded and Path(recorded).is_file() else None
 
 
 def load_compared(path: str | Path, data: Dataset, device: torch.device, *,
@@ -163,7 +170,7 @@ def parent_check(children_dir: str | Path, data: Dataset, *, parent_path: str | 
     """
     if not len(data.val.y):
         return {}
-    parent_path = parent_path or (EnsembleDir.load(children_dir).manifest.get("parent") or {}).get("file")
+    parent_path = parent_path or recorded_parent(children_dir)
     if not parent_path or not Path(parent_path).is_file():
         return {}
     return Comparison(children_dir, data, parent_path=parent_path, device=device).parent_check()

@@ -105,16 +105,26 @@ def test_split_refuses_missing_corrupt_parent_and_existing_children(tmp_path, di
     assert (out / "child-0.pt").read_bytes() != before
 
 
-def test_tune_reports_children_and_rerun_skips_them(tuned):
+def test_tune_reports_children_and_rerun_skips_them(tuned, monkeypatch):
+    import pat.comparison as comparison
+    from pat.comparison import evaluate_run, parent_check
+    from pat.data import load_dataset
+
     ens = EnsembleDir.load(tuned)
     assert all(m["status"] == "tuned" for m in ens.members)
+    passes = []
+    collect = comparison.collect_probs
+    monkeypatch.setattr(comparison, "collect_probs", lambda models, loader: passes.append(len(models)) or collect(models, loader))
     again = run("tune", tuned, "--epochs", 1, "--batch-size", 64, "--dataset", "digits")
     assert again.exit_code == 0 and "✓" not in again.output  # nothing tuned again
     assert "ensemble (4)" in again.output
+    # the parent's test row and its check on validation share one pass over each split
+    assert passes == [5, 5]
+    monkeypatch.undo()
+    rows, _ = evaluate_run(tuned, load_dataset("digits"), parent_path=ens.manifest["parent"]["file"])
+    parent_line = next(line for line in again.output.splitlines() if "│ parent" in line)
+    assert f"{rows[0]['accuracy']:.4f}" in parent_line
     # the run ends with the ensemble against its parent on validation, warning when worse
-    from pat.comparison import parent_check
-    from pat.data import load_dataset
-
     check = parent_check(tuned, load_dataset("digits"))
     line = next(line for line in again.output.splitlines() if line.startswith("validation: ensemble of 4"))
     assert f"{check['ensemble']['accuracy']:.2%}" in line and f"{check['parent']['accuracy']:.2%}" in line
@@ -215,6 +225,21 @@ def test_tune_uses_the_dataset_the_children_were_made_for(tmp_path, digits_paren
     manifest.pop("dataset"), manifest.pop("data")  # a manifest from before either was recorded
     (out / "ensemble.json").write_text(json.dumps(manifest))
     assert "records no dataset; pass --dataset" in one_error_line(run("tune", out, "--epochs", 1))
+
+
+def test_tune_without_its_parent_file_reports_the_children_and_says_it_did_not_compare(tmp_path, digits_parent):
+    import shutil
+
+    parent = tmp_path / "parent.pt"
+    shutil.copy(digits_parent, parent)
+    out = tmp_path / "children"
+    assert run("split", "--parent", parent, "--children", 2, "--out", out).exit_code == 0
+    assert run("tune", out, "--epochs", 1, "--batch-size", 64).exit_code == 0
+    parent.unlink()
+    again = run("tune", out, "--epochs", 1, "--batch-size", 64)
+    assert again.exit_code == 0, again.output
+    assert "ensemble (2)" in again.output and "│ parent" not in again.output
+    assert "ensemble vs parent on validation: not compared" in again.output
 
 
 KEPT = {"epoch": 17, "val_loss": 0.55, "val_acc": 0.803, "last": {"epoch": 48, "val_loss": 2.3026, "val_acc": 0.1}}

@@ -99,7 +99,7 @@ def tune(children_dir, epochs, schedule, max_lr, lr, bagging, recompute_bn, cycl
     Each child is saved the moment it finishes, so a rerun skips finished children. Under torchrun (torchrun --nproc-per-node N -m pat tune ...) the children are sharded
     across ranks.
     """
-    from pat.comparison import evaluate_run, parent_check
+    from pat.comparison import Comparison, recorded_parent
     from pat.config import DataConfig, TuneConfig
     from pat.engine.distributed import init_ranks
     from pat.errors import PatError
@@ -131,10 +131,10 @@ def tune(children_dir, epochs, schedule, max_lr, lr, bagging, recompute_bn, cycl
     # one set of progress bars (rank 0's); each rank still reports the children it finished
     progress = _progress if ranks.is_main else (lambda name: [])
     tune_directory(children_dir, data, config, ranks=ranks, callbacks=progress, on_done=done)
-    if ranks.is_main:
-        rows, _ = evaluate_run(children_dir, data, device=config.device)
-        console.print(metrics_table(f"{children_dir} on {dataset} (test)", rows, CHILD_COLUMNS))
-        _validation_line(parent_check(children_dir, data, device=config.device))
+    if ranks.is_main:  # the parent's row on test, and its check on validation, share one validation pass
+        compared = Comparison(children_dir, data, parent_path=recorded_parent(children_dir), device=config.device)
+        console.print(metrics_table(f"{children_dir} on {dataset} (test)", compared.rows()[0], CHILD_COLUMNS))
+        _validation_line(compared.parent_check())
 
 
 def _with_device(config, device: str):
