@@ -207,6 +207,16 @@ def test_offline_torchvision_dataset_names_data_dir(tmp_path, monkeypatch, name,
         load_dataset(name, data_dir=tmp_path)
     message = str(info.value)
     assert str(tmp_path) in message and "\n" not in message
+    # a data dir that did not exist is not left behind, empty, by the failed download
+    with pytest.raises(PatError, match="could not be downloaded"):
+        load_dataset(name, data_dir=tmp_path / "new" / "data")
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    (kept / "data").mkdir(parents=True)
+    (kept / "data" / "notes.txt").write_text("mine")
+    with pytest.raises(PatError, match="could not be downloaded"):
+        load_dataset(name, data_dir=kept / "data")
+    assert (kept / "data" / "notes.txt").read_text() == "mine"
     with pytest.raises(PatError, match="download=False"):
         load_dataset(name, data_dir=tmp_path, download=False)
 

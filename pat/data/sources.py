@@ -6,6 +6,8 @@ Every builder returns uint8 (N, C, 32, 32) splits (grayscale 28x28 sets are zero
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from urllib.error import URLError
 
@@ -29,10 +31,16 @@ __all__: list[str] = []  # builders are reached through pat.data.load_dataset
 
 
 def _fetch(name: str, cls: type, data_dir: Path, download: bool, **args: object) -> object:
-    """Instantiate torchvision dataset ``cls``; a missing, unfetchable set becomes one PatError line."""
+    """Instantiate torchvision dataset ``cls``; a missing, unfetchable set becomes one PatError line.
+
+    A failed download leaves no trace: the folders torchvision made for it, when ``data_dir``
+    did not exist before, are removed again if they are still empty.
+    """
+    created = [p for p in (data_dir, *data_dir.parents) if not p.exists()]
     try:
         return cls(root=str(data_dir), download=download, **args)
     except (URLError, OSError, RuntimeError) as err:
+        _remove_empty(data_dir, created)
         # torchvision raises URLError/OSError from urllib, RuntimeError("Dataset not found")
         # when download=False, RuntimeError("Error downloading ...") after MNIST's mirrors.
         why = " and could not be downloaded (no network?)" if download else " (download=False)"
@@ -41,6 +49,18 @@ def _fetch(name: str, cls: type, data_dir: Path, download: bool, **args: object)
             f"dataset {name!r} is not in --data-dir {str(data_dir)!r}{why}. "
             f"Download it elsewhere and point --data-dir at it. ({cause})"
         ) from err
+
+
+def _remove_empty(data_dir: Path, created: list[Path]) -> None:
+    """Remove the empty folders under ``data_dir`` and the ``created`` ones, deepest first, if it was made here."""
+    if not created:
+        return
+    for root, _, _ in sorted(os.walk(data_dir), key=lambda walked: -len(Path(walked[0]).parts)):
+        with contextlib.suppress(OSError):  # not empty: something was written, keep it
+            Path(root).rmdir()
+    for folder in created[1:]:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _hwc(data: np.ndarray) -> Tensor:
