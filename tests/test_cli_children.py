@@ -156,6 +156,10 @@ def test_eval_select_soup(tuned, tmp_path):
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
         "accuracy_vs_size.png", "disagreement.png", "reliability.png", "risk_coverage.png"]
 
+    result = run("select", tuned)  # its defaults: greedy, up to every member
+    assert result.exit_code == 0, result.output
+    selection = EnsembleDir.load(tuned).manifest["selection"]
+    assert selection["method"] == "greedy" and 1 <= len(selection["selected"]) <= 4
     result = run("select", tuned, "--method", "top-k", "--size", 2)
     assert result.exit_code == 0, result.output
     selection = EnsembleDir.load(tuned).manifest["selection"]
@@ -188,6 +192,8 @@ def test_dee_refuses_a_reference_of_other_data(tuned, tmp_path):
 def test_ensemble_bad_input(tuned, tmp_path):
     assert "at most the pool size 4" in one_error_line(run("select", tuned, "--method", "top-k", "--size", 9))
     assert "unknown selector 'best'" in one_error_line(run("select", tuned, "--method", "best"))
+    line = one_error_line(run("select", tuned, "--method", "top-k"))
+    assert "'top-k' needs a team size" in line and "--size" in line
 
 
 def test_eval_refuses_dataset_with_other_class_count(tuned, tmp_path):

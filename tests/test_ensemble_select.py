@@ -197,3 +197,14 @@ def test_registry() -> None:
         create_selector("best")
     with pytest.raises(PatError, match="selector 'top-k' takes k, metric; got size"):
         create_selector("top-k", size=3)
+    with pytest.raises(PatError, match="selector 'top-k' takes k, metric; k is required"):
+        create_selector("top-k")
+
+
+def test_greedy_and_brute_force_without_a_size_may_use_the_whole_pool() -> None:
+    probs, labels = _noisy_pool(m=5)
+    greedy = GreedySelector().fit(probs, labels)
+    assert greedy.selected_ == GreedySelector(5).fit(probs, labels).selected_ and len(greedy.history_) == 5
+    brute = BruteForceSelector().fit(probs, labels)
+    assert brute.selected_ == BruteForceSelector(5).fit(probs, labels).selected_
+    assert brute.n_teams_ == 10 + 10 + 5 + 1  # every team of 2..5 of the 5 members

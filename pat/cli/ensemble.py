@@ -148,7 +148,9 @@ def calibrate(ensemble_dir, dataset, data_dir, val_fraction, data_seed, override
 @click.command()
 @click.argument("ensemble_dir", type=click.Path())
 @click.option("--method", default="greedy", help="all, top-k, random, brute-force, greedy, focal.")
-@click.option("--size", default=None, type=int, help="Team size (max size for brute-force).")
+@click.option("--size", default=None, type=int,
+              help="Team size: required for top-k, random and focal; the most members greedy and brute-force "
+                   "may keep [default: all of them].")
 @click.option("--metric", default=None, type=click.Choice(["nll", "accuracy"]), help="What greedy/top-k/brute-force optimise.")
 @click.option("--measure", default=None, help="Focal diversity measure: generalized, kw, disagreement, kappa, q.")
 @click.option("--seed", default=None, type=int, help="Seed of the random selector.")

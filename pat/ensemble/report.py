@@ -38,6 +38,8 @@ from pat.store import EnsembleDir
 __all__ = ["directory_logits", "directory_probs", "evaluate_directory", "select_directory", "soup_directory"]
 
 SIZE_ARGUMENT = {"top-k": "k", "random": "k", "brute-force": "max_size", "greedy": "size", "focal": "size"}
+# greedy and brute-force take the team size as an upper bound, the whole pool by default
+SIZE_REQUIRED = ("top-k", "random", "focal")
 
 
 def _check_classes(ens: EnsembleDir, data: Dataset) -> None:
@@ -310,6 +312,8 @@ def select_directory(path: str | os.PathLike, data: Dataset, method: str, *, siz
     """Fit a selector on the validation split and record the team and weights in the manifest."""
     ens = EnsembleDir.load(path)
     check(len(data.val.y) > 0, f"--dataset {data.name!r} has no validation split; selection never uses test.")
+    check(size is not None or method not in SIZE_REQUIRED,
+          f"selection method {method!r} needs a team size (size; --size on the command line). Got none.")
     if size is not None and method in SIZE_ARGUMENT:
         options[SIZE_ARGUMENT[method]] = size
     selector = create_selector(method, **options)

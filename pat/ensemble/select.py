@@ -159,30 +159,32 @@ class RandomSelector(Selector):
 class BruteForceSelector(Selector):
     """The best mean-combined team over every team of ``min_size``..``max_size`` members.
 
-    Refuses (PatError) before any work when that is more than ``max_teams`` teams.
+    ``max_size=None`` allows teams of every size up to the pool's. Refuses (PatError) before any work when that is more than ``max_teams`` teams.
     Learned ``accuracy_``, ``nll_`` (of the chosen team) and ``n_teams_``.
     """
 
     name = "brute-force"
 
     def __init__(
-        self, max_size: int, metric: str = "nll", max_teams: int = 100_000, min_size: int = 2
+        self, max_size: int | None = None, metric: str = "nll", max_teams: int = 100_000, min_size: int = 2
     ) -> None:
-        self.max_size = _count(max_size, "max_size")
+        self.max_size = None if max_size is None else _count(max_size, "max_size")
         self.metric = _metric(metric)
         self.max_teams = _count(max_teams, "max_teams")
         self.min_size = _count(min_size, "min_size")
-        check(min_size <= max_size, f"min_size must be at most max_size ({max_size}). Got {min_size}.")
+        check(max_size is None or min_size <= max_size,
+              f"min_size must be at most max_size ({max_size}). Got {min_size}.")
 
     def _select(self, probs: Tensor, labels: Tensor) -> tuple[list[int], Tensor]:
         m = probs.shape[0]
-        self._size(self.max_size, m, "max_size")
-        sizes = range(self.min_size, self.max_size + 1)
+        max_size = m if self.max_size is None else self.max_size
+        self._size(max_size, m, "max_size")
+        sizes = range(self.min_size, max_size + 1)
         self.n_teams_ = sum(math.comb(m, k) for k in sizes)
         if self.n_teams_ > self.max_teams:
             raise PatError(
                 f"brute-force selection would score {self.n_teams_:,} teams (sizes "
-                f"{self.min_size}..{self.max_size} of {m} members); the limit is "
+                f"{self.min_size}..{max_size} of {m} members); the limit is "
                 f"max_teams={self.max_teams:,}. Lower max_size or raise max_teams."
             )
         teams = [all_teams(m, k) for k in sizes]
@@ -192,7 +194,7 @@ class BruteForceSelector(Selector):
         best = _best(acc, nll, self.metric)
         self.accuracy_, self.nll_ = float(acc[best]), float(nll[best])
         # rows of every size, padded with -1 to max_size, in the order they were scored
-        padded = torch.cat([F.pad(t, (0, self.max_size - t.shape[1]), value=-1) for t in teams])
+        padded = torch.cat([F.pad(t, (0, max_size - t.shape[1]), value=-1) for t in teams])
         team = [i for i in padded[best].tolist() if i >= 0]
         return team, torch.ones(len(team))
 
@@ -203,27 +205,28 @@ class GreedySelector(Selector):
     Starting from an empty bag, ``size`` times add the member whose addition gives the best
     mean-combined validation score; with ``replacement`` a member can be added again, which
     raises its weight. The bag kept is the best prefix seen (the earliest one among equals),
-    so ``size`` is an upper bound. Weights are pick counts / bag length.
+    so ``size`` is an upper bound (``None``: the pool's size). Weights are pick counts / bag length.
 
     Learned ``history_``: ``[{"member", "accuracy", "nll"}, ...]`` after each pick.
     """
 
     name = "greedy"
 
-    def __init__(self, size: int, metric: str = "nll", replacement: bool = True) -> None:
-        self.size = _count(size, "size")
+    def __init__(self, size: int | None = None, metric: str = "nll", replacement: bool = True) -> None:
+        self.size = None if size is None else _count(size, "size")
         self.metric = _metric(metric)
         self.replacement = bool(replacement)
 
     def _select(self, probs: Tensor, labels: Tensor) -> tuple[list[int], Tensor]:
         m = probs.shape[0]
+        size = m if self.size is None else self.size
         # also with replacement: a bag of more picks than members is not what --size asks for
-        self._size(self.size, m)
+        self._size(size, m)
         total = torch.zeros_like(probs[0])
         picks: list[int] = []
         self.history_: list[dict[str, float]] = []
         best_len, best_key = 0, (math.inf, math.inf)
-        for step in range(self.size):
+        for step in range(size):
             cands = [i for i in range(m) if self.replacement or i not in picks]
             acc, nll = batch_metrics((total + probs[cands]) / (step + 1), labels)
             k = _best(acc, nll, self.metric)
@@ -322,8 +325,8 @@ def create_selector(name: str, **kwargs: Any) -> Selector:
     except TypeError:
         import inspect
 
-        params = [p for p in inspect.signature(cls).parameters]
-        raise PatError(
-            f"selector {name!r} takes {', '.join(params) or 'no arguments'}; got "
-            f"{', '.join(sorted(kwargs)) or 'none'}."
-        ) from None
+        params = inspect.signature(cls).parameters
+        unknown = sorted(set(kwargs) - set(params))
+        missing = [p for p, v in params.items() if v.default is inspect.Parameter.empty and p not in kwargs]
+        why = f"got {', '.join(unknown)}" if unknown else f"{', '.join(missing)} is required"
+        raise PatError(f"selector {name!r} takes {', '.join(params) or 'no arguments'}; {why}.") from None
