@@ -231,11 +231,10 @@ def from_dict(cls: type[C], data: dict[str, Any], *, where: str = "config", base
         return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except TypeError as e:
         raise PatError(f"{where}: {e}.") from None
-    except PatError as e:
+    except PatError as e:  # named by the section it came from: parent.epochs is not tune.epochs
         changed = _changed_defaults(base) if base is not None else ""
-        if not changed:
-            raise
-        raise PatError(f"{where}: {e} (keys left out of {where} take this run's defaults: {changed})") from None
+        defaults = f" (keys left out of {where} take this run's defaults: {changed})" if changed else ""
+        raise PatError(f"{where}: {e}{defaults}") from None
 
 
 def _default_of(f: dataclasses.Field, base: Any, sub: type) -> Any:

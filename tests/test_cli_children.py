@@ -248,6 +248,21 @@ def test_tune_without_its_parent_file_reports_the_children_and_says_it_did_not_c
     assert "ensemble vs parent on validation: not compared" in again.output
 
 
+@pytest.mark.parametrize(("text", "words"), [
+    ("parent: {epochs: -3}\n", ["bad.yaml.parent: epochs must be positive. Got -3."]),
+    ("tune: {max_lr: 0}\n", ["bad.yaml.tune: max_lr must be positive. Got 0."]),
+    ("nonsense: 1\n", ["bad.yaml has unknown keys ['nonsense']"]),
+    (": : :\n", ["bad.yaml' is not valid YAML"]),
+])  # fmt: skip
+def test_run_refuses_a_bad_config_naming_the_key_and_writes_nothing(tmp_path, monkeypatch, text, words):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.yaml").write_text(text)
+    line = one_error_line(run("run", "bad.yaml"))
+    for word in words:
+        assert word in line, line
+    assert [p.name for p in tmp_path.iterdir()] == ["bad.yaml"]
+
+
 KEPT = {"epoch": 17, "val_loss": 0.55, "val_acc": 0.803, "last": {"epoch": 48, "val_loss": 2.3026, "val_acc": 0.1}}
 
 
