@@ -208,3 +208,5 @@ def test_greedy_and_brute_force_without_a_size_may_use_the_whole_pool() -> None:
     brute = BruteForceSelector().fit(probs, labels)
     assert brute.selected_ == BruteForceSelector(5).fit(probs, labels).selected_
     assert brute.n_teams_ == 10 + 10 + 5 + 1  # every team of 2..5 of the 5 members
+    with pytest.raises(PatError, match="min_size must be at most the pool size 1. Got 2."):
+        BruteForceSelector().fit(probs[:1], labels)

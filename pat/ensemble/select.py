@@ -159,7 +159,8 @@ class RandomSelector(Selector):
 class BruteForceSelector(Selector):
     """The best mean-combined team over every team of ``min_size``..``max_size`` members.
 
-    ``max_size=None`` allows teams of every size up to the pool's. Refuses (PatError) before any work when that is more than ``max_teams`` teams.
+    ``max_size=None`` allows teams of every size up to the pool's. Refuses (PatError) before
+    any work when that is more than ``max_teams`` teams.
     Learned ``accuracy_``, ``nll_`` (of the chosen team) and ``n_teams_``.
     """
 
@@ -179,6 +180,7 @@ class BruteForceSelector(Selector):
         m = probs.shape[0]
         max_size = m if self.max_size is None else self.max_size
         self._size(max_size, m, "max_size")
+        check(self.min_size <= m, f"min_size must be at most the pool size {m}. Got {self.min_size}.")
         sizes = range(self.min_size, max_size + 1)
         self.n_teams_ = sum(math.comb(m, k) for k in sizes)
         if self.n_teams_ > self.max_teams:
