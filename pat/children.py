@@ -132,6 +132,9 @@ def iter_split(
     the parent only when the iterator is advanced, so at most one child is in memory beside
     the masks.
     """
+    if not isinstance(model, nn.Module):
+        hint = " (a checkpoint's path? pat.load_model(path) reads it)" if isinstance(model, (str, os.PathLike)) else ""
+        raise PatError(f"model must be a torch.nn.Module. Got {type(model).__name__}{hint}.")
     d = check_recipe(children, method, sparsity, None, level, scope, seed)
     if physical and level != "neuron":
         raise PatError(

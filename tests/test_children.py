@@ -68,6 +68,8 @@ def test_neuron_level_without_spec_or_inputs_asks_for_example_inputs():
 def test_nothing_to_prune_is_refused(parent):
     with pytest.raises(PatError, match="nothing to prune"):
         split(parent, 2, include=["no-such-layer"])
+    with pytest.raises(PatError, match=r"model must be a torch.nn.Module. Got str \(a checkpoint's path\? pat.load_model"):
+        split("parent.pt", 2)  # a checkpoint's path is not its model: pat.load_model reads it
 
 
 def test_masked_child_round_trips(parent, tmp_path):
