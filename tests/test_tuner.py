@@ -175,6 +175,23 @@ def test_bad_tune_config(kwargs, message):
         TuneConfig(**kwargs)
 
 
+def test_tune_refuses_what_is_not_models_data_or_a_config_in_one_line(digits):
+    kids = split(create_model("lenet-s", num_classes=10, in_channels=1), 2)
+    before = [{k: v.clone() for k, v in kid.state_dict().items()} for kid in kids]
+    with pytest.raises(PatError, match=r"children must be a list of models .* `pat tune DIR`. Got 'children/'."):
+        tune("children/", digits, FAST)
+    with pytest.raises(PatError, match="children must be a list of models"):
+        tune(["child-0.pt"], digits, FAST)
+    with pytest.raises(PatError, match=r"data must be a pat Dataset .* Got str; pat.load_dataset\('digits'\)"):
+        tune(kids, "digits", FAST)
+    with pytest.raises(PatError, match="data must be a pat Dataset or training batches of \\(x, y\\). Got int."):
+        tune(kids, 3, FAST)
+    with pytest.raises(PatError, match="config must be a pat.TuneConfig. Got dict."):
+        tune(kids, digits, {"epochs": 1})
+    for kid, state in zip(kids, before, strict=True):  # refused before any step
+        assert all(torch.equal(v, state[k]) for k, v in kid.state_dict().items())
+
+
 def test_missing_directory_and_bad_manifest(tmp_path, digits, children_dir):
     with pytest.raises(PatError, match="is not a directory"):
         tune_directory(str(tmp_path / "nope"), digits, FAST)

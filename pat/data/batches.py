@@ -152,7 +152,8 @@ def as_data(data: Any, *, val: Batches | None = None, test: Batches | None = Non
     """``data`` as pat reads it: a ``Dataset`` or ``BatchData`` as it is, training batches wrapped.
 
     Raises:
-        PatError: ``val`` or ``test`` given with a ``Dataset`` or ``BatchData``, which have their own.
+        PatError: ``val`` or ``test`` given with a ``Dataset`` or ``BatchData``, which have their own;
+            ``data`` that is none of these (a dataset's name, say).
     """
     from pat.data.core import Dataset
 
@@ -160,4 +161,7 @@ def as_data(data: Any, *, val: Batches | None = None, test: Batches | None = Non
         check(val is None and test is None, f"val and test batches go with training batches, not with {data.name!r}, "
               "which has its own splits.")
         return data
+    if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
+        hint = f"; pat.load_dataset({data!r}) loads one by name" if isinstance(data, str) else ""
+        raise PatError(f"data must be a pat Dataset or training batches of (x, y). Got {type(data).__name__}{hint}.")
     return BatchData(data, val, test)

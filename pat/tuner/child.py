@@ -196,6 +196,10 @@ def tune(
         parent_lr: the LR the parent trained at; an unset ``config.max_lr`` is
             ``config.max_lr_share`` times it (:func:`resolve_max_lr`).
     """
+    check(config is None or isinstance(config, TuneConfig), f"config must be a pat.TuneConfig. Got {type(config).__name__}.")
+    if isinstance(children, (str, Path)) or not all(isinstance(c, nn.Module) for c in children):
+        raise PatError(f"children must be a list of models (pat.split's, or pat.load_child's); an ensemble "
+                       f"directory is tuned with `pat tune DIR`. Got {str(children)[:80]!r}.")
     config = resolve_max_lr(config if config is not None else TuneConfig(), parent_lr)
     from pat.tuner.together import tune_together  # it builds on this module's pieces
 
