@@ -46,6 +46,8 @@ def test_pickled_objects_are_refused_and_not_executed(tmp_path):
 def test_non_checkpoints_are_named(tmp_path):
     with pytest.raises(PatError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(PatError, match=f"checkpoint '{tmp_path}' is a directory, not a checkpoint file."):
+        load_checkpoint(tmp_path)
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint at all")
     with pytest.raises(PatError, match="not a readable checkpoint"):

@@ -76,6 +76,8 @@ def load_checkpoint(
     plain entries (kind, status, metrics) are needed.
     """
     path = Path(path)
+    if path.is_dir():
+        raise PatError(f"{argument} {str(path)!r} is a directory, not a checkpoint file.")
     if not path.is_file():
         raise PatError(f"{argument} {str(path)!r} does not exist.")
     if not zipfile.is_zipfile(path):
