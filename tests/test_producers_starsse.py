@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cli_helpers import one_error_line, run
 from click.testing import CliRunner
 
 from pat.cli import PatGroup
@@ -100,6 +101,11 @@ def test_cli_starsse(tmp_path, pretrained):
                                         "--device", "cpu", "--out", str(out), "--sse"])
     assert result.exit_code == 0, result.output
     assert len(EnsembleDir.load(out)) == 2 and "member-2" in result.output
+    # its members are finished, not children: pat tune says so, naming the producer
+    before = {f.name: f.read_bytes() for f in out.glob("*.pt")}
+    line = one_error_line(run("tune", out, "--epochs", "1"))
+    assert "`pat starsse`" in line and "'member-1' and 1 more" in line and "not children of `pat split`" in line
+    assert {f.name: f.read_bytes() for f in out.glob("*.pt")} == before
     bad = CliRunner().invoke(group, ["starsse", "--pretrained", pretrained, "--model", "wrn",
                                      "--dataset", "synthetic", "--out", str(tmp_path / "b")])
     assert bad.exit_code == 2 and "not --model 'wrn'" in bad.output

@@ -103,10 +103,13 @@ def tune(children_dir, epochs, schedule, max_lr, lr, bagging, recompute_bn, cycl
     from pat.config import DataConfig, TuneConfig
     from pat.engine.distributed import init_ranks
     from pat.errors import PatError
+    from pat.store import EnsembleDir
     from pat.tuner import tune_directory
+    from pat.tuner.directory import check_children
 
     if together and auto_together:
         raise PatError("--together conflicts with --auto-together; give one of them.")
+    check_children(EnsembleDir.load(children_dir, argument="CHILDREN_DIR"))  # before the data loads
 
     # validate before any work: the data the children were made for, unless told otherwise
     d, data = ensemble_data(children_dir, dataset=dataset, data_dir=data_dir, val_fraction=val_fraction,

@@ -25,7 +25,26 @@ from pat.store import EnsembleDir
 from pat.tuner.child import parent_lr_of, resolve_max_lr, tune_child
 from pat.tuner.together import check_together_step, tune_together
 
-__all__ = ["tune_directory", "ChildLedger"]
+__all__ = ["tune_directory", "check_children", "ChildLedger"]
+
+
+def check_children(ens: EnsembleDir, *, argument: str = "CHILDREN_DIR") -> None:
+    """Refuse a directory whose members were not split from a parent (``pat split``).
+
+    A producer's members (``pat pool``, ``pat starsse``, ``pat sharpbalance``) are finished
+    when the producer finishes; tuning them as children would fail on the first one with a
+    message about its checkpoint kind. Records without a producer (older manifests) pass.
+    """
+    others = [r for r in ens.members if r.get("producer", "split") != "split"]
+    if others:
+        producers = sorted({str(r["producer"]) for r in others})
+        more = f" and {len(others) - 1} more" if len(others) > 1 else ""
+        made = " and ".join(f"`pat {p}`" for p in producers)
+        raise PatError(
+            f"{argument} {str(ens.path)!r} holds members made by {made} ({others[0]['name']!r}{more}), "
+            "not children of `pat split`; pat tune tunes split children, and a producer's members "
+            "are finished (pat eval and pat select use them as they are)."
+        )
 
 
 def tune_directory(
@@ -54,6 +73,7 @@ def tune_directory(
     lock = directory_lock(path, wait=wait, argument="CHILDREN_DIR") if ranks.is_main else contextlib.nullcontext()
     with lock:
         ens = EnsembleDir.load(path)
+        check_children(ens)
         if ens.manifest.get("num_classes") not in (None, data.num_classes):
             raise PatError(f"--dataset {data.name!r} has {data.num_classes} classes but the children "
                            f"were made for {ens.manifest['num_classes']}.")
