@@ -21,7 +21,7 @@ demo: $(VENV)/.installed
 # a worker per core, at most 4 (each holds its own torch): every test runs torch on one
 # thread (tests/conftest.py), so the cores are shared out by workers, not by threads
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q -n auto --maxprocesses 4
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --durations=12
 
 lint: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet ruff
