@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from cli_helpers import one_error_line, run
@@ -190,7 +191,12 @@ def test_dee_refuses_a_reference_of_other_data(tuned, tmp_path):
 
 
 def test_ensemble_bad_input(tuned, tmp_path):
-    assert "at most the pool size 4" in one_error_line(run("select", tuned, "--method", "top-k", "--size", 9))
+    manifest = (Path(tuned) / "ensemble.json").read_bytes()
+    for method in ("top-k", "random", "greedy", "brute-force", "focal"):  # each selector calls it --size
+        for size in (9, 0):
+            line = one_error_line(run("select", tuned, "--method", method, "--size", size))
+            assert f"--size on the command line) must be between 1 and the pool size 4. Got {size}." in line
+    assert (Path(tuned) / "ensemble.json").read_bytes() == manifest
     assert "unknown selector 'best'" in one_error_line(run("select", tuned, "--method", "best"))
     line = one_error_line(run("select", tuned, "--method", "top-k"))
     assert "'top-k' needs a team size" in line and "--size" in line

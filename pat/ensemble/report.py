@@ -314,6 +314,8 @@ def select_directory(path: str | os.PathLike, data: Dataset, method: str, *, siz
     check(len(data.val.y) > 0, f"--dataset {data.name!r} has no validation split; selection never uses test.")
     check(size is not None or method not in SIZE_REQUIRED,
           f"selection method {method!r} needs a team size (size; --size on the command line). Got none.")
+    check(size is None or 1 <= size <= len(ens),
+          f"size (--size on the command line) must be between 1 and the pool size {len(ens)}. Got {size}.")
     if size is not None and method in SIZE_ARGUMENT:
         options[SIZE_ARGUMENT[method]] = size
     selector = create_selector(method, **options)
