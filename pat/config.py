@@ -17,7 +17,7 @@ import yaml
 from pat.budget import BudgetConfig
 from pat.errors import PatError, check
 from pat.io import atomic_write
-from pat.registry import OPTIMIZERS, SCHEDULES
+from pat.registry import OPTIMIZERS, SCHEDULES, STEPS
 
 __all__ = ["BudgetConfig", "DataConfig", "TrainConfig", "SplitConfig", "TuneConfig", "RunConfig", "run_split", "to_dict", "from_dict", "load_yaml", "save_yaml",
            "plain_config"]
@@ -166,6 +166,7 @@ class TuneConfig:
         check(self.max_lr_share > 0, f"max_lr_share must be positive. Got {self.max_lr_share}.")
         check(self.lr > 0, f"lr must be positive. Got {self.lr}.")
         OPTIMIZERS.get(self.optimizer)
+        STEPS.get(self.step)  # an unknown step rule is refused with the config, before any work
         check(self.bagging is None or 0 < self.bagging <= 1,
               f"bagging must be in (0, 1]. Got {self.bagging}.")
 

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from pat.config import DataConfig, TrainConfig, from_dict, load_yaml, save_yaml, to_dict
+from pat.config import DataConfig, TrainConfig, TuneConfig, from_dict, load_yaml, save_yaml, to_dict
 from pat.errors import PatError
 
 
@@ -30,6 +30,14 @@ def test_yaml_round_trip(tmp_path):
 def test_bad_values_name_argument_and_value(data, message):
     with pytest.raises(PatError, match=message):
         from_dict(TrainConfig, data)
+
+
+@pytest.mark.parametrize("key", ["step", "optimizer"])
+def test_tune_config_refuses_an_unknown_rule_when_built(key):
+    """Before any child is loaded or any header printed (``pat tune --step foo``)."""
+    assert TuneConfig(step="sam").step == "sam"
+    with pytest.raises(PatError, match="unknown (step rule|optimizer) 'foo'; choose one of: .*"):
+        from_dict(TuneConfig, {key: "foo"})
 
 
 def test_train_config_pretrained_needs_a_torchvision_model():
