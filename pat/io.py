@@ -74,12 +74,29 @@ def _write_error(path: Path, e: BaseException) -> PatError:
 
 
 def ensure_writable(path: str | os.PathLike, *, force: bool, argument: str = "--out") -> Path:
-    """Refuse to overwrite an existing file unless ``force`` (checked before any work)."""
+    """Refuse, before any work, an output file that cannot be written or would be overwritten.
+
+    An existing file needs ``force``. The nearest folder of ``path`` that exists must take a
+    new file (probed by creating and removing one), so a read-only or misspelt location is
+    named now rather than after a long training run that then cannot save.
+    """
     path = Path(path)
     if path.exists() and not force:
         raise PatError(f"{argument} {str(path)!r} already exists; pass --force to overwrite it.")
     if path.is_dir():
         raise PatError(f"{argument} {str(path)!r} is a directory; give a file path.")
+    folder = path.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise PatError(f"{argument} {str(path)!r} cannot be written: {str(folder)!r} is a file, not a folder.")
+    probe = folder / f".pat-probe-{secrets.token_hex(4)}"
+    try:
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as e:
+        raise PatError(f"{argument} {str(path)!r} cannot be written: {str(folder)!r} takes no new file "
+                       f"({e.strerror or e}).") from None
     return path
 
 

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from cli_helpers import one_error_line
 from click.testing import CliRunner
 
 from pat.cli import cli
@@ -41,6 +44,21 @@ def test_existing_output_is_refused_without_force(parent):
     assert "already exists" in result.output and "--force" in result.output
     after = load_checkpoint(parent)["state_dict"]
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("where", ["file", "procfs"])
+def test_an_output_that_cannot_be_written_is_refused_before_training(tmp_path, where):
+    """Not after the epochs, when the checkpoint cannot be saved (it was: 'cannot write x.partial')."""
+    if where == "file":
+        (tmp_path / "parent.pt").write_bytes(b"not a folder")
+        out, folder = tmp_path / "parent.pt" / "sub" / "p.pt", "is a file, not a folder"
+    else:  # a folder that takes no new file, even for root (chmod would not stop root)
+        if not Path("/proc/self").is_dir():
+            pytest.skip("needs Linux's /proc")
+        out, folder = Path("/proc/pat-test/p.pt"), "'/proc' takes no new file"
+    line = one_error_line(run("train", "--dataset", "digits", "--epochs", "1", "--out", str(out)))
+    assert line.startswith(f"Error: --out {str(out)!r} cannot be written") and folder in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["parent.pt"] if where == "file" else [])
 
 
 @pytest.mark.parametrize(
