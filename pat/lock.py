@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pat.errors import PatError
+from pat.store import MANIFEST
 
 try:
     import fcntl
@@ -72,8 +73,8 @@ def acquire(path: str | os.PathLike, *, wait: bool | None = None, command: str |
 
     Args:
         path: the directory to lock; its lock file lives inside it.
-        create: make the directory if it is missing; otherwise a missing directory is not
-            locked (the caller's own check then names it).
+        create: make the directory if it is missing; otherwise a missing directory, or one
+            that holds no ensemble, is not locked (the caller's own check then names it).
         wait: block until the holder finishes; None: the enclosing :func:`lock_scope`'s choice
             (default False: refuse at once).
         command: recorded for the refusal message of a second writer; default ``sys.argv``.
@@ -89,13 +90,19 @@ def acquire(path: str | os.PathLike, *, wait: bool | None = None, command: str |
         _HELD[key].count += 1
         return
     wait = _wait.get() if wait is None else wait
-    if create:
-        key.mkdir(parents=True, exist_ok=True)
-    elif not key.is_dir():
-        return
+    try:
+        if create:
+            key.mkdir(parents=True, exist_ok=True)
+        elif not (key / MANIFEST).is_file():
+            return
+    except OSError as e:
+        raise _unwritable(path, argument, e) from None
     file = key / LOCK_FILE
     while True:
-        fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise _unwritable(path, argument, e) from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -120,6 +127,12 @@ def acquire(path: str | os.PathLike, *, wait: bool | None = None, command: str |
     scope = _scope.get()
     if scope is not None:
         scope.append(key)
+
+
+def _unwritable(path: str | os.PathLike, argument: str, error: OSError) -> PatError:
+    """A directory on a read-only or pseudo file system: one line, not a traceback."""
+    return PatError(f"{argument} {str(path)!r} cannot be written ({error.strerror or error}); "
+                    "pat keeps its lock file and its members there.")
 
 
 def release(path: str | os.PathLike) -> None:

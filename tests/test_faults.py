@@ -254,6 +254,18 @@ def test_wait_queues_behind_the_holder(ens_dir):
     holder.wait()
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc (it takes no new file, even from root)")
+def test_a_directory_that_cannot_be_written_is_one_line(tmp_path):
+    """A producer's --out where no folder can be made, and a reader given a folder that is no ensemble."""
+    line = one_error_line(run("pool", "--policies", "one-cycle", "--lrs", 0.05, "--epochs", 1, "--out", "/proc/pat-x"))
+    assert line.startswith("Error: --out '/proc/pat-x' cannot be written (")
+    for args in (["calibrate", "/proc"], ["select", "/proc", "--size", 1], ["tune", "/proc", *FAST_TUNE]):
+        assert "'/proc' has no ensemble.json" in one_error_line(run(*args))  # not the lock file's error
+    (tmp_path / "plain").mkdir()
+    assert "has no ensemble.json" in one_error_line(run("calibrate", tmp_path / "plain"))
+    assert list((tmp_path / "plain").iterdir()) == []  # no lock file left in a folder that is no ensemble
+
+
 # -- 6. a full disk -------------------------------------------------------------------------------
 FULL_DISK = [
     RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file "
