@@ -266,7 +266,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise PatError(f"config file {str(path)!r} does not exist.")
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise PatError(f"config file {str(path)!r} {what}.")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:

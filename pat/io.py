@@ -21,7 +21,7 @@ from pat.registry import Registry
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["atomic_write", "ensure_writable", "file_digest", "free_disk", "human_bytes", "REBUILDERS"]
+__all__ = ["atomic_write", "ensure_folder_writable", "ensure_writable", "file_digest", "free_disk", "human_bytes", "REBUILDERS"]
 
 # (path, size, mtime_ns, inode) -> sha256: one process hashes each member file once, however
 # often it loads the manifest; every rewrite (atomic_write: a new inode) misses the cache
@@ -85,17 +85,31 @@ def ensure_writable(path: str | os.PathLike, *, force: bool, argument: str = "--
         raise PatError(f"{argument} {str(path)!r} already exists; pass --force to overwrite it.")
     if path.is_dir():
         raise PatError(f"{argument} {str(path)!r} is a directory; give a file path.")
-    folder = path.absolute().parent
+    ensure_folder_writable(path.absolute().parent, argument=argument, given=path)
+    return path
+
+
+def ensure_folder_writable(path: str | os.PathLike, *, argument: str, given: str | os.PathLike | None = None) -> Path:
+    """Refuse, before any work, a folder to write into that cannot take a new file.
+
+    The folder need not exist yet: its nearest existing ancestor must be a folder, and a file
+    created there (and removed at once) must succeed, so a read-only or misspelt location is
+    named now rather than after the work whose result it was to hold. ``given`` is what the
+    message names (default ``path``).
+    """
+    path = Path(path)
+    named = str(given if given is not None else path)
+    folder = path.absolute()
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
-        raise PatError(f"{argument} {str(path)!r} cannot be written: {str(folder)!r} is a file, not a folder.")
+        raise PatError(f"{argument} {named!r} cannot be written: {str(folder)!r} is a file, not a folder.")
     probe = folder / f".pat-probe-{secrets.token_hex(4)}"
     try:
         probe.touch(exist_ok=False)
         probe.unlink()
     except OSError as e:
-        raise PatError(f"{argument} {str(path)!r} cannot be written: {str(folder)!r} takes no new file "
+        raise PatError(f"{argument} {named!r} cannot be written: {str(folder)!r} takes no new file "
                        f"({e.strerror or e}).") from None
     return path
 

@@ -48,6 +48,10 @@ def test_non_checkpoints_are_named(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
     with pytest.raises(PatError, match=f"checkpoint '{tmp_path}' is a directory, not a checkpoint file."):
         load_checkpoint(tmp_path)
+    fifo = tmp_path / "fifo.pt"  # there, but neither a file nor a folder (reading it would block)
+    os.mkfifo(fifo)
+    with pytest.raises(PatError, match=f"checkpoint '{fifo}' is not a regular file."):
+        load_checkpoint(fifo)
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint at all")
     with pytest.raises(PatError, match="not a readable checkpoint"):

@@ -255,10 +255,15 @@ def test_wait_queues_behind_the_holder(ens_dir):
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc (it takes no new file, even from root)")
-def test_a_directory_that_cannot_be_written_is_one_line(tmp_path):
-    """A producer's --out where no folder can be made, and a reader given a folder that is no ensemble."""
+def test_a_directory_that_cannot_be_written_is_one_line(tmp_path, ens_dir, monkeypatch):
+    """A producer's --out or eval's --plot where no folder can be made, and a reader given a
+    folder that is no ensemble."""
     line = one_error_line(run("pool", "--policies", "one-cycle", "--lrs", 0.05, "--epochs", 1, "--out", "/proc/pat-x"))
     assert line.startswith("Error: --out '/proc/pat-x' cannot be written (")
+    monkeypatch.setattr(pat.data, "load_dataset", None)  # refused before the data (and the members) load
+    line = one_error_line(run("eval", ens_dir, "--plot", "/proc/pat-x"))
+    assert line.startswith("Error: --plot '/proc/pat-x' cannot be written: '/proc' takes no new file (")
+    monkeypatch.undo()
     for args in (["calibrate", "/proc"], ["select", "/proc", "--size", 1], ["tune", "/proc", *FAST_TUNE]):
         assert "'/proc' has no ensemble.json" in one_error_line(run(*args))  # not the lock file's error
     (tmp_path / "plain").mkdir()

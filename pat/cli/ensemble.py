@@ -40,7 +40,10 @@ def eval_(ensemble_dir, dataset, data_dir, val_fraction, data_seed, override_dat
           ood_name, corruptions, plot_dir) -> None:
     """Evaluate members and ensemble (metrics.json); temperature-scaled when calibrated."""
     from pat.ensemble.report import evaluate_directory
+    from pat.io import ensure_folder_writable
 
+    if plot_dir is not None:  # before the members run, not after
+        ensure_folder_writable(plot_dir, argument="--plot")
     values, data = ensemble_data(ensemble_dir, dataset=dataset, data_dir=data_dir, val_fraction=val_fraction,
                                  data_seed=data_seed, override=override_data)
     data_dir, data_seed = values["data_dir"], values["seed"]

@@ -79,7 +79,8 @@ def load_checkpoint(
     if path.is_dir():
         raise PatError(f"{argument} {str(path)!r} is a directory, not a checkpoint file.")
     if not path.is_file():
-        raise PatError(f"{argument} {str(path)!r} does not exist.")
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise PatError(f"{argument} {str(path)!r} {what}.")
     if not zipfile.is_zipfile(path):
         raise PatError(f"{argument} {str(path)!r} is not a readable checkpoint (not a torch.save archive).")
     try:
