@@ -155,6 +155,7 @@ def bounded(
     deadline = min([t0 + max_seconds, *_DEADLINES])
     outer = deadline < t0 + max_seconds
     _DEADLINES.append(deadline)
+    depth = len(_DEADLINES)
     lock, state = threading.Lock(), {"done": False, "why": None, "outer": False}
     stop = threading.Event()
 
@@ -165,7 +166,10 @@ def bounded(
             why = None
             if grown > max_bytes:
                 why = f"memory grew by {grown / 2**30:.1f} GiB (limit {max_bytes / 2**30:.1f} GiB)"
-            elif time.monotonic() > deadline:
+            elif time.monotonic() > deadline and len(_DEADLINES) == depth:
+                # only the innermost block times out: its deadline is never later than an
+                # enclosing one's, so it reports the time out (outer=True when the deadline
+                # was the enclosing step's) instead of racing the enclosing block's watcher
                 why = (f"the time bound of the step it is part of ran out ({deadline - t0:.3g} s after it began)"
                        if outer else f"it ran past {deadline - t0:.3g} s")
                 state["outer"] = outer
