@@ -20,9 +20,35 @@ from pat.io import atomic_write
 from pat.registry import OPTIMIZERS, SCHEDULES, STEPS
 
 __all__ = ["BudgetConfig", "DataConfig", "TrainConfig", "SplitConfig", "TuneConfig", "RunConfig", "run_split", "to_dict", "from_dict", "load_yaml", "save_yaml",
-           "plain_config"]
+           "plain_config", "check_field_types"]
 
 C = TypeVar("C")
+
+_KINDS = {int: ["an integer"], float: ["a number"], str: ["a string"], bool: ["true", "false"], type(None): ["null"]}
+
+
+def check_field_types(config: Any) -> None:
+    """Refuse a field of a config dataclass whose value is not of its annotated kind.
+
+    Only the plain kinds are checked: ``int`` (any integral number but a bool), ``float`` (any
+    real number but a bool), ``str`` and ``bool``, each optionally ``| None`` or a union of
+    them. ``epochs: '3'`` from a YAML file, or ``TuneConfig(epochs=1.5)``, is then one line
+    naming the field instead of a comparison error, or a schedule error much later.
+    """
+    import numbers
+
+    accepts = {int: lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
+               float: lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
+               str: lambda v: isinstance(v, str), bool: lambda v: isinstance(v, bool)}
+    for name, hint in get_type_hints(type(config)).items():
+        kinds = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
+        if not all(k in accepts or k is type(None) for k in kinds):
+            continue  # a section, a tuple, a mapping: checked by its own code
+        value = getattr(config, name)
+        if not any(accepts[k](value) if k in accepts else value is None for k in kinds):
+            words = [w for k in kinds for w in _KINDS[k]]
+            wanted = " or ".join(words) if len(words) < 3 else f"{', '.join(words[:-1])} or {words[-1]}"
+            raise PatError(f"{name} must be {wanted}. Got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -36,6 +62,7 @@ class DataConfig:
     seed: int = 0  # data split and shuffling seed
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         check(self.batch_size > 0, f"batch_size must be positive. Got {self.batch_size}.")
         check(0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1). Got {self.val_fraction}.")
 
@@ -62,6 +89,7 @@ class TrainConfig:
     recompute_bn: bool = True
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         check(self.epochs > 0, f"epochs must be positive. Got {self.epochs}.")
         check(isinstance(self.recompute_bn, bool), f"recompute_bn must be true or false. Got {self.recompute_bn!r}.")
         check(self.lr > 0, f"lr must be positive. Got {self.lr}.")
@@ -93,6 +121,7 @@ class SplitConfig:
     pack: bool = False  # write the disjoint physical children as one packed file (pat.pack)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         check(self.children >= 1, f"children must be at least 1. Got {self.children}.")
         check(self.sparsity is None or 0 <= self.sparsity < 1,
               f"sparsity must be in [0, 1). Got {self.sparsity}.")
@@ -157,6 +186,7 @@ class TuneConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         check(self.epochs > 0, f"epochs must be positive. Got {self.epochs}.")
         check(self.together in (True, False, "auto"),
               f"together must be true, false or 'auto'. Got {self.together!r}.")
@@ -189,6 +219,7 @@ class RunConfig:
     baseline: bool = False
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         check(self.budget is None or isinstance(self.budget, BudgetConfig),
               f"budget must be a mapping such as {{epochs: 48}}. Got {self.budget!r}.")
         check(isinstance(self.baseline, bool), f"baseline must be true or false. Got {self.baseline!r}.")

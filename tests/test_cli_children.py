@@ -259,6 +259,11 @@ def test_tune_without_its_parent_file_reports_the_children_and_says_it_did_not_c
     ("tune: {max_lr: 0}\n", ["bad.yaml.tune: max_lr must be positive. Got 0."]),
     ("nonsense: 1\n", ["bad.yaml has unknown keys ['nonsense']"]),
     (": : :\n", ["bad.yaml' is not valid YAML"]),
+    # a value of the wrong kind: named, not a TypeError from a comparison or a schedule
+    ("parent: {lr: abc}\n", ["bad.yaml.parent: lr must be a number. Got 'abc'."]),
+    ("tune: {epochs: 1.5}\n", ["bad.yaml.tune: epochs must be an integer. Got 1.5."]),
+    ("parent: {data: {batch_size: 12.5}}\n", ["bad.yaml.parent.data: batch_size must be an integer. Got 12.5."]),
+    ("tune: {amp: 'yes'}\n", ["bad.yaml.tune: amp must be true, false or null. Got 'yes'."]),
 ])  # fmt: skip
 def test_run_refuses_a_bad_config_naming_the_key_and_writes_nothing(tmp_path, monkeypatch, text, words):
     monkeypatch.chdir(tmp_path)

@@ -4,7 +4,16 @@ import dataclasses
 
 import pytest
 
-from pat.config import DataConfig, TrainConfig, TuneConfig, from_dict, load_yaml, save_yaml, to_dict
+from pat.config import (
+    DataConfig,
+    SplitConfig,
+    TrainConfig,
+    TuneConfig,
+    from_dict,
+    load_yaml,
+    save_yaml,
+    to_dict,
+)
 from pat.errors import PatError
 
 
@@ -30,6 +39,29 @@ def test_yaml_round_trip(tmp_path):
 def test_bad_values_name_argument_and_value(data, message):
     with pytest.raises(PatError, match=message):
         from_dict(TrainConfig, data)
+
+
+def test_every_config_refuses_a_value_of_the_wrong_kind_and_takes_numpy_numbers():
+    import numpy as np
+
+    from pat.producers.lr_pool import PoolConfig
+    from pat.producers.sharpbalance import SharpBalanceConfig
+    from pat.producers.starsse import StarSSEConfig
+
+    for cls, extra in [(DataConfig, {}), (TrainConfig, {}), (TuneConfig, {}), (PoolConfig, {}),
+                       (StarSSEConfig, {"pretrained": "p.pt"}), (SharpBalanceConfig, {})]:
+        with pytest.raises(PatError, match=r"^seed must be an integer\. Got '3'\.$"):
+            cls(seed="3", **extra)
+        with pytest.raises(PatError, match=r"^seed must be an integer\. Got True\.$"):
+            cls(seed=True, **extra)
+        assert cls(seed=np.int64(3), **extra).seed == 3
+    with pytest.raises(PatError, match=r"^max_lr must be a number or null\. Got '0\.1'\.$"):
+        TuneConfig(max_lr="0.1")
+    assert TuneConfig(max_lr=np.float32(0.1), epochs=2).max_lr == pytest.approx(0.1)
+    with pytest.raises(PatError, match=r"^sparsity must be a number or null\. Got \[0\.5\]\.$"):
+        SplitConfig(sparsity=[0.5])
+    with pytest.raises(PatError, match=r"^recompute_bn must be true or false\. Got 1\.$"):
+        PoolConfig(recompute_bn=1)
 
 
 @pytest.mark.parametrize("key", ["step", "optimizer"])

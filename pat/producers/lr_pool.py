@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from pat.config import DataConfig
+from pat.config import DataConfig, check_field_types
 from pat.data import BatchData, Dataset, as_data
 from pat.engine.distributed import Ranks, init_ranks
 from pat.engine.loop import fit, resolve_device
@@ -70,7 +70,7 @@ class PoolConfig:
     recompute_bn: bool = True  # BatchNorm statistics recomputed on the unaugmented training split (finished())
 
     def __post_init__(self) -> None:
-        check(isinstance(self.recompute_bn, bool), f"recompute_bn must be true or false. Got {self.recompute_bn!r}.")
+        check_field_types(self)  # recompute_bn: true or false, epochs: an integer, ...
         check(self.epochs > 0, f"epochs must be positive. Got {self.epochs}.")
         policies = tuple(_ALIASES.get(p.strip().lower(), p.strip().lower()) for p in self.policies)
         check(len(policies) > 0, "policies must name at least one LR policy. Got none.")

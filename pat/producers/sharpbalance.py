@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pat.config import DataConfig
+from pat.config import DataConfig, check_field_types
 from pat.data import Dataset
 from pat.data.loader import seeded_generator
 from pat.engine.callbacks import FitState
@@ -88,7 +88,7 @@ class SharpBalanceConfig:
     recompute_bn: bool = True  # BatchNorm statistics recomputed on the unaugmented training split (finished())
 
     def __post_init__(self) -> None:
-        check(isinstance(self.recompute_bn, bool), f"recompute_bn must be true or false. Got {self.recompute_bn!r}.")
+        check_field_types(self)  # recompute_bn: true or false, epochs: an integer, ...
         check(self.members >= 2, f"members must be >= 2. Got {self.members}.")
         check(self.rho > 0, f"rho must be positive. Got {self.rho}.")
         check(0 <= self.flat_ratio <= 1, f"flat_ratio must be in [0, 1]. Got {self.flat_ratio}.")

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pat.config import DataConfig
+from pat.config import DataConfig, check_field_types
 from pat.data import BatchData, Dataset, as_data
 from pat.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from pat.engine.distributed import Ranks, init_ranks
@@ -73,7 +73,7 @@ class StarSSEConfig:
     recompute_bn: bool = True  # BatchNorm statistics recomputed on the unaugmented training split (finished())
 
     def __post_init__(self) -> None:
-        check(isinstance(self.recompute_bn, bool), f"recompute_bn must be true or false. Got {self.recompute_bn!r}.")
+        check_field_types(self)  # recompute_bn: true or false, epochs: an integer, ...
         check(bool(self.pretrained), "pretrained must name a checkpoint or tv:<name>. Got ''.")
         check(self.members >= 1, f"members must be >= 1. Got {self.members}.")
         check(self.epochs > 0, f"epochs must be positive. Got {self.epochs}.")
