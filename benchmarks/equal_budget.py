@@ -63,9 +63,9 @@
 #   --model resnet8 --lrs 0.05 --budget 48, 3 seeds (~11 min): 99.54 / 0.021; -0.09±0.09 / +0.28±0.43
 #     after the change, seeds 300-309 (pat default = quarter, ~1450 s a seed, another CPU): one model 99.44±0.13 /
 #     0.025, pat default 99.78±0.09 / 0.019: +0.33±0.13 (p 0.03) / -0.0054±0.0032 (p 0.13)
-#   --dataset fashion-mnist --train-size 5000 --budget 96 --lrs 0.05, seeds 320-323 (after the change, ~2700 s a
-#     seed): one model 87.32±0.16 / 0.339, pat default (24 + 2 x 123) 87.55±0.41 / 0.333: +0.23±0.27 (p 0.45) /
-#     -0.0057±0.0041 (p 0.25)
+#   --dataset fashion-mnist --train-size 5000 --budget 96 --lrs 0.05, seeds 320-325 (after the change, 1500-2700 s
+#     a seed; 324-325 on 2026-12-07 pooled with 320-323's summary): one model 87.38±0.12 / 0.338, pat default
+#     (24 + 2 x 123) 87.59±0.28 / 0.332: +0.20±0.23 (p 0.42) / -0.0056±0.0031 (p 0.13)
 #   --budget 16, 10 seeds: 98.25 / 0.081; -0.11±0.36 / +0.17±0.29.  --budget 24, 10 seeds (after the change, the
 #     half-budget pair as the variant): 98.97 / 0.052 (6 + 2 x 31); +0.06±0.12 / +0.75±0.19 (p 0.004; -0.011, p 0.006)
 #   --budget 48, 5 seeds: 99.50 / 0.034;
