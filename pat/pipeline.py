@@ -39,7 +39,7 @@ from pat.engine.callbacks import Callback
 from pat.engine.checkpoint import load_checkpoint
 from pat.engine.distributed import Ranks, init_ranks
 from pat.errors import PatError, check, first_line
-from pat.io import atomic_write
+from pat.io import atomic_write, ensure_folder_writable
 from pat.parent import train_parent
 from pat.splitting import split_footprint, split_to_directory
 from pat.tuner import tune_directory
@@ -179,6 +179,21 @@ def physical_child_cost(config: RunConfig, data: Dataset, children: int | None =
     return min(1.0, sum(costs) / len(costs))
 
 
+def _check_output(out: Path, force: bool) -> None:
+    """Refuse an output directory pat cannot write, or one that holds files but no run.
+
+    A folder of other things (an ensemble from ``pat split``, a project's data) would get a
+    run's files mixed in among its own; hidden files do not count. ``force`` still writes
+    there, and, as for a run, it removes only the files a run writes.
+    """
+    ensure_folder_writable(out, argument="out")
+    others = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    if others and not force and not (out / "config.yaml").exists():
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise PatError(f"out {str(out)!r} holds other files ({shown}) and no run; choose an empty or new "
+                       "directory, or pass --force to write the run's files beside them.")
+
+
 def _claim_output(config: RunConfig, force: bool, allocation: Allocation | None = None) -> Path:
     """Refuse an output directory that holds a different run; remember this run's config."""
     out = Path(config.out)
@@ -232,6 +247,8 @@ def run(config: RunConfig, *, force: bool = False, progress: Progress = lambda s
     ranks = ranks if ranks is not None else init_ranks()
     if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         force = False  # the first attempt already cleared the directory; keep what it finished
+    if ranks.is_main:
+        _check_output(Path(config.out), force)  # before the data loads
     pdata = config.parent.data
     data = load_dataset(pdata.dataset, data_dir=pdata.data_dir, val_fraction=pdata.val_fraction, seed=pdata.seed)
     recipe = config.parent  # the baseline trains with the user's recipe, not the trunk's constant LR

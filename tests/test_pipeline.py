@@ -54,3 +54,35 @@ def test_output_holding_another_run_is_refused(tmp_path):
     with pytest.raises(PatError, match="holds a run with a different config"):
         run(demo_config(str(out)))
     assert yaml.safe_load((out / "config.yaml").read_text())["parent"]["epochs"] == 99
+
+
+def test_output_holding_other_files_or_unwritable_is_refused_before_the_data_loads(tmp_path, monkeypatch):
+    """A folder of other things would get a run's files mixed in: refused unless forced."""
+    import pat.pipeline as pipeline
+
+    loads = []
+
+    def load_dataset(name, **kwargs):
+        loads.append(name)
+        raise PatError("stopped by the test after the checks")
+
+    monkeypatch.setattr(pipeline, "load_dataset", load_dataset)
+    out = tmp_path / "kids"
+    out.mkdir()
+    (out / "ensemble.json").write_text("{}")
+    (out / "child-0.pt").write_bytes(b"a child")
+    with pytest.raises(PatError, match=r"^out '.*kids' holds other files \(child-0\.pt, ensemble\.json\) and no run; "
+                                       r".*--force"):
+        run(demo_config(str(out)))
+    assert loads == [] and sorted(p.name for p in out.iterdir()) == ["child-0.pt", "ensemble.json"]
+    with pytest.raises(PatError, match="stopped by the test"):  # --force writes beside them
+        run(demo_config(str(out)), force=True)
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / ".gitignore").write_text("*\n")
+    with pytest.raises(PatError, match="stopped by the test"):  # hidden files do not count
+        run(demo_config(str(hidden)))
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(PatError, match=r"^out '.*file/run' cannot be written: '.*file' is a file, not a folder\.$"):
+        run(demo_config(str(tmp_path / "file" / "run")))
+    assert len(loads) == 2
