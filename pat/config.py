@@ -91,9 +91,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_field_types(self)
         check(self.epochs > 0, f"epochs must be positive. Got {self.epochs}.")
-        check(isinstance(self.recompute_bn, bool), f"recompute_bn must be true or false. Got {self.recompute_bn!r}.")
         check(self.lr > 0, f"lr must be positive. Got {self.lr}.")
-        check(isinstance(self.pretrained, bool), f"pretrained must be true or false. Got {self.pretrained!r}.")
         # checked here, not only by create_model, so a run is refused before any data is loaded
         check(not self.pretrained or self.model.startswith("tv:"),
               f"--pretrained needs a torchvision model (tv:<name>); pat's zoo has no pretrained weights. "
@@ -222,7 +220,6 @@ class RunConfig:
         check_field_types(self)
         check(self.budget is None or isinstance(self.budget, BudgetConfig),
               f"budget must be a mapping such as {{epochs: 48}}. Got {self.budget!r}.")
-        check(isinstance(self.baseline, bool), f"baseline must be true or false. Got {self.baseline!r}.")
 
 
 def _dataclass_of(hint: Any) -> Any:
