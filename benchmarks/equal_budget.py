@@ -69,7 +69,9 @@
 #   --budget 16, 10 seeds: 98.25 / 0.081; -0.11±0.36 / +0.17±0.29.  --budget 24, 10 seeds (after the change, the
 #     half-budget pair as the variant): 98.97 / 0.052 (6 + 2 x 31); +0.06±0.12 / +0.75±0.19 (p 0.004; -0.011, p 0.006)
 #   --budget 48, 5 seeds: 99.50 / 0.034;
-#     -0.06±0.20 (+0.009, p 0.31) / +1.00±0.34 (p 0.04).  --budget 144, 3 seeds: 99.72 / 0.021; +0.37±0.19 / +0.74±0.33
+#     -0.06±0.20 (+0.009, p 0.31) / +1.00±0.34 (p 0.04).  --budget 144, 3 seeds: 99.72 / 0.021; +0.37±0.19 / +0.74±0.33;
+#     with seeds 303-306 (2026-12-07, pat default = quarter; 7 seeds): 99.68 / 0.023 against one model 98.81 / 0.047,
+#     +0.87±0.28 (p 0.02) / -0.024±0.009 TS-NLL (p 0.04); vs one model's last epoch +0.40±0.15 (p 0.04)
 #   --dataset fashion-mnist --budget 48 --lrs 0.05, seeds 300-302 (after the change; 5100-8300 s a seed): one model
 #     92.36±0.06 / 0.210, pat default (quarter) 92.25±0.19 / 0.216: -0.11±0.13 (p 0.50) / +0.0068±0.0015 (p 0.047)
 #     the same seeds, --reuse of their --save files, --variants "trunk physical s0.3 x2 flops share 0.25,trunk dense
