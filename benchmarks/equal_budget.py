@@ -62,7 +62,9 @@
 #     94.74 (7 + 2 x 9) and one model 95.54: +1.62±0.46 (p 0.007; -0.046, p 0.001) / +0.81±0.36 (p 0.049; -0.008)
 #   --model resnet8 --lrs 0.05 --budget 48, 3 seeds (~11 min): 99.54 / 0.021; -0.09±0.09 / +0.28±0.43
 #     after the change, seeds 300-309 (pat default = quarter, ~1450 s a seed, another CPU): one model 99.44±0.13 /
-#     0.025, pat default 99.78±0.09 / 0.019: +0.33±0.13 (p 0.03) / -0.0054±0.0032 (p 0.13)
+#     0.025, pat default 99.78±0.09 / 0.019: +0.33±0.13 (p 0.03) / -0.0054±0.0032 (p 0.13); replicated on
+#     seeds 310-319 (2026-12-07): 99.50±0.16 / 0.020 against 99.86±0.06 / 0.018, +0.36±0.19 (p 0.08) / -0.0025±0.0030;
+#     the 20 seeds pooled: +0.35±0.11 (p 0.005) / -0.0039±0.0021 (p 0.08)
 #   --dataset fashion-mnist --train-size 5000 --budget 96 --lrs 0.05, seeds 320-325 (after the change, 1500-2700 s
 #     a seed; 324-325 on 2026-12-07 pooled with 320-323's summary): one model 87.38±0.12 / 0.338, pat default
 #     (24 + 2 x 123) 87.59±0.28 / 0.332: +0.20±0.23 (p 0.42) / -0.0056±0.0031 (p 0.13)
