@@ -65,6 +65,8 @@
 #     0.025, pat default 99.78±0.09 / 0.019: +0.33±0.13 (p 0.03) / -0.0054±0.0032 (p 0.13); replicated on
 #     seeds 310-319 (2026-12-07): 99.50±0.16 / 0.020 against 99.86±0.06 / 0.018, +0.36±0.19 (p 0.08) / -0.0025±0.0030;
 #     the 20 seeds pooled: +0.35±0.11 (p 0.005) / -0.0039±0.0021 (p 0.08)
+#   --model resnet8 --lrs 0.05 --budget 96, seeds 300-304 (2026-12-07, pat default = quarter, ~1150 s a seed): one
+#     model 99.67±0.20 / 0.015, pat default (25 + 2 x 139) 99.94±0.06 / 0.011: +0.28±0.22 (p 0.27) / -0.0040±0.0020 (p 0.11)
 #   --dataset fashion-mnist --train-size 5000 --budget 96 --lrs 0.05, seeds 320-325 (after the change, 1500-2700 s
 #     a seed; 324-325 on 2026-12-07 pooled with 320-323's summary): one model 87.38±0.12 / 0.338, pat default
 #     (24 + 2 x 123) 87.59±0.28 / 0.332: +0.20±0.23 (p 0.42) / -0.0056±0.0031 (p 0.13)
