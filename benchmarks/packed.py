@@ -43,7 +43,7 @@ def _best(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> 
 
 
 def run(name: str, in_channels: int, m: int, *, batch: int, repeats: int, device: str,
-        channels_last: bool, compile: bool = False, profile: bool = False) -> None:
+        channels_last: bool, compile: bool = False, profile: bool = False, conv_share: bool = False) -> None:
     torch.manual_seed(0)
     parent = create_model(name, num_classes=10, in_channels=in_channels).to(device)
     x = torch.randn(batch, in_channels, 32, 32, device=device)
@@ -90,10 +90,37 @@ def run(name: str, in_channels: int, m: int, *, batch: int, repeats: int, device
     }, repeats, warmup)
     print(f"{name:9s} M={m} train step parent {t['parent'] * 1e3:7.1f} ms   children one by one "
           f"{t['children'] / t['parent']:.2f}x   packed {t['packed'] / t['parent']:.2f}x   (FLOP ideal {1 / m:.2f}x)")
+    if conv_share:
+        shares = {"inference": _matmul_share(infer(lambda: parent.eval()(x)), repeats, device),
+                  "train step": _matmul_share(train([parent.train()], lambda: F.cross_entropy(parent(x), y)),
+                                              repeats, device)}
+        print(f"{name:9s} M={m} parent's own time in convolutions and linear layers: " + ", ".join(
+            f"{arm} {f:.0%} (packed could reach {1 - f + f / m:.2f}x if they ran at 1/M)" for arm, f in shares.items()))
     if profile:
         _profile({"children": train(kids, lambda: sum(F.cross_entropy(k(x), y) for k in kids)),
                   "packed": train([packed], lambda: F.cross_entropy(packed(x).flatten(0, 1), y.repeat(m)) * m)},
                  repeats, device)
+
+
+def _matmul_share(fn: Callable[[], None], repeats: int, device: str) -> float:
+    """The share of ``fn``'s own operator time spent in convolutions and matrix products.
+
+    Packing divides only that work by M (the activations, and every element-wise layer over
+    them, stay as large as the parent's), so ``1 - f + f / M`` is the packed network's best
+    ratio to the parent if grouped kernels ran at their FLOP count.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    attr = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    fn()
+    with profile(activities=[ProfilerActivity.CUDA if device.startswith("cuda") else ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            fn()
+    events = prof.key_averages()
+    total = sum(getattr(e, attr) for e in events)
+    matmul = sum(getattr(e, attr) for e in events
+                 if "conv" in e.key or e.key in ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear"))
+    return matmul / total if total else float("nan")
 
 
 def _profile(fns: dict[str, Callable[[], None]], repeats: int, device: str, rows: int = 6) -> None:
@@ -126,6 +153,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile every arm (parent, each child, packed) before timing")
     parser.add_argument("--profile", action="store_true", help="operator times of each training step")
+    parser.add_argument("--conv-share", action="store_true",
+                        help="the parent's share of time in convolutions and linear layers, and the packed ratio it allows")
     args = parser.parse_args()
     channels = {"lenet-l": 1, "lenet-m": 1, "lenet-s": 1}
     print(f"device {args.device}, threads {torch.get_num_threads()}, batch {args.batch}, "
@@ -133,7 +162,8 @@ def main() -> None:
     for name in args.models.split(","):
         for m in (2, 4):
             run(name, channels.get(name, 3), m, batch=args.batch, repeats=args.repeats,
-                device=args.device, channels_last=args.channels_last, compile=args.compile, profile=args.profile)
+                device=args.device, channels_last=args.channels_last, compile=args.compile, profile=args.profile,
+                conv_share=args.conv_share)
 
 
 if __name__ == "__main__":
