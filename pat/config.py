@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -24,7 +26,14 @@ __all__ = ["BudgetConfig", "DataConfig", "TrainConfig", "SplitConfig", "TuneConf
 
 C = TypeVar("C")
 
-_KINDS = {int: ["an integer"], float: ["a number"], str: ["a string"], bool: ["true", "false"], type(None): ["null"]}
+# the plain kinds a config field may be annotated with: (does a value fit, how a message says it)
+_KINDS: dict[Any, tuple[Callable[[Any], bool], list[str]]] = {
+    int: (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), ["an integer"]),
+    float: (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), ["a number"]),
+    str: (lambda v: isinstance(v, str), ["a string"]),
+    bool: (lambda v: isinstance(v, bool), ["true", "false"]),
+    type(None): (lambda v: v is None, ["null"]),
+}
 
 
 def check_field_types(config: Any) -> None:
@@ -35,18 +44,13 @@ def check_field_types(config: Any) -> None:
     them. ``epochs: '3'`` from a YAML file, or ``TuneConfig(epochs=1.5)``, is then one line
     naming the field instead of a comparison error, or a schedule error much later.
     """
-    import numbers
-
-    accepts = {int: lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
-               float: lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
-               str: lambda v: isinstance(v, str), bool: lambda v: isinstance(v, bool)}
     for name, hint in get_type_hints(type(config)).items():
         kinds = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
-        if not all(k in accepts or k is type(None) for k in kinds):
+        if not all(k in _KINDS for k in kinds):
             continue  # a section, a tuple, a mapping: checked by its own code
         value = getattr(config, name)
-        if not any(accepts[k](value) if k in accepts else value is None for k in kinds):
-            words = [w for k in kinds for w in _KINDS[k]]
+        if not any(_KINDS[k][0](value) for k in kinds):
+            words = [w for k in kinds for w in _KINDS[k][1]]
             wanted = " or ".join(words) if len(words) < 3 else f"{', '.join(words[:-1])} or {words[-1]}"
             raise PatError(f"{name} must be {wanted}. Got {value!r}.")
 
