@@ -106,6 +106,19 @@ def run(name: str, in_channels: int, m: int, *, batch: int, repeats: int, device
                  repeats, device)
 
 
+def _own_times(fn: Callable[[], None], repeats: int, device: str) -> dict[str, float]:
+    """Each operator's own time (us) summed over ``repeats`` calls of ``fn`` (after one warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    fn()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            fn()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return {event.key: getattr(event, attr) for event in prof.key_averages()}
+
+
 def _matmul_share(fn: Callable[[], None], repeats: int, device: str) -> float:
     """The share of ``fn``'s own operator time spent in convolutions and matrix products.
 
@@ -113,34 +126,19 @@ def _matmul_share(fn: Callable[[], None], repeats: int, device: str) -> float:
     them, stay as large as the parent's), so ``1 - f + f / M`` is the packed network's best
     ratio to the parent if grouped kernels ran at their FLOP count.
     """
-    from torch.profiler import ProfilerActivity, profile
-
-    attr = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
-    fn()
-    with profile(activities=[ProfilerActivity.CUDA if device.startswith("cuda") else ProfilerActivity.CPU]) as prof:
-        for _ in range(repeats):
-            fn()
-    events = prof.key_averages()
-    total = sum(getattr(e, attr) for e in events)
-    matmul = sum(getattr(e, attr) for e in events
-                 if "conv" in e.key or e.key in ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear"))
+    times = _own_times(fn, repeats, device)
+    total = sum(times.values())
+    matmul = sum(t for op, t in times.items()
+                 if "conv" in op or op in ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear"))
     return matmul / total if total else float("nan")
 
 
 def _profile(fns: dict[str, Callable[[], None]], repeats: int, device: str, rows: int = 6) -> None:
     """Each operator's own time per step (ms), the arms side by side, the costliest first."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CUDA if device.startswith("cuda") else ProfilerActivity.CPU]
-    attr = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
     per_op: dict[str, dict[str, float]] = {}
     for arm, fn in fns.items():
-        fn()
-        with profile(activities=activities) as prof:
-            for _ in range(repeats):
-                fn()
-        for event in prof.key_averages():
-            per_op.setdefault(event.key, {})[arm] = getattr(event, attr) / 1e3 / repeats
+        for op, t in _own_times(fn, repeats, device).items():
+            per_op.setdefault(op, {})[arm] = t / 1e3 / repeats
     top = sorted(per_op.items(), key=lambda kv: -max(kv[1].values()))[:rows]
     print("    operator (own ms per step)               " + "".join(f"{arm:>10s}" for arm in fns))
     for op, ms in top:
